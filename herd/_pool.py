@@ -1,0 +1,781 @@
+"""Pool: session-affine acquire and release over a fleet of workers.
+
+Data flow::
+
+    acquire(sid) ──> _pins[sid]? ── yes ──> Session (fast path: a dict hit, no await)
+                        │ no
+                        v
+               _pending[sid] (singleflight: one _pin_new task per new ID,
+                        │     every concurrent caller awaits the same task)
+                        v
+               _obtain_worker(): idle deque ──> spawn (below max_workers)
+                        │                    ──> FIFO wait (at max_workers)
+                        v
+               pin: _pins[sid] = _Pin(slot) ──> registry.put(sid, worker.id)
+
+    worker exits ──> _watch task (Worker.wait) ──> _worker_died: unpin, on_crash, refill
+    maintenance loop (every tick, injected clock):
+               ttl eviction of unused pins, retire surplus idle workers, refill to min
+    health loop (every health_interval): Worker.healthy() or _worker_died
+
+Concurrency invariant: all state below lives on the event loop that started the
+pool and is touched only from it, so code between two ``await`` points is a
+critical section. The rules that keep the invariants true:
+
+- a slot is in exactly one place: ``_idle`` (unpinned, ready), pinned to one
+  ``_Pin``, handed to one waiter's future, or gone from ``_slots``;
+- ``_pins[sid]`` is set before the first ``await`` after a worker is taken, so a
+  second acquire of ``sid`` sees the pin (fast path) or the pending task
+  (singleflight) — never neither, so one ID never pins two workers;
+- capacity is ``len(_slots) + _spawning``; a spawn increments ``_spawning``
+  before its first await, so concurrent acquires never overshoot ``max_workers``;
+- a released pin with open uses keeps its slot until the last use closes, so
+  two sessions never share a worker at the same time.
+
+Prior art: the Go original's pool (mutex + map + channel of idle workers) and
+anyio's ``to_process`` worker pool (idle workers pruned after a maximum idle time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import inspect
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic
+
+from ._config import Duration, PoolConfig, duration_seconds
+from ._exceptions import (
+    PoolClosedError,
+    PoolExhaustedError,
+    SpawnError,
+)
+from ._protocols import C, SessionRegistry, Worker, WorkerFactory
+from ._session import AcquireContext, Session, validate_session_id
+from ._stats import PoolStats, Sampler, WorkerStats
+from .registry.memory import MemoryRegistry
+
+__all__ = ["Pool", "PoolState", "WorkerState"]
+
+log = logging.getLogger("herd.pool")
+
+CrashCallback = Callable[[str], Any]
+_UNSET: Any = object()
+
+
+class PoolState(enum.Enum):
+    """Lifecycle of a :class:`Pool`; it never goes back to an earlier state."""
+
+    UNOPENED = "unopened"  # built; start() not called yet
+    STARTING = "starting"  # start() is spawning min_workers
+    READY = "ready"  # serving acquires
+    CLOSING = "closing"  # shutdown() running: refuses acquires, stopping workers
+    CLOSED = "closed"  # every worker and task stopped
+
+
+class WorkerState(enum.Enum):
+    """Lifecycle of one worker inside the pool."""
+
+    IDLE = "idle"  # ready, pinned to no session, in _idle (or handed to a waiter)
+    PINNED = "pinned"  # serving exactly one session
+    DRAINING = "draining"  # removed from the pool, being closed
+    CLOSED = "closed"  # gone
+
+
+class _Slot(Generic[C]):
+    """The pool's record of one live worker."""
+
+    __slots__ = ("created", "idle_since", "pin", "state", "watch", "worker")
+
+    def __init__(self, worker: Worker[C], now: float) -> None:
+        self.worker = worker
+        self.state = WorkerState.IDLE
+        self.pin: _Pin[C] | None = None  # set iff state is PINNED
+        self.created = now
+        self.idle_since = now
+        self.watch: asyncio.Task[None] | None = None
+
+
+class _Pin(Generic[C]):
+    """A session pinned to a slot."""
+
+    __slots__ = ("ended", "last_active", "session_id", "slot", "uses")
+
+    def __init__(self, session_id: str, slot: _Slot[C], now: float) -> None:
+        self.session_id = session_id
+        self.slot = slot
+        self.uses = 0  # open Session objects; > 0 means never evicted
+        self.last_active = now  # when the last use ended (or the pin was made)
+        self.ended = False  # released, evicted or crashed: no new uses
+
+
+class _Pending(Generic[C]):
+    """A first acquire of a session ID in flight, shared by all its callers."""
+
+    __slots__ = ("callers", "task")
+
+    def __init__(self, task: asyncio.Task[_Pin[C]]) -> None:
+        self.task = task
+        self.callers = 0  # when the last caller gives up, the task is cancelled
+
+
+class Pool(Generic[C]):
+    """A pool of workers where every session ID is pinned to one worker.
+
+    :param factory: starts workers (:class:`herd.ProcessFactory`, or your own
+        :class:`herd.WorkerFactory`).
+    :param min_workers: workers kept running and healthy, even with no session.
+    :param max_workers: the most workers alive at once.
+    :param ttl: seconds a session may go unused (no open use) before it is ended;
+        ``0``/``None`` never evicts.
+    :param health_interval: seconds between health checks; ``0``/``None`` disables
+        them (a worker's exit is noticed at once regardless).
+    :param worker_reuse: ``False``: a worker whose session ended is killed instead of
+        being handed to another session.
+    :param on_crash: called with the session ID when a worker dies while pinned.
+        A coroutine function runs as a task; a plain function runs in a thread, so
+        a slow callback never stalls the pool. Exceptions are logged.
+    :param registry: where session owners are recorded; in memory by default.
+    :param acquire_timeout: default seconds :meth:`acquire` waits for a worker;
+        ``0``/``None`` waits as long as the caller does.
+    :param idle_worker_timeout: seconds before an idle worker above
+        ``min_workers`` is retired; ``0``/``None`` keeps them.
+    :param clock: monotonic seconds for TTL and idle times; inject a fake clock in
+        tests, then call :meth:`sweep`.
+    :raises ValueError: a bad option (``min_workers < 0``, ``max_workers < 1``,
+        ``max_workers < min_workers``, a negative duration).
+
+    Use it as an async context manager::
+
+        async with herd.Pool(factory, min_workers=1, max_workers=4) as pool:
+            async with pool.acquire("user-42") as session:
+                reply = await session.worker.client.get("/")
+    """
+
+    def __init__(
+        self,
+        factory: WorkerFactory[C],
+        *,
+        min_workers: int = 1,
+        max_workers: int = 10,
+        ttl: Duration = 300.0,
+        health_interval: Duration = 5.0,
+        worker_reuse: bool = True,
+        on_crash: CrashCallback | None = None,
+        registry: SessionRegistry | None = None,
+        acquire_timeout: Duration = 30.0,
+        idle_worker_timeout: Duration = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = PoolConfig(
+            min_workers=min_workers,
+            max_workers=max_workers,
+            ttl=duration_seconds("ttl", ttl),
+            health_interval=duration_seconds("health_interval", health_interval),
+            worker_reuse=worker_reuse,
+            acquire_timeout=duration_seconds("acquire_timeout", acquire_timeout),
+            idle_worker_timeout=duration_seconds("idle_worker_timeout", idle_worker_timeout),
+        )
+        if on_crash is not None and not callable(on_crash):
+            raise TypeError(f"on_crash must be callable, not {on_crash!r}")
+        self.factory = factory
+        self.registry: SessionRegistry = registry if registry is not None else MemoryRegistry()
+        self._on_crash = on_crash
+        self._clock = clock
+        self._state = PoolState.UNOPENED
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Worker bookkeeping; see the module docstring for who moves slots where.
+        self._slots: dict[str, _Slot[C]] = {}  # every live worker, by worker ID
+        self._idle: deque[_Slot[C]] = deque()  # IDLE slots; oldest first
+        self._spawning = 0  # spawns in flight (they count against max_workers)
+        self._waiters: deque[asyncio.Future[_Slot[C] | None]] = deque()  # FIFO at the cap
+        # Session bookkeeping.
+        self._pins: dict[str, _Pin[C]] = {}
+        self._pending: dict[str, _Pending[C]] = {}
+        # Spawn failure back-off: no spawn before _backoff_until (loop time).
+        self._failures = 0
+        self._backoff_until = 0.0
+        self._last_spawn_error: SpawnError | None = None
+        # Background work.
+        self._tasks: set[asyncio.Task[Any]] = set()  # cancelled at shutdown
+        self._closing: set[asyncio.Task[None]] = set()  # worker closes: awaited, never cancelled
+        self._wake = asyncio.Event()
+        self._refilling = False
+        self._closed = asyncio.Event()
+        self._sampler: Sampler | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def state(self) -> PoolState:
+        """Where the pool is in its lifecycle."""
+        return self._state
+
+    async def start(self) -> None:
+        """Spawn ``min_workers`` and start the background tasks.
+
+        Called by ``async with pool``. A pool starts once; a closed pool cannot be
+        restarted.
+
+        :raises herd.SpawnError: the first workers could not be started (the pool
+            is then closed, with nothing left running).
+        :raises herd.PoolClosedError: the pool was already started or closed.
+        """
+        if self._state is not PoolState.UNOPENED:
+            raise PoolClosedError(f"pool cannot be started: it is {self._state.value}")
+        self._loop = asyncio.get_running_loop()
+        self._state = PoolState.STARTING
+        self._sampler = Sampler()
+        try:
+            async with asyncio.TaskGroup() as group:
+                spawns = [
+                    group.create_task(self._spawn_slot()) for _ in range(self.config.min_workers)
+                ]
+        except BaseExceptionGroup as failed:
+            await self.shutdown()
+            raise failed.exceptions[0] from None
+        except BaseException:
+            await self.shutdown()
+            raise
+        for spawn in spawns:
+            self._make_idle(spawn.result())
+        self._state = PoolState.READY
+        self._background(self._maintenance_loop())
+        if self.config.health_interval:
+            self._background(self._health_loop(self.config.health_interval))
+        log.info("pool ready: %d worker(s), max %d", len(self._slots), self.config.max_workers)
+
+    async def shutdown(self) -> None:
+        """Stop every worker and background task; idempotent.
+
+        Pending and waiting acquires fail with :class:`~herd.PoolClosedError`;
+        later acquires too. The stop runs to completion even if the awaiting
+        task is cancelled.
+        """
+        if self._state is PoolState.CLOSED:
+            return
+        if self._state is PoolState.CLOSING:
+            await self._closed.wait()
+            return
+        self._state = PoolState.CLOSING
+        closing = asyncio.get_running_loop().create_task(self._shutdown())
+        await asyncio.shield(closing)
+
+    aclose = shutdown
+
+    async def _shutdown(self) -> None:
+        current = asyncio.current_task()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(PoolClosedError("pool is shutting down"))
+        self._waiters.clear()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        slots = list(self._slots.values())
+        sessions = list(self._pins)
+        self._slots.clear()
+        self._idle.clear()
+        for pin in self._pins.values():
+            pin.ended = True
+        self._pins.clear()
+        for slot in slots:
+            slot.state = WorkerState.DRAINING
+        await asyncio.gather(*(self._close_worker(slot) for slot in slots))
+        for session_id in sessions:
+            with contextlib.suppress(Exception):
+                await self.registry.delete(session_id)
+        await asyncio.gather(*self._tasks, *self._closing, return_exceptions=True)
+        self._state = PoolState.CLOSED
+        self._closed.set()
+        log.info("pool closed: %d worker(s) stopped", len(slots))
+
+    async def __aenter__(self) -> Pool[C]:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    def _check_open(self) -> None:
+        if self._state is PoolState.READY or self._state is PoolState.STARTING:
+            return
+        if self._state is PoolState.UNOPENED:
+            raise PoolClosedError(
+                "pool is not started: use 'async with pool' or 'await pool.start()'"
+            )
+        raise PoolClosedError(f"pool is {self._state.value}")
+
+    def _background(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- acquire / release --------------------------------------------------------------
+
+    def acquire(self, session_id: str, *, timeout: Duration = _UNSET) -> AcquireContext[C]:
+        """Get a use of the session ``session_id``, pinning it to a worker if new.
+
+        Await it (``session = await pool.acquire(sid)``, then ``await
+        session.close()``) or use it as ``async with pool.acquire(sid) as session``.
+
+        Concurrent first acquires of one new ID pin exactly one worker and all get
+        it. At ``max_workers`` the call waits, in FIFO order, for a worker to free up.
+
+        :param timeout: seconds to wait for a worker (default ``acquire_timeout``;
+            ``None`` waits as long as the caller does).
+        :raises herd.InvalidSessionIdError: the ID is malformed.
+        :raises herd.PoolExhaustedError: no worker became free within ``timeout``
+            (also a :class:`TimeoutError`).
+        :raises herd.SpawnError: a worker had to be started for the session and
+            could not be (or spawning is backing off after failures).
+        :raises herd.PoolClosedError: the pool is not running.
+        """
+        return AcquireContext(lambda: self._acquire(session_id, timeout))
+
+    async def _acquire(self, session_id: str, timeout: Duration) -> Session[C]:
+        pin = self._pins.get(session_id)
+        if pin is not None and self._state is PoolState.READY:
+            pin.uses += 1  # fast path: a dict hit, no await, no validation needed
+            return Session(pin, self._end_use, self._end_session)
+        validate_session_id(session_id)
+        self._check_open()
+        if timeout is _UNSET:
+            limit = self.config.acquire_timeout
+        else:
+            limit = duration_seconds("timeout", timeout)
+        try:
+            async with asyncio.timeout(limit):
+                return await self._acquire_slow(session_id)
+        except TimeoutError:
+            raise PoolExhaustedError(
+                f"no worker for session {session_id!r} within {limit:g}s: "
+                f"{len(self._slots)} of max {self.config.max_workers} workers busy, "
+                f"{self._spawning} starting, {len(self._waiters)} acquire(s) waiting",
+                session_id=session_id,
+                timeout=limit,
+            ) from None
+
+    async def _acquire_slow(self, session_id: str) -> Session[C]:
+        while True:
+            self._check_open()
+            pin = self._pins.get(session_id)
+            if pin is None:
+                pending = self._pending.get(session_id)
+                if pending is None:
+                    pending = _Pending(self._background(self._pin_new(session_id)))
+                    self._pending[session_id] = pending
+                pending.callers += 1
+                try:
+                    # Shielded: one caller's timeout must not cancel the others' pin.
+                    pin = await asyncio.shield(pending.task)
+                except asyncio.CancelledError:
+                    me = asyncio.current_task()
+                    if pending.task.cancelled() and me is not None and not me.cancelling():
+                        # Not our cancellation: shutdown cancelled the shared task.
+                        raise PoolClosedError(
+                            "pool is shutting down", session_id=session_id
+                        ) from None
+                    raise
+                finally:
+                    pending.callers -= 1
+                    if pending.callers == 0 and not pending.task.done():
+                        pending.task.cancel()  # nobody wants this session any more
+            if not pin.ended:
+                pin.uses += 1
+                return Session(pin, self._end_use, self._end_session)
+            # The pin ended (crash, release) between its making and our turn: retry.
+
+    async def _pin_new(self, session_id: str) -> _Pin[C]:
+        try:
+            slot = await self._obtain_worker()
+            if self._state is not PoolState.READY and self._state is not PoolState.STARTING:
+                self._retire(slot, "pool closing")
+                raise PoolClosedError(f"pool is {self._state.value}", session_id=session_id)
+            pin = _Pin(session_id, slot, self._clock())
+            slot.state = WorkerState.PINNED
+            slot.pin = pin
+            self._pins[session_id] = pin  # visible before the await below: singleflight holds
+        finally:
+            if self._pending.get(session_id) is not None:
+                del self._pending[session_id]
+        try:
+            # Awaiting while pinned: concurrent acquires of this ID take the fast path.
+            await self.registry.put(session_id, slot.worker.id)
+        except BaseException:
+            self._end_pin(pin)
+            raise
+        log.debug("session %s pinned to worker %s", session_id, slot.worker.id)
+        return pin
+
+    async def _obtain_worker(self) -> _Slot[C]:
+        """An IDLE slot, taken off the idle deque; may spawn, or wait at the cap."""
+        may_jump = False  # a woken waiter goes before those still queued behind it
+        while True:
+            self._check_open()
+            first = may_jump or not self._waiters
+            if self._idle and first:
+                return self._idle.popleft()
+            if self._capacity() > 0 and first:
+                return await self._spawn_slot()
+            waiter: asyncio.Future[_Slot[C] | None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                slot = await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    handed = waiter.result()
+                    if handed is not None:
+                        self._make_idle(handed)  # pass it on to the next in line
+                    else:
+                        self._capacity_freed()
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
+                raise
+            if slot is not None:
+                return slot
+            may_jump = True
+
+    def _capacity(self) -> int:
+        return self.config.max_workers - len(self._slots) - self._spawning
+
+    def _capacity_freed(self) -> None:
+        """A worker went away: let the first waiter spawn one."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _make_idle(self, slot: _Slot[C]) -> None:
+        """Hand a free worker to the first waiter, or park it in the idle deque."""
+        if self._state is not PoolState.READY and self._state is not PoolState.STARTING:
+            self._retire(slot, "pool closing")
+            return
+        slot.state = WorkerState.IDLE
+        slot.pin = None
+        slot.idle_since = self._clock()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(slot)
+                return
+        self._idle.append(slot)
+
+    def _end_use(self, pin: _Pin[C]) -> None:
+        pin.uses -= 1
+        if pin.uses == 0:
+            pin.last_active = self._clock()
+            if pin.ended and pin.slot.state is WorkerState.PINNED and pin.slot.pin is pin:
+                self._recycle(pin.slot)  # deferred from a release while in use
+
+    async def _end_session(self, pin: _Pin[C]) -> None:
+        if self._pins.get(pin.session_id) is pin:
+            self._end_pin(pin)
+            await self.registry.delete(pin.session_id)
+
+    async def release(self, session_id: str) -> None:
+        """End the session ``session_id``: unpin it from its worker. Idempotent.
+
+        The worker goes back to the pool (or is killed with ``worker_reuse=False``)
+        once the session's open uses, if any, have closed. Unknown IDs are ignored.
+
+        :raises herd.InvalidSessionIdError: the ID is malformed.
+        """
+        validate_session_id(session_id)
+        pin = self._pins.get(session_id)
+        if pin is not None:
+            await self._end_session(pin)
+
+    def _end_pin(self, pin: _Pin[C]) -> None:
+        """Unpin; recycle the worker now, or when its last open use closes."""
+        if self._pins.get(pin.session_id) is pin:
+            del self._pins[pin.session_id]
+        pin.ended = True
+        if pin.uses == 0 and pin.slot.pin is pin and pin.slot.state is WorkerState.PINNED:
+            self._recycle(pin.slot)
+
+    def _recycle(self, slot: _Slot[C]) -> None:
+        if self.config.worker_reuse and self._state is PoolState.READY:
+            self._make_idle(slot)
+        else:
+            self._retire(slot, "session ended (worker_reuse=False)")
+
+    def _retire(self, slot: _Slot[C], why: str) -> None:
+        """Take a worker out of the pool and close it in the background."""
+        if slot.state is WorkerState.DRAINING or slot.state is WorkerState.CLOSED:
+            return
+        if slot.state is WorkerState.IDLE:
+            with contextlib.suppress(ValueError):
+                self._idle.remove(slot)
+        slot.state = WorkerState.DRAINING
+        slot.pin = None
+        self._slots.pop(slot.worker.id, None)
+        log.info("retiring worker %s: %s", slot.worker.id, why)
+        closing = asyncio.ensure_future(self._close_worker(slot))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        self._capacity_freed()
+        self._wake.set()
+
+    async def _close_worker(self, slot: _Slot[C]) -> None:
+        try:
+            await slot.worker.close()
+        except Exception:
+            log.exception("closing worker %s failed", slot.worker.id)
+        slot.state = WorkerState.CLOSED
+        if slot.watch is not None:
+            slot.watch.cancel()
+        if self._sampler is not None:
+            self._sampler.forget(slot.worker.pid)
+
+    # -- spawning -------------------------------------------------------------------------
+
+    async def _spawn_slot(self) -> _Slot[C]:
+        """Start one worker and register it (state IDLE, in no deque yet)."""
+        loop = asyncio.get_running_loop()
+        if self._last_spawn_error is not None and loop.time() < self._backoff_until:
+            wait = self._backoff_until - loop.time()
+            raise SpawnError(
+                f"not spawning for another {wait:.1f}s after {self._failures} failed "
+                f"spawn(s); last error: {self._last_spawn_error.message}",
+                command=self._last_spawn_error.command,
+                exit_code=self._last_spawn_error.exit_code,
+                output_tail=self._last_spawn_error.output_tail,
+            )
+        self._spawning += 1  # before the first await: capacity is reserved
+        try:
+            worker = await self.factory.spawn()
+        except BaseException as exc:
+            self._spawning -= 1
+            self._capacity_freed()
+            if isinstance(exc, SpawnError):
+                self._spawn_failed(exc)
+            elif isinstance(exc, Exception):
+                error = SpawnError(f"worker factory raised {exc!r}")
+                self._spawn_failed(error)
+                raise error from exc
+            raise
+        self._spawning -= 1
+        self._failures = 0
+        self._last_spawn_error = None
+        if self._state is not PoolState.READY and self._state is not PoolState.STARTING:
+            await worker.close()
+            raise PoolClosedError(f"pool is {self._state.value}")
+        slot = _Slot(worker, self._clock())
+        self._slots[worker.id] = slot
+        slot.watch = self._background(self._watch(slot))
+        return slot
+
+    def _spawn_failed(self, error: SpawnError) -> None:
+        self._failures += 1
+        self._last_spawn_error = error
+        delay = min(
+            self.config.spawn_backoff * 2 ** (self._failures - 1), self.config.spawn_backoff_max
+        )
+        self._backoff_until = asyncio.get_running_loop().time() + delay
+        log.error("spawn failed (%d in a row; next try in %.1fs): %s", self._failures, delay, error)
+
+    async def _refill(self) -> None:
+        """Spawn one worker at a time until ``min_workers`` are alive."""
+        self._refilling = True
+        try:
+            while (
+                self._state is PoolState.READY
+                and len(self._slots) + self._spawning < self.config.min_workers
+            ):
+                loop = asyncio.get_running_loop()
+                if loop.time() < self._backoff_until:
+                    await asyncio.sleep(self._backoff_until - loop.time())
+                    continue
+                try:
+                    slot = await self._spawn_slot()
+                except (SpawnError, PoolClosedError):
+                    continue
+                self._make_idle(slot)
+        finally:
+            self._refilling = False
+
+    # -- failure detection --------------------------------------------------------------
+
+    async def _watch(self, slot: _Slot[C]) -> None:
+        reason = await slot.worker.wait()
+        self._worker_died(slot, reason)
+
+    def _worker_died(self, slot: _Slot[C], reason: str) -> None:
+        """The crash path: unpin, tell on_crash, close the remains, refill."""
+        if slot.state is WorkerState.DRAINING or slot.state is WorkerState.CLOSED:
+            return  # we closed it ourselves
+        pin = slot.pin
+        log.warning(
+            "worker %s died (%s)%s",
+            slot.worker.id,
+            reason,
+            f" while pinned to session {pin.session_id}" if pin else "",
+        )
+        self._retire(slot, f"died: {reason}")
+        if pin is not None:
+            if self._pins.get(pin.session_id) is pin:
+                del self._pins[pin.session_id]
+            pin.ended = True
+            self._background(self._forget(pin.session_id, slot.worker.id))
+            self._crashed(pin.session_id)
+
+    async def _forget(self, session_id: str, worker_id: str) -> None:
+        # Only if no new pin has claimed the session in the meantime.
+        if session_id not in self._pins and await self.registry.get(session_id) == worker_id:
+            await self.registry.delete(session_id)
+
+    def _crashed(self, session_id: str) -> None:
+        callback = self._on_crash
+        if callback is None:
+            return
+
+        async def call() -> None:
+            try:
+                if inspect.iscoroutinefunction(callback):
+                    await callback(session_id)
+                else:
+                    loop = asyncio.get_running_loop()
+                    result = await loop.run_in_executor(None, callback, session_id)
+                    if inspect.isawaitable(result):
+                        await result
+            except Exception:
+                log.exception("on_crash(%r) raised", session_id)
+
+        self._background(call())
+
+    async def _health_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.check_health()
+
+    async def check_health(self) -> None:
+        """Probe every worker once now; unhealthy ones go through the crash path.
+
+        The pool does this every ``health_interval`` on its own.
+        """
+        live = (WorkerState.IDLE, WorkerState.PINNED)
+        slots = [slot for slot in self._slots.values() if slot.state in live]
+        results = await asyncio.gather(
+            *(slot.worker.healthy() for slot in slots), return_exceptions=True
+        )
+        for slot, ok in zip(slots, results, strict=True):
+            if ok is not True:
+                if isinstance(ok, BaseException):
+                    self._worker_died(slot, f"health check raised {ok!r}")
+                else:
+                    self._worker_died(slot, "health check failed")
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    def _tick(self) -> float:
+        candidates = [1.0]
+        for value in (self.config.ttl, self.config.idle_worker_timeout):
+            if value:
+                candidates.append(value / 4)
+        return max(min(candidates), 0.01)
+
+    async def _maintenance_loop(self) -> None:
+        tick = self._tick()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), tick)
+            self._wake.clear()
+            await self.sweep()
+
+    async def sweep(self) -> None:
+        """Run one maintenance pass now, with the pool's clock.
+
+        Ends sessions unused for ``ttl``, retires idle workers above ``min_workers``
+        after ``idle_worker_timeout`` and starts refilling to ``min_workers``.
+        The pool does this by itself several times a second; call it in tests with
+        an injected clock to skip waiting.
+        """
+        if self._state is not PoolState.READY:
+            return
+        now = self._clock()
+        ttl = self.config.ttl
+        if ttl:
+            expired = [p for p in self._pins.values() if p.uses == 0 and now - p.last_active >= ttl]
+            for pin in expired:
+                log.info(
+                    "session %s idle for %.0fs: evicted", pin.session_id, now - pin.last_active
+                )
+                self._end_pin(pin)
+            for pin in expired:
+                # Awaiting: a new acquire of this ID may pin again meanwhile; _forget checks.
+                await self._forget(pin.session_id, pin.slot.worker.id)
+        idle_timeout = self.config.idle_worker_timeout
+        if idle_timeout:
+            surplus = len(self._slots) - self.config.min_workers
+            for slot in list(self._idle):
+                if surplus <= 0:
+                    break
+                if now - slot.idle_since >= idle_timeout:
+                    self._retire(slot, f"idle for {now - slot.idle_since:.0f}s above min_workers")
+                    surplus -= 1
+        if not self._refilling and len(self._slots) + self._spawning < self.config.min_workers:
+            self._background(self._refill())
+
+    # -- introspection --------------------------------------------------------------------
+
+    def sessions(self) -> dict[str, str]:
+        """Every pinned session ID with its worker ID (this node's view; no I/O)."""
+        return {sid: pin.slot.worker.id for sid, pin in self._pins.items()}
+
+    def workers(self) -> list[Worker[C]]:
+        """The live workers, idle and pinned."""
+        return [slot.worker for slot in self._slots.values()]
+
+    def stats(self) -> PoolStats:
+        """A snapshot of the pool; never blocks (OS figures are cached < 1 s)."""
+        sampler = self._sampler or Sampler()
+        self._sampler = sampler
+        now = self._clock()
+        rows = []
+        for slot in self._slots.values():
+            rss, cpu = sampler.tree(slot.worker.pid)
+            pin = slot.pin
+            busy = pin is not None and pin.uses > 0
+            idle_since = pin.last_active if pin is not None else slot.idle_since
+            rows.append(
+                WorkerStats(
+                    id=slot.worker.id,
+                    pid=slot.worker.pid,
+                    address=slot.worker.address,
+                    state=slot.state.value,
+                    session_id=pin.session_id if pin is not None else None,
+                    open_uses=pin.uses if pin is not None else 0,
+                    rss_bytes=rss,
+                    cpu_percent=cpu,
+                    age_seconds=max(now - slot.created, 0.0),
+                    idle_seconds=0.0 if busy else max(now - idle_since, 0.0),
+                )
+            )
+        return PoolStats(
+            state=self._state.value,
+            total_workers=len(self._slots),
+            available_workers=len(self._idle),
+            starting_workers=self._spawning,
+            active_sessions=len(self._pins),
+            inflight_acquires=sum(p.callers for p in self._pending.values()),
+            min_workers=self.config.min_workers,
+            max_workers=self.config.max_workers,
+            spawn_failures=self._failures,
+            last_spawn_error=self._last_spawn_error.message if self._last_spawn_error else None,
+            node=sampler.node(),
+            workers=tuple(rows),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pool {self._state.value} workers={len(self._slots)} "
+            f"idle={len(self._idle)} sessions={len(self._pins)}>"
+        )

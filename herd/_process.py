@@ -1,0 +1,504 @@
+"""ProcessFactory and ProcessWorker: any HTTP binary as a pool worker.
+
+Data flow of one spawn::
+
+    ProcessFactory.spawn()
+      -> port = _PORTS.allocate()               (never handed out twice while held)
+      -> Popen([sandbox prefix..., *command.format(port)], setsid, PDEATHSIG)
+           stdout+stderr -> pipe -> loop reader -> OutputLog (bounded ring of lines)
+           pidfd          -> loop reader -> ProcessWorker._exited (the exit watch)
+      -> poll GET health_path until 2xx        (start_timeout; exit during start = SpawnError)
+      -> ProcessWorker, ready
+
+The exit watch is a pidfd registered with the event loop, so the pool learns of a
+worker's death on the loop iteration after it happens, with no thread per child
+and no polling. Closing sends SIGTERM to the worker's process group, waits
+``stop_timeout`` and then sends SIGKILL; that cleanup runs in its own task so a
+cancelled ``close()`` cannot leave a process half-killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+
+from ._client import HTTPWorkerClient, probe
+from ._config import Duration, duration_seconds
+from ._exceptions import SpawnError
+from ._procfs import catches, children, descendants
+from ._sandbox import SandboxMode, SandboxReport, launcher, warn_once
+
+__all__ = ["OutputLog", "ProcessFactory", "ProcessWorker"]
+
+log = logging.getLogger("herd.process")
+
+HOST = "127.0.0.1"
+_worker_ids = itertools.count(1)
+
+
+class _PortAllocator:
+    """Hands out loopback ports; a port stays reserved until its worker is gone.
+
+    The OS picks a free port (bind to port 0); the reservation set makes sure two
+    concurrent spawns of this process never get the same one even though the
+    probe socket is closed before the worker binds.
+    """
+
+    def __init__(self) -> None:
+        self._reserved: set[int] = set()  # guarded by _lock: spawns may run on several loops
+        self._lock = threading.Lock()
+
+    def allocate(self) -> int:
+        with self._lock:
+            for _ in range(100):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind((HOST, 0))
+                    port: int = sock.getsockname()[1]
+                if port not in self._reserved:
+                    self._reserved.add(port)
+                    return port
+        raise SpawnError("no free loopback port found after 100 tries")
+
+    def release(self, port: int) -> None:
+        with self._lock:
+            self._reserved.discard(port)
+
+
+_PORTS = _PortAllocator()
+
+
+class OutputLog:
+    """The last ``maxlen`` lines a worker wrote to stdout and stderr.
+
+    Lines longer than ``max_line`` bytes are cut, so a worker that never writes
+    a newline cannot grow it without bound either.
+    """
+
+    def __init__(self, maxlen: int = 1000, max_line: int = 16384) -> None:
+        self.lines: deque[str] = deque(maxlen=maxlen)
+        self._partial = bytearray()
+        self._max_line = max_line
+
+    def feed(self, data: bytes) -> list[str]:
+        """Add raw output; returns the complete lines it finished."""
+        self._partial += data
+        done: list[str] = []
+        while True:
+            cut = self._partial.find(b"\n")
+            if cut < 0:
+                if len(self._partial) > self._max_line:
+                    cut = self._max_line
+                else:
+                    break
+            line = bytes(self._partial[:cut]).rstrip(b"\r").decode("utf-8", "replace")
+            del self._partial[: cut + 1]
+            done.append(line)
+        self.lines.extend(done)
+        return done
+
+    def flush(self) -> None:
+        """Keep a last line that had no newline."""
+        if self._partial:
+            self.lines.append(bytes(self._partial).decode("utf-8", "replace"))
+            self._partial.clear()
+
+    def tail(self, n: int | None = None) -> list[str]:
+        """The last ``n`` lines (all kept lines if ``None``)."""
+        lines = list(self.lines)
+        return lines if n is None else lines[-n:]
+
+
+def describe_exit(returncode: int) -> str:
+    """``"exited with code 3"`` or ``"killed by SIGKILL"``."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    return f"exited with code {returncode}"
+
+
+class ProcessWorker:
+    """A running worker process that answers HTTP on ``127.0.0.1:port``.
+
+    Made by :meth:`ProcessFactory.spawn`; users get it as ``session.worker``.
+
+    :ivar id: unique among the workers of this Python process (``"w-7"``).
+    :ivar port: the loopback port the worker listens on.
+    :ivar command: the command line as run (``{port}`` filled in).
+    :ivar started_at: :func:`time.time` when the process was started.
+    """
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        *,
+        port: int,
+        command: list[str],
+        health_path: str,
+        health_timeout: float,
+        stop_timeout: float,
+        log_lines: int,
+        sandbox: SandboxReport,
+    ) -> None:
+        self.id = f"w-{next(_worker_ids)}"
+        self.port = port
+        self.command = command
+        self.started_at = time.time()
+        self.sandbox = sandbox
+        self._proc = proc
+        self._health_path = health_path
+        self._health_timeout = health_timeout
+        self._stop_timeout = stop_timeout
+        self._client = HTTPWorkerClient(f"{HOST}:{port}")
+        self._output = OutputLog(log_lines)
+        self._loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[str] = self._loop.create_future()
+        self._close_task: asyncio.Task[None] | None = None
+        self._closed_by_us = False
+        self._out_fd: int | None = None
+        if proc.stdout is not None:
+            self._out_fd = proc.stdout.fileno()
+            os.set_blocking(self._out_fd, False)
+            self._loop.add_reader(self._out_fd, self._read_output)
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # pragma: no cover - kernels before 5.3
+            self._poll_task = self._loop.create_task(self._poll_exit())
+        else:
+            self._loop.add_reader(self._pidfd, self._on_exit)
+
+    # -- public surface (the Worker protocol) ------------------------------------------
+
+    @property
+    def address(self) -> str:
+        """``"127.0.0.1:PORT"``."""
+        return self._client.address
+
+    @property
+    def client(self) -> HTTPWorkerClient:
+        """An HTTP client bound to ``http://127.0.0.1:PORT``."""
+        return self._client
+
+    @property
+    def pid(self) -> int:
+        """PID of the process herd started (with a sandbox: the namespace's launcher)."""
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the process has exited (negative: killed by that signal)."""
+        return self._proc.returncode
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return not self._exited.done()
+
+    def logs(self, n: int | None = None) -> list[str]:
+        """The last ``n`` lines of the worker's stdout and stderr (all kept if ``None``).
+
+        At most ``log_lines`` lines (a :class:`ProcessFactory` option) are kept.
+        """
+        return self._output.tail(n)
+
+    async def healthy(self) -> bool:
+        """``GET health_path`` answers 2xx within ``health_timeout``."""
+        if self._exited.done():
+            return False
+        status = await probe(HOST, self.port, self._health_path, self._health_timeout)
+        return status is not None and 200 <= status < 300
+
+    async def wait(self) -> str:
+        """Return when the process has exited, with the reason."""
+        return await asyncio.shield(self._exited)
+
+    async def close(self) -> None:
+        """SIGTERM the worker's process group, SIGKILL after ``stop_timeout``. Idempotent.
+
+        The kill runs to completion even if the awaiting task is cancelled.
+        """
+        if self._close_task is None:
+            self._close_task = self._loop.create_task(self._close())
+        await asyncio.shield(self._close_task)
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive else self._exited.result()
+        return f"<ProcessWorker {self.id} {self.address} pid={self.pid} {state}>"
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _read_output(self) -> None:
+        assert self._out_fd is not None
+        try:
+            data = os.read(self._out_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._stop_output()
+            return
+        for line in self._output.feed(data):
+            log.debug("[%s] %s", self.id, line)
+
+    def _drain_output(self) -> None:
+        """Read what the pipe still holds (the process has exited; don't wait for EOF)."""
+        while self._out_fd is not None:
+            try:
+                data = os.read(self._out_fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self._stop_output()
+                break
+            self._output.feed(data)
+        self._output.flush()
+
+    def _stop_output(self) -> None:
+        if self._out_fd is not None:
+            self._loop.remove_reader(self._out_fd)
+            self._out_fd = None
+            self._output.flush()
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
+
+    def _on_exit(self) -> None:
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        returncode = self._proc.wait()  # the pidfd is readable: the child has exited
+        self._drain_output()
+        _PORTS.release(self.port)
+        reason = "closed" if self._closed_by_us else describe_exit(returncode)
+        if not self._exited.done():
+            self._exited.set_result(reason)
+
+    async def _poll_exit(self) -> None:  # pragma: no cover - fallback without pidfd
+        while self._proc.poll() is None:  # noqa: ASYNC110 - nothing to wait on but time
+            await asyncio.sleep(0.05)
+        self._on_exit()
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
+
+    def _stops_on_sigterm(self) -> bool:
+        """Whether SIGTERM can stop the worker, so a grace period makes sense.
+
+        In a PID namespace the worker is PID 1, which the kernel protects from
+        every signal it has no handler for, and ``unshare`` itself only waits for
+        it: without a SIGTERM handler there is nothing to wait for.
+        """
+        if not self.sandbox.prefix:
+            return True
+        return any(catches(pid, signal.SIGTERM) for pid in children(self._proc.pid))
+
+    async def _close(self) -> None:
+        self._closed_by_us = True
+        # Without a PID namespace a daemonised grandchild may have left the
+        # process group; note the whole tree now, while it is still linked.
+        strays = descendants(self._proc.pid) if self.sandbox.level == "none" else []
+        if not self._exited.done() and self._stops_on_sigterm():
+            self._signal_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exited), self._stop_timeout)
+            except TimeoutError:
+                log.warning(
+                    "worker %s ignored SIGTERM for %.1fs; killing", self.id, self._stop_timeout
+                )
+        self._signal_group(signal.SIGKILL)  # sweep group members the leader left behind
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if not self._exited.done():
+            await asyncio.shield(self._exited)
+        self._stop_output()
+
+
+def _required(name: str, value: Duration) -> float:
+    seconds = duration_seconds(name, value, allow_none=False)
+    assert seconds is not None
+    return seconds
+
+
+class ProcessFactory:
+    """Starts any program that serves HTTP on a loopback port as a pool worker.
+
+    :param command: the program and its arguments; ``{port}`` in any argument is
+        replaced by the worker's port.
+    :param env: extra environment variables (over the pool process's own unless
+        ``inherit_env=False``); ``{port}`` works in values too. ``PORT`` is always set.
+    :param health_path: ``GET`` this path must answer 2xx for the worker to count
+        as healthy, at start and on every health check.
+    :param start_timeout: seconds the worker has to become healthy; after that the
+        spawn fails with :class:`~herd.SpawnError` and the process is killed.
+    :param start_health_check_delay: seconds to wait before the first health probe.
+    :param health_timeout: seconds one health probe may take.
+    :param stop_timeout: seconds between SIGTERM and SIGKILL when a worker is closed.
+    :param sandbox: ``True`` (default): isolate workers as far as the machine allows;
+        ``False``: no namespaces (the Go ``WithInsecureSandbox``); ``"required"``:
+        refuse to spawn without a sandbox.
+    :param cwd: working directory of the workers.
+    :param inherit_env: start from this process's environment.
+    :param log_lines: how many lines of output each worker keeps (``worker.logs()``).
+
+    >>> factory = ProcessFactory(
+    ...     ["python", "-m", "http.server", "--bind", "127.0.0.1", "{port}"],
+    ...     health_path="/",
+    ... )
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        health_path: str = "/health",
+        start_timeout: Duration = 30.0,
+        start_health_check_delay: Duration = 0.0,
+        health_timeout: Duration = 2.0,
+        stop_timeout: Duration = 2.0,
+        sandbox: SandboxMode = True,
+        cwd: str | os.PathLike[str] | None = None,
+        inherit_env: bool = True,
+        log_lines: int = 1000,
+    ) -> None:
+        if isinstance(command, str) or not command:
+            raise ValueError("command must be a non-empty list of strings, e.g. ['python', ...]")
+        if not all(isinstance(arg, str) for arg in command):
+            raise TypeError(f"every command argument must be a str: {command!r}")
+        if not health_path.startswith("/"):
+            raise ValueError(f"health_path must start with '/', not {health_path!r}")
+        if sandbox not in (True, False, "required"):
+            raise ValueError(f"sandbox must be True, False or 'required', not {sandbox!r}")
+        if isinstance(log_lines, bool) or not isinstance(log_lines, int) or log_lines < 1:
+            raise ValueError(f"log_lines must be an int >= 1, not {log_lines!r}")
+        for key, value in (env or {}).items():
+            if not isinstance(key, str) or not isinstance(value, str) or "=" in key or not key:
+                raise ValueError(f"bad environment variable {key!r}={value!r}")
+        self.command = list(command)
+        self.env = dict(env or {})
+        self.health_path = health_path
+        self.start_timeout = _required("start_timeout", start_timeout)
+        self.start_health_check_delay = (
+            duration_seconds("start_health_check_delay", start_health_check_delay) or 0.0
+        )
+        self.health_timeout = _required("health_timeout", health_timeout)
+        self.stop_timeout = _required("stop_timeout", stop_timeout)
+        self.sandbox: SandboxMode = sandbox
+        self.cwd = os.fspath(cwd) if cwd is not None else None
+        self.inherit_env = inherit_env
+        self.log_lines = log_lines
+
+    def __repr__(self) -> str:
+        return f"ProcessFactory({self.command!r}, health_path={self.health_path!r})"
+
+    def _environment(self, port: int) -> dict[str, str]:
+        env = dict(os.environ) if self.inherit_env else {}
+        env.update({k: v.replace("{port}", str(port)) for k, v in self.env.items()})
+        env["PORT"] = str(port)
+        return env
+
+    async def spawn(self) -> ProcessWorker:
+        """Start one worker and return it once ``GET health_path`` answers 2xx.
+
+        :raises herd.SpawnError: the binary is missing, the process exited during
+            start-up, or it was not healthy within ``start_timeout``; nothing is
+            left running.
+        """
+        prefix, preexec, report = launcher(self.sandbox)
+        if self.sandbox is not False:
+            warn_once(report)
+        port = _PORTS.allocate()
+        argv = [arg.replace("{port}", str(port)) for arg in self.command]
+        env = self._environment(port)
+        if shutil.which(argv[0], path=env.get("PATH")) is None:
+            _PORTS.release(port)
+            raise SpawnError(
+                f"cannot start worker: {argv[0]!r} not found or not executable", command=argv
+            )
+        try:
+            proc = subprocess.Popen(
+                [*prefix, *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.cwd,
+                start_new_session=True,
+                preexec_fn=preexec,
+                close_fds=True,
+            )
+        except OSError as exc:
+            _PORTS.release(port)
+            why = errno.errorcode.get(exc.errno or 0, "error")
+            raise SpawnError(f"cannot start worker ({why}): {exc}", command=argv) from exc
+        worker = ProcessWorker(
+            proc,
+            port=port,
+            command=argv,
+            health_path=self.health_path,
+            health_timeout=self.health_timeout,
+            stop_timeout=self.stop_timeout,
+            log_lines=self.log_lines,
+            sandbox=report,
+        )
+        try:
+            await self._until_healthy(worker)
+        except BaseException:
+            await worker.close()
+            raise
+        log.info("worker %s started: pid %d, %s", worker.id, worker.pid, worker.address)
+        return worker
+
+    async def _until_healthy(self, worker: ProcessWorker) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_timeout
+        exited = worker._exited
+        if self.start_health_check_delay:
+            await asyncio.wait([exited], timeout=self.start_health_check_delay)
+        pause = 0.005
+        last: int | None = None
+        while not exited.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                answer = f"last answer: HTTP {last}" if last else "no answer"
+                raise SpawnError(
+                    f"worker {worker.id} not healthy after {self.start_timeout:g}s "
+                    f"(GET {self.health_path}: {answer})",
+                    command=worker.command,
+                    output_tail=worker.logs(20),
+                    worker_id=worker.id,
+                )
+            last = await probe(
+                HOST, worker.port, self.health_path, min(self.health_timeout, remaining)
+            )
+            if last is not None and 200 <= last < 300:
+                return
+            await asyncio.wait([exited], timeout=min(pause, max(deadline - loop.time(), 0)))
+            pause = min(pause * 1.5, 0.1)
+        raise SpawnError(
+            f"worker {worker.id} {exited.result()} during start-up",
+            command=worker.command,
+            exit_code=worker.returncode,
+            output_tail=worker.logs(20),
+            worker_id=worker.id,
+        )

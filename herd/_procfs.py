@@ -1,0 +1,46 @@
+"""Process-tree lookups straight from /proc, cheap enough for every stats call."""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["children", "descendants"]
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (of all its threads); empty if it is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.extend(int(k) for k in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, depth first."""
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        kids = children(stack.pop())
+        found.extend(kids)
+        stack.extend(kids)
+    return found
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether ``pid`` has a handler installed for ``signum`` (``SigCgt`` in its status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False

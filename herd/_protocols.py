@@ -1,0 +1,114 @@
+"""The three extension points of herd, as :class:`typing.Protocol` classes.
+
+- :class:`Worker` is one running process (or anything that behaves like one) with
+  a client object of type ``C`` that talks to it.
+- :class:`WorkerFactory` starts workers; :class:`herd.ProcessFactory` starts any
+  HTTP binary, ``herd_nb.KernelFactory`` starts Jupyter kernels.
+- :class:`SessionRegistry` stores which worker owns which session. The default
+  keeps it in memory; a shared registry lets several nodes agree on owners.
+
+Implementations do not subclass these: matching the methods is enough
+(``isinstance`` works too, the protocols are runtime-checkable).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeVar, runtime_checkable
+
+__all__ = ["C", "SessionRegistry", "Worker", "WorkerFactory"]
+
+C = TypeVar("C", covariant=True)
+
+
+@runtime_checkable
+class Worker(Protocol[C]):
+    """One worker: a process the pool pins sessions to.
+
+    Implementers must make :meth:`close` idempotent and safe to call while
+    :meth:`healthy` or :meth:`wait` is running, and must never leave a process
+    behind once :meth:`close` returns.
+    """
+
+    @property
+    def id(self) -> str:
+        """A stable identifier, unique among the pool's workers."""
+        ...
+
+    @property
+    def address(self) -> str:
+        """Where the worker listens, ``"host:port"`` (empty if it has no socket)."""
+        ...
+
+    @property
+    def client(self) -> C:
+        """An object to talk to the worker (an HTTP client, a kernel client, ...)."""
+        ...
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process ID, or ``None`` if it has no process of its own."""
+        ...
+
+    async def healthy(self) -> bool:
+        """Probe the worker once; ``True`` if it answers as expected.
+
+        Called by the pool every ``health_interval``. Must not raise for an
+        unhealthy worker and should return within a few seconds.
+        """
+        ...
+
+    async def wait(self) -> str:
+        """Return as soon as the worker has died, with a reason (``"exited with code 1"``).
+
+        The pool awaits this for every worker so that a crash is noticed at
+        once, not only at the next health check. It must also return after
+        :meth:`close`.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Stop the worker and everything it started. Idempotent; never raises."""
+        ...
+
+
+@runtime_checkable
+class WorkerFactory(Protocol[C]):
+    """Starts workers for a :class:`herd.Pool`."""
+
+    async def spawn(self) -> Worker[C]:
+        """Start one worker and return it once it is healthy.
+
+        :raises herd.SpawnError: the worker could not be started; nothing of it is
+            left running.
+        """
+        ...
+
+
+@runtime_checkable
+class SessionRegistry(Protocol):
+    """A map of session ID to the ID of the worker that owns it.
+
+    The pool writes through it on every pin and unpin, never on the fast path of
+    an already-pinned session. All methods are coroutines so that an
+    implementation may do I/O (the in-memory one does none).
+    """
+
+    async def get(self, session_id: str) -> str | None:
+        """The owner of ``session_id``, or ``None``."""
+        ...
+
+    async def put(self, session_id: str, worker_id: str) -> None:
+        """Record that ``worker_id`` owns ``session_id`` (replacing any owner)."""
+        ...
+
+    async def delete(self, session_id: str) -> None:
+        """Forget ``session_id``; no error if it is unknown."""
+        ...
+
+    async def list(self) -> dict[str, str]:
+        """Every session ID with its owner."""
+        ...
+
+    async def len(self) -> int:
+        """How many sessions are recorded."""
+        ...

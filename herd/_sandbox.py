@@ -1,0 +1,145 @@
+"""Process isolation for workers: what the machine allows, detected once.
+
+Every worker, sandboxed or not, gets
+
+- its own process group (``setsid``), so closing it signals its whole group;
+- a parent-death signal (``PR_SET_PDEATHSIG`` = SIGKILL), so it dies with the
+  thread that spawned it even if the pool's process is SIGKILLed.
+
+A parent-death signal covers only the direct child. A worker that double-forks
+a daemon would leave the daemon behind, so with ``sandbox=True`` the worker also
+runs as PID 1 of its own PID namespace (util-linux ``unshare --pid --fork
+--kill-child``): when PID 1 dies the kernel kills every process of the
+namespace, and ``--kill-child`` ties PID 1 to the ``unshare`` process that
+carries the parent-death signal. So::
+
+    pool process --(PDEATHSIG)--> unshare --(--kill-child)--> worker = PID 1 of its namespace
+                                                                 \\-- anything it forks, daemons too
+
+As root the worker also gets a mount namespace with its own ``/proc``, so it
+cannot see other workers' processes. Without root the namespaces come from an
+unprivileged user namespace where the kernel allows it.
+
+The detected level is ``full`` (PID + mount namespaces), ``partial`` (a PID
+namespace through a user namespace) or ``none`` (process group and parent-death
+signal only), each with the reason; :func:`detect` caches it per process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable
+from typing import Literal
+
+__all__ = ["SandboxLevel", "SandboxMode", "SandboxReport", "detect", "launcher"]
+
+log = logging.getLogger("herd.sandbox")
+
+SandboxMode = bool | Literal["required"]
+SandboxLevel = Literal["full", "partial", "none"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxReport:
+    """What isolation workers get on this machine, and why not more.
+
+    :param level: ``"full"``, ``"partial"`` or ``"none"``.
+    :param reason: a sentence a user can act on.
+    :param prefix: the argv prefix that puts a worker into its namespaces.
+    """
+
+    level: SandboxLevel
+    reason: str
+    prefix: tuple[str, ...] = ()
+
+
+def _probe(prefix: list[str]) -> str | None:
+    """Run ``true`` under ``prefix``; ``None`` if it worked, else why not."""
+    try:
+        done = subprocess.run(
+            [*prefix, "true"], capture_output=True, timeout=10, check=False, text=True
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    if done.returncode != 0:
+        return done.stderr.strip() or f"exit code {done.returncode}"
+    return None
+
+
+@functools.cache
+def detect() -> SandboxReport:
+    """Find out once which namespaces this process can give its workers."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return SandboxReport("none", "util-linux 'unshare' is not installed")
+    base = [unshare, "--pid", "--fork", "--kill-child"]
+    if os.geteuid() == 0:
+        full = [*base, "--mount-proc"]
+        why = _probe(full)
+        if why is None:
+            return SandboxReport("full", "PID and mount namespaces (root)", tuple(full))
+        root_why = f"PID namespace refused as root: {why}"
+    else:
+        root_why = "not root"
+    user = [*base, "--user", "--map-root-user", "--mount-proc"]
+    why = _probe(user)
+    if why is None:
+        return SandboxReport(
+            "partial", f"{root_why}; PID namespace through a user namespace", tuple(user)
+        )
+    return SandboxReport("none", f"{root_why}; user namespaces refused: {why}")
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - every Linux libc has prctl
+        return None
+
+
+def launcher(
+    sandbox: SandboxMode,
+) -> tuple[tuple[str, ...], Callable[[], None], SandboxReport]:
+    """The argv prefix, the ``preexec_fn`` and the report for one spawn.
+
+    :raises herd.SpawnError: ``sandbox="required"`` and no namespace is possible.
+    """
+    from ._exceptions import SpawnError
+
+    if sandbox is False:
+        report = SandboxReport("none", "disabled (sandbox=False)")
+    else:
+        report = detect()
+        if report.level == "none" and sandbox == "required":
+            raise SpawnError(f"sandbox='required' but no sandbox is possible: {report.reason}")
+    libc = _libc()
+    parent = os.getpid()
+
+    def preexec() -> None:
+        # Runs in the child between fork and exec: async-signal-safe calls only.
+        if libc is not None:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return report.prefix, preexec, report
+
+
+def warn_once(report: SandboxReport) -> None:
+    """Log the sandbox level once per process when workers run without namespaces."""
+    if report.level != "full" and not _warned.get(report.reason):
+        _warned[report.reason] = True
+        log.warning("herd sandbox: %s (%s)", report.level, report.reason)
+
+
+_warned: dict[str, bool] = {}

@@ -1,0 +1,154 @@
+"""Session handles: one use of a session, and the end of a session.
+
+A *session* is a session ID pinned to one worker until it is released, evicted
+by TTL or its worker dies. A :class:`Session` object is one *use* of it, made
+by :meth:`herd.Pool.acquire`: closing it (:meth:`Session.close`, or leaving
+``async with``) ends that use and keeps the pin; :meth:`Session.release` ends the
+whole session. While any use is open the session is never evicted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Generator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic
+
+from ._exceptions import InvalidSessionIdError
+from ._protocols import C, Worker
+
+if TYPE_CHECKING:
+    from ._pool import _Pin
+
+__all__ = ["MAX_SESSION_ID_LENGTH", "AcquireContext", "Session", "validate_session_id"]
+
+MAX_SESSION_ID_LENGTH = 256
+_SESSION_ID = re.compile(rf"[A-Za-z0-9_.~:@+=-]{{1,{MAX_SESSION_ID_LENGTH}}}")
+
+
+def validate_session_id(session_id: object) -> str:
+    """Return ``session_id`` if it is a valid session ID, else raise.
+
+    Valid: 1 to 256 characters from ``A-Z a-z 0-9 _ . ~ : @ + = -`` (UUIDs,
+    JWT-like tokens, ``user@host``, ``tenant:42``). No ``/``, whitespace or
+    control characters, so an ID is safe in a URL path segment, a header, a log
+    line and a Redis key.
+
+    :raises herd.InvalidSessionIdError: with the reason.
+    """
+    if type(session_id) is str and _SESSION_ID.fullmatch(session_id):
+        return session_id
+    if not isinstance(session_id, str):
+        why = f"must be a str, not {type(session_id).__name__}"
+    elif not session_id:
+        why = "must not be empty"
+    elif len(session_id) > MAX_SESSION_ID_LENGTH:
+        why = f"is {len(session_id)} characters long (at most {MAX_SESSION_ID_LENGTH})"
+    else:
+        bad = next(ch for ch in session_id if not _SESSION_ID.fullmatch(ch))
+        why = f"contains {bad!r} (allowed: letters, digits and _ . ~ : @ + = -)"
+    shown = session_id
+    if isinstance(session_id, str) and len(session_id) > 40:
+        shown = session_id[:40] + "..."
+    raise InvalidSessionIdError(f"invalid session ID {shown!r}: {why}")
+
+
+class Session(Generic[C]):
+    """One use of a session, pinned to :attr:`worker`.
+
+    >>> async with pool.acquire("user-42") as session:   # doctest: +SKIP
+    ...     reply = await session.worker.client.get("/")
+
+    :ivar session_id: the session's ID.
+    :ivar worker: the worker pinned to the session (``.id``, ``.address``,
+        ``.client``, ``.pid``).
+    """
+
+    __slots__ = ("_closed", "_end_session", "_end_use", "_pin", "session_id", "worker")
+
+    def __init__(
+        self,
+        pin: _Pin[C],
+        end_use: Callable[[_Pin[C]], None],
+        end_session: Callable[[_Pin[C]], Awaitable[None]],
+    ) -> None:
+        self._pin = pin
+        self._end_use = end_use
+        self._end_session = end_session
+        self._closed = False
+        self.session_id: str = pin.session_id
+        self.worker: Worker[C] = pin.slot.worker
+
+    @property
+    def closed(self) -> bool:
+        """Whether this use has ended."""
+        return self._closed
+
+    def close_nowait(self) -> None:
+        """End this use without awaiting (for synchronous callbacks); idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._end_use(self._pin)
+
+    async def close(self) -> None:
+        """End this use; the session stays pinned to its worker. Idempotent.
+
+        The session's idle clock (for ``ttl``) starts when its last use ends.
+        """
+        self.close_nowait()
+
+    async def release(self) -> None:
+        """End this use and the whole session: unpin it from its worker. Idempotent.
+
+        The worker is recycled for other sessions, or killed if the pool has
+        ``worker_reuse=False``. A session ID acquired again afterwards gets a
+        worker from scratch. If the session was already re-pinned to a new
+        worker after a crash, this old handle leaves the new pin alone.
+        """
+        self.close_nowait()
+        await self._end_session(self._pin)
+
+    async def __aenter__(self) -> Session[C]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close_nowait()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Session {self.session_id!r} on {self.worker.id} ({state})>"
+
+
+class AcquireContext(Generic[C]):
+    """What :meth:`herd.Pool.acquire` returns: await it, or use it with ``async with``.
+
+    ``session = await pool.acquire(sid)`` gives a :class:`Session` that you close
+    yourself; ``async with pool.acquire(sid) as session:`` closes it on exit.
+    """
+
+    __slots__ = ("_make", "_session")
+
+    def __init__(self, make: Callable[[], Awaitable[Session[C]]]) -> None:
+        self._make = make
+        self._session: Session[C] | None = None
+
+    def __await__(self) -> Generator[Any, None, Session[C]]:
+        return self._make().__await__()
+
+    async def __aenter__(self) -> Session[C]:
+        self._session = await self._make()
+        return self._session
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            self._session.close_nowait()

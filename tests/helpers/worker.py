@@ -1,0 +1,116 @@
+"""A tiny HTTP worker for herd's tests, driven by environment variables.
+
+Routes: /health, /pid (this process's PID as seen by the host... and inside),
+/state (a per-process counter: proof of affinity), /env/NAME, /exit/CODE,
+/sleep/SECONDS, /ps (PIDs this process can see), /daemon (the PID of a
+double-forked grandchild it started at boot, if WORKER_DOUBLE_FORK=1).
+
+Start-up behaviour:
+  WORKER_EXIT_AT_START=CODE   print a line to stderr and exit with CODE at once
+  WORKER_NEVER_HEALTHY=1      serve, but /health answers 503
+  WORKER_DOUBLE_FORK=1        start a daemon (double fork + setsid) that sleeps forever
+  WORKER_HEALTH_FILE=PATH     /health answers 503 while PATH exists
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import sys
+import threading
+import time
+
+PORT = int(sys.argv[1] if len(sys.argv) > 1 else os.environ["PORT"])
+counter = 0
+lock = threading.Lock()
+daemon_pid: int | None = None
+
+
+def double_fork() -> int:
+    read, write = os.pipe()
+    first = os.fork()
+    if first == 0:
+        os.setsid()
+        second = os.fork()
+        if second == 0:
+            os.close(read)
+            os.write(write, str(os.getpid()).encode())
+            os.close(write)
+            for fd in (0, 1, 2):
+                os.close(fd)
+            while True:
+                time.sleep(3600)
+        os._exit(0)
+    os.close(write)
+    os.waitpid(first, 0)
+    pid = int(os.read(read, 32))
+    os.close(read)
+    return pid
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def reply(self, code: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        global counter
+        parts = self.path.strip("/").split("/")
+        route = parts[0]
+        if route == "health":
+            marker = os.environ.get("WORKER_HEALTH_FILE")
+            if os.environ.get("WORKER_NEVER_HEALTHY") or (marker and os.path.exists(marker)):
+                self.reply(503, {"ok": False})
+            else:
+                self.reply(200, {"ok": True})
+        elif route == "pid":
+            self.reply(200, {"pid": os.getpid(), "port": PORT})
+        elif route == "state":
+            with lock:
+                counter += 1
+                value = counter
+            self.reply(200, {"count": value, "pid": os.getpid()})
+        elif route == "env":
+            self.reply(200, {"value": os.environ.get(parts[1])})
+        elif route == "exit":
+            self.reply(200, {"exiting": True})
+            self.wfile.flush()
+            os._exit(int(parts[1]))
+        elif route == "sleep":
+            time.sleep(float(parts[1]))
+            self.reply(200, {"slept": float(parts[1])})
+        elif route == "ps":
+            pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+            self.reply(200, {"pids": pids})
+        elif route == "daemon":
+            self.reply(200, {"pid": daemon_pid})
+        else:
+            self.reply(404, {"error": "no such route"})
+
+
+def main() -> None:
+    global daemon_pid
+    code = os.environ.get("WORKER_EXIT_AT_START")
+    if code is not None:
+        print(f"worker: refusing to start (exit {code})", file=sys.stderr, flush=True)
+        sys.exit(int(code))
+    if os.environ.get("WORKER_DOUBLE_FORK"):
+        daemon_pid = double_fork()
+    print(f"worker listening on 127.0.0.1:{PORT}", flush=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
