@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from ._client import HTTPWorkerClient, probe
 from ._config import Duration, duration_seconds
 from ._exceptions import SpawnError
-from ._procfs import catches, children, descendants
+from ._procfs import catches, children, descendants, with_environ
 from ._sandbox import SandboxMode, SandboxReport, launcher, warn_once
 
 __all__ = ["OutputLog", "ProcessFactory", "ProcessWorker"]
@@ -45,6 +45,7 @@ __all__ = ["OutputLog", "ProcessFactory", "ProcessWorker"]
 log = logging.getLogger("herd.process")
 
 HOST = "127.0.0.1"
+TAG_VARIABLE = "HERD_WORKER_TAG"  # in every worker's environment: finds its daemons on close
 _worker_ids = itertools.count(1)
 
 
@@ -97,13 +98,13 @@ class OutputLog:
         done: list[str] = []
         while True:
             cut = self._partial.find(b"\n")
-            if cut < 0:
-                if len(self._partial) > self._max_line:
-                    cut = self._max_line
-                else:
+            skip = 1  # the newline
+            if cut < 0 or cut > self._max_line:
+                if cut < 0 and len(self._partial) <= self._max_line:
                     break
+                cut, skip = self._max_line, 0
             line = bytes(self._partial[:cut]).rstrip(b"\r").decode("utf-8", "replace")
-            del self._partial[: cut + 1]
+            del self._partial[: cut + skip]
             done.append(line)
         self.lines.extend(done)
         return done
@@ -153,8 +154,10 @@ class ProcessWorker:
         stop_timeout: float,
         log_lines: int,
         sandbox: SandboxReport,
+        tag: str,
     ) -> None:
         self.id = f"w-{next(_worker_ids)}"
+        self.tag = tag
         self.port = port
         self.command = command
         self.started_at = time.time()
@@ -169,6 +172,7 @@ class ProcessWorker:
         self._exited: asyncio.Future[str] = self._loop.create_future()
         self._close_task: asyncio.Task[None] | None = None
         self._closed_by_us = False
+        self.exit_code: int | None = None
         self._out_fd: int | None = None
         if proc.stdout is not None:
             self._out_fd = proc.stdout.fileno()
@@ -201,8 +205,8 @@ class ProcessWorker:
 
     @property
     def returncode(self) -> int | None:
-        """The exit code once the process has exited (negative: killed by that signal)."""
-        return self._proc.returncode
+        """The worker's exit code once it has exited (negative: killed by that signal)."""
+        return self.exit_code
 
     @property
     def alive(self) -> bool:
@@ -287,6 +291,13 @@ class ProcessWorker:
         returncode = self._proc.wait()  # the pidfd is readable: the child has exited
         self._drain_output()
         _PORTS.release(self.port)
+        if self.sandbox.prefix and returncode == 1 and any(
+            "sigprocmask unblock failed" in line for line in self._output.tail(3)
+        ):
+            # unshare re-raises the signal that killed its child, except SIGKILL,
+            # which it cannot unblock: it says so and exits 1.
+            returncode = -signal.SIGKILL
+        self.exit_code = returncode
         reason = "closed" if self._closed_by_us else describe_exit(returncode)
         if not self._exited.done():
             self._exited.set_result(reason)
@@ -313,9 +324,11 @@ class ProcessWorker:
 
     async def _close(self) -> None:
         self._closed_by_us = True
-        # Without a PID namespace a daemonised grandchild may have left the
-        # process group; note the whole tree now, while it is still linked.
-        strays = descendants(self._proc.pid) if self.sandbox.level == "none" else []
+        # Without a PID namespace a daemon may have left the process group: note
+        # the tree now, while it is linked, and whatever carries the worker's tag.
+        strays: list[int] = []
+        if not self.sandbox.prefix:
+            strays = descendants(self._proc.pid) + with_environ(f"{TAG_VARIABLE}={self.tag}")
         if not self._exited.done() and self._stops_on_sigterm():
             self._signal_group(signal.SIGTERM)
             try:
@@ -411,10 +424,11 @@ class ProcessFactory:
     def __repr__(self) -> str:
         return f"ProcessFactory({self.command!r}, health_path={self.health_path!r})"
 
-    def _environment(self, port: int) -> dict[str, str]:
+    def _environment(self, port: int, tag: str) -> dict[str, str]:
         env = dict(os.environ) if self.inherit_env else {}
         env.update({k: v.replace("{port}", str(port)) for k, v in self.env.items()})
         env["PORT"] = str(port)
+        env[TAG_VARIABLE] = tag
         return env
 
     async def spawn(self) -> ProcessWorker:
@@ -429,7 +443,8 @@ class ProcessFactory:
             warn_once(report)
         port = _PORTS.allocate()
         argv = [arg.replace("{port}", str(port)) for arg in self.command]
-        env = self._environment(port)
+        tag = f"{os.getpid()}-{port}-{time.monotonic_ns()}"
+        env = self._environment(port, tag)
         if shutil.which(argv[0], path=env.get("PATH")) is None:
             _PORTS.release(port)
             raise SpawnError(
@@ -460,6 +475,7 @@ class ProcessFactory:
             stop_timeout=self.stop_timeout,
             log_lines=self.log_lines,
             sandbox=report,
+            tag=tag,
         )
         try:
             await self._until_healthy(worker)

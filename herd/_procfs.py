@@ -44,3 +44,24 @@ def catches(pid: int, signum: int) -> bool:
     except (OSError, ValueError):
         pass
     return False
+
+
+def with_environ(entry: str) -> list[int]:
+    """PIDs of processes whose environment holds ``entry`` (``"NAME=value"``).
+
+    Finds what a worker started even after it double-forked out of the worker's
+    tree and process group, as long as it kept the environment it inherited.
+    """
+    needle = entry.encode()
+    me = os.getpid()
+    found: list[int] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
