@@ -377,15 +377,16 @@ class Pool(Generic[C]):
                 except asyncio.CancelledError:
                     me = asyncio.current_task()
                     if pending.task.cancelled() and me is not None and not me.cancelling():
-                        # Not our cancellation: shutdown cancelled the shared task.
-                        raise PoolClosedError(
-                            "pool is shutting down", session_id=session_id
-                        ) from None
+                        # Not our cancellation but the shared task's (shutdown): the
+                        # loop's _check_open() says so, or we start over.
+                        continue
                     raise
                 finally:
                     pending.callers -= 1
                     if pending.callers == 0 and not pending.task.done():
                         pending.task.cancel()  # nobody wants this session any more
+                        if self._pending.get(session_id) is pending:
+                            del self._pending[session_id]  # a newcomer starts afresh
             if not pin.ended:
                 pin.uses += 1
                 return Session(pin, self._end_use, self._end_session)
@@ -402,7 +403,8 @@ class Pool(Generic[C]):
             slot.pin = pin
             self._pins[session_id] = pin  # visible before the await below: singleflight holds
         finally:
-            if self._pending.get(session_id) is not None:
+            pending = self._pending.get(session_id)
+            if pending is not None and pending.task is asyncio.current_task():
                 del self._pending[session_id]
         try:
             # Awaiting while pinned: concurrent acquires of this ID take the fast path.

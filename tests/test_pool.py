@@ -1,0 +1,522 @@
+"""Pool behaviour over real subprocess workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import herd
+from herd.testing import FakeClock
+from tests.helpers import factory, pid_alive, wait_until
+
+
+class CountingFactory:
+    """Wraps a factory and counts spawns (ours, not a mock: it delegates)."""
+
+    def __init__(self, inner: herd.ProcessFactory) -> None:
+        self.inner = inner
+        self.spawns = 0
+
+    async def spawn(self) -> herd.ProcessWorker:
+        self.spawns += 1
+        return await self.inner.spawn()
+
+
+async def acquire(
+    pool: herd.Pool[Any], session_id: str, timeout: float | None = None
+) -> herd.Session[Any]:
+    """A coroutine around pool.acquire, to run it as a task."""
+    return await pool.acquire(session_id, timeout=timeout)
+
+
+def kill_worker(worker: herd.Worker[Any]) -> None:
+    """SIGKILL the worker's process group (launcher and program)."""
+    assert worker.pid is not None
+    os.killpg(worker.pid, signal.SIGKILL)
+
+
+async def count(session: herd.Session[Any]) -> int:
+    """Bump and read the worker's per-process counter."""
+    return int(json.loads((await session.worker.client.get("/state")).body)["count"])
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[herd.Pool[Any]]:
+    async with herd.Pool(factory(), min_workers=1, max_workers=3, health_interval=None) as p:
+        yield p
+
+
+# -- affinity ---------------------------------------------------------------------------
+
+
+async def test_a_session_always_reaches_the_same_worker(pool: herd.Pool[Any]) -> None:
+    seen = []
+    for expected in (1, 2, 3):
+        async with pool.acquire("alice") as session:
+            seen.append(session.worker.id)
+            assert await count(session) == expected  # state kept in the worker process
+    assert len(set(seen)) == 1
+    session = await pool.acquire("alice")  # the awaitable form
+    assert session.worker.id == seen[0]
+    await session.close()
+
+
+async def test_different_sessions_never_share_a_worker(pool: herd.Pool[Any]) -> None:
+    sessions = [await pool.acquire(sid) for sid in ("a", "b", "c")]
+    assert len({s.worker.id for s in sessions}) == 3
+    assert pool.sessions() == {s.session_id: s.worker.id for s in sessions}
+    for session in sessions:
+        await session.close()
+
+
+async def test_concurrent_first_acquires_pin_exactly_one_worker() -> None:
+    counting = CountingFactory(factory())
+    async with herd.Pool(counting, min_workers=0, max_workers=3) as pool:
+        sessions = await asyncio.gather(*(pool.acquire("new") for _ in range(50)))
+        assert {s.worker.id for s in sessions} == {sessions[0].worker.id}
+        assert counting.spawns == 1
+        assert pool.stats().active_sessions == 1
+        for session in sessions:
+            await session.close()
+
+
+async def test_singleflight_survives_the_first_caller_giving_up() -> None:
+    async with herd.Pool(factory(), min_workers=0, max_workers=2) as pool:
+        first = asyncio.ensure_future(acquire(pool, "s"))
+        second = asyncio.ensure_future(acquire(pool, "s"))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        session = await second
+        assert pool.sessions() == {"s": session.worker.id}
+        await session.close()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+
+# -- scaling --------------------------------------------------------------------------
+
+
+async def test_min_workers_run_with_no_session() -> None:
+    async with herd.Pool(factory(), min_workers=2, max_workers=4) as pool:
+        stats = pool.stats()
+        assert stats.total_workers == 2
+        assert stats.available_workers == 2
+        assert stats.active_sessions == 0
+        assert all(await asyncio.gather(*(w.healthy() for w in pool.workers())))
+
+
+async def test_new_sessions_spawn_up_to_max_then_wait_and_time_out() -> None:
+    async with herd.Pool(factory(), min_workers=0, max_workers=2, acquire_timeout=0.3) as pool:
+        a = await pool.acquire("a")
+        b = await pool.acquire("b")
+        assert pool.stats().total_workers == 2
+        started = time.monotonic()
+        with pytest.raises(herd.PoolExhaustedError) as caught:
+            await pool.acquire("c")
+        assert 0.3 <= time.monotonic() - started < 2
+        assert caught.value.session_id == "c"
+        assert "max 2" in str(caught.value)
+        with pytest.raises(TimeoutError):  # PoolExhaustedError is a TimeoutError too
+            await pool.acquire("c", timeout=0.05)
+        await a.close()
+        await b.close()
+
+
+async def test_waiters_at_the_cap_are_served_in_fifo_order() -> None:
+    async with herd.Pool(factory(), min_workers=0, max_workers=1, acquire_timeout=None) as pool:
+        holder = await pool.acquire("holder")
+        order: list[str] = []
+
+        async def wait_for(sid: str) -> None:
+            session = await pool.acquire(sid)
+            order.append(sid)
+            await session.release()
+
+        waiters = []
+        for sid in ("first", "second", "third"):
+            waiters.append(asyncio.ensure_future(wait_for(sid)))
+            queued = len(waiters)
+            await wait_until(lambda: len(pool._waiters) == queued, what="queued")  # noqa: B023
+        await holder.release()
+        await asyncio.wait_for(asyncio.gather(*waiters), 10)
+        assert order == ["first", "second", "third"]
+
+
+async def test_a_freed_worker_goes_to_a_waiter_with_its_state_reset_only_by_reuse() -> None:
+    async with herd.Pool(factory(), min_workers=0, max_workers=1) as pool:
+        a = await pool.acquire("a")
+        waiting = asyncio.ensure_future(acquire(pool, "b", 5))
+        await wait_until(lambda: len(pool._waiters) == 1, what="b to queue")
+        await a.release()
+        b = await waiting
+        assert b.worker.id == a.worker.id  # worker_reuse=True recycles it
+        await b.close()
+
+
+async def test_surplus_idle_workers_are_retired_after_idle_timeout() -> None:
+    clock = FakeClock()
+    async with herd.Pool(
+        factory(), min_workers=1, max_workers=3, idle_worker_timeout=30, clock=clock
+    ) as pool:
+        sessions = [await pool.acquire(sid) for sid in ("a", "b", "c")]
+        for session in sessions:
+            await session.release()
+        assert pool.stats().total_workers == 3
+        clock.advance(29)
+        await pool.sweep()
+        assert pool.stats().total_workers == 3
+        clock.advance(2)
+        await pool.sweep()
+        assert pool.stats().total_workers == 1  # min_workers stay
+        await wait_until(
+            lambda: all(
+                not pid_alive(s.worker.pid)
+                for s in sessions[1:]
+                if s.worker.id not in {w.id for w in pool.workers()}
+            ),
+            what="retired workers to exit",
+        )
+
+
+# -- TTL ------------------------------------------------------------------------------
+
+
+async def test_ttl_evicts_sessions_without_open_use() -> None:
+    clock = FakeClock()
+    async with herd.Pool(factory(), min_workers=0, max_workers=2, ttl=60, clock=clock) as pool:
+        async with pool.acquire("s") as session:
+            first = session.worker.id
+            assert await count(session) == 1
+        clock.advance(59)
+        await pool.sweep()
+        assert "s" in pool.sessions()
+        clock.advance(1)
+        await pool.sweep()
+        assert "s" not in pool.sessions()
+        assert await pool.registry.get("s") is None
+        async with pool.acquire("s") as session:
+            # Recycled (worker_reuse=True): same process, but a new session.
+            assert session.worker.id == first
+
+
+async def test_an_open_use_keeps_the_session_alive_and_the_clock_starts_at_close() -> None:
+    clock = FakeClock()
+    async with herd.Pool(factory(), min_workers=0, max_workers=2, ttl=60, clock=clock) as pool:
+        session = await pool.acquire("websocket")
+        clock.advance(3600)
+        await pool.sweep()
+        assert "websocket" in pool.sessions()
+        await session.close()
+        clock.advance(59)
+        await pool.sweep()
+        assert "websocket" in pool.sessions()
+        clock.advance(1)
+        await pool.sweep()
+        assert "websocket" not in pool.sessions()
+
+
+async def test_ttl_zero_disables_eviction() -> None:
+    clock = FakeClock()
+    async with herd.Pool(factory(), min_workers=0, max_workers=1, ttl=0, clock=clock) as pool:
+        await (await pool.acquire("s")).close()
+        clock.advance(10**9)
+        await pool.sweep()
+        assert "s" in pool.sessions()
+
+
+async def test_ttl_runs_by_itself_on_the_real_clock() -> None:
+    async with herd.Pool(factory(), min_workers=0, max_workers=1, ttl=0.2) as pool:
+        await (await pool.acquire("s")).close()
+        await wait_until(lambda: "s" not in pool.sessions(), timeout=5, what="eviction")
+
+
+async def test_no_reuse_kills_the_worker_when_its_session_ends() -> None:
+    clock = FakeClock()
+    async with herd.Pool(
+        factory(), min_workers=0, max_workers=2, ttl=10, worker_reuse=False, clock=clock
+    ) as pool:
+        async with pool.acquire("s") as session:
+            first = session.worker
+        await pool.release("s")
+        await wait_until(lambda: not pid_alive(first.pid), what="worker to be killed")
+        async with pool.acquire("t") as session:
+            assert session.worker.id != first.id
+            second = session.worker
+        clock.advance(11)
+        await pool.sweep()  # TTL eviction kills too
+        await wait_until(lambda: not pid_alive(second.pid), what="evicted worker to be killed")
+
+
+# -- crashes and health -------------------------------------------------------------
+
+
+async def test_a_dead_worker_is_noticed_at_once_and_replaced() -> None:
+    crashed: list[str] = []
+    async with herd.Pool(
+        factory(),
+        min_workers=1,
+        max_workers=2,
+        health_interval=None,
+        on_crash=crashed.append,
+    ) as pool:
+        async with pool.acquire("s") as session:
+            dead = session.worker
+            assert await count(session) == 1
+        kill_worker(dead)
+        await wait_until(lambda: "s" not in pool.sessions(), timeout=2, what="unpin")
+        await wait_until(lambda: crashed == ["s"], what="on_crash")
+        await wait_until(
+            lambda: (
+                pool.stats().total_workers >= 1 and dead.id not in {w.id for w in pool.workers()}
+            ),
+            what="replacement",
+        )
+        async with pool.acquire("s") as session:
+            assert session.worker.id != dead.id
+            assert await count(session) == 1  # a fresh process: state is gone
+
+
+async def test_crash_while_a_use_is_open_unpins_and_the_old_handle_is_harmless() -> None:
+    async with herd.Pool(factory(), min_workers=0, max_workers=2) as pool:
+        old = await pool.acquire("s")
+        kill_worker(old.worker)
+        await wait_until(lambda: "s" not in pool.sessions(), what="unpin")
+        new = await pool.acquire("s")
+        assert new.worker.id != old.worker.id
+        await old.release()  # must not end the new pin
+        await old.close()
+        assert pool.sessions() == {"s": new.worker.id}
+        await new.close()
+
+
+async def test_slow_or_raising_on_crash_does_not_stall_the_pool(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release = threading.Event()
+
+    def slow(session_id: str) -> None:
+        release.wait(10)
+        raise RuntimeError(f"callback failed for {session_id}")
+
+    async with herd.Pool(factory(), min_workers=0, max_workers=3, on_crash=slow) as pool:
+        victim = await pool.acquire("victim")
+        kill_worker(victim.worker)
+        await wait_until(lambda: "victim" not in pool.sessions(), what="unpin")
+        started = time.monotonic()
+        async with pool.acquire("other") as other:
+            assert await count(other) == 1
+        assert time.monotonic() - started < 2
+        with caplog.at_level(logging.ERROR, logger="herd.pool"):
+            release.set()
+            await wait_until(lambda: "callback failed" in caplog.text, what="logged error")
+
+
+async def test_async_on_crash_is_awaited() -> None:
+    crashed: list[str] = []
+
+    async def record(session_id: str) -> None:
+        crashed.append(session_id)
+
+    async with herd.Pool(factory(), min_workers=0, max_workers=2, on_crash=record) as pool:
+        session = await pool.acquire("s")
+        kill_worker(session.worker)
+        await wait_until(lambda: crashed == ["s"], what="on_crash")
+
+
+async def test_failing_health_check_goes_through_the_crash_path(tmp_path: Path) -> None:
+    marker = tmp_path / "unhealthy"
+    crashed: list[str] = []
+    async with herd.Pool(
+        factory(env={"WORKER_HEALTH_FILE": str(marker)}),
+        min_workers=0,
+        max_workers=2,
+        health_interval=0.1,
+        on_crash=crashed.append,
+    ) as pool:
+        async with pool.acquire("s") as session:
+            sick = session.worker
+        marker.touch()
+        await wait_until(lambda: crashed == ["s"], timeout=3, what="health failure")
+        await wait_until(lambda: not pid_alive(sick.pid), what="sick worker killed")
+        marker.unlink()
+        async with pool.acquire("s") as session:
+            assert session.worker.id != sick.id
+
+
+# -- spawn failures -------------------------------------------------------------------
+
+
+async def test_spawn_failure_raises_then_backs_off_without_spinning() -> None:
+    counting = CountingFactory(factory(env={"WORKER_EXIT_AT_START": "2"}))
+    async with herd.Pool(counting, min_workers=0, max_workers=2) as pool:
+        with pytest.raises(herd.SpawnError) as caught:
+            await pool.acquire("s")
+        assert caught.value.exit_code == 2
+        with pytest.raises(herd.SpawnError, match="not spawning for another"):
+            await pool.acquire("s")
+        assert counting.spawns == 1
+        stats = pool.stats()
+        assert stats.spawn_failures == 1
+        assert stats.last_spawn_error is not None
+        assert "s" not in pool.sessions()
+
+
+async def test_pool_keeps_serving_its_sessions_while_spawns_fail(tmp_path: Path) -> None:
+    async with herd.Pool(factory(), min_workers=0, max_workers=3) as pool:
+        async with pool.acquire("kept") as session:
+            kept = session.worker.id
+        pool.factory = factory(env={"WORKER_EXIT_AT_START": "1"})
+        with pytest.raises(herd.SpawnError):
+            await pool.acquire("new")
+        async with pool.acquire("kept") as session:
+            assert session.worker.id == kept
+
+
+async def test_start_fails_cleanly_when_min_workers_cannot_spawn() -> None:
+    pool = herd.Pool(factory(env={"WORKER_EXIT_AT_START": "4"}), min_workers=2)
+    with pytest.raises(herd.SpawnError, match="exited with code 4"):
+        await pool.start()
+    assert pool.state is herd.PoolState.CLOSED
+    with pytest.raises(herd.PoolClosedError):
+        await pool.acquire("s")
+
+
+# -- release, close and shutdown ------------------------------------------------------
+
+
+async def test_release_and_close_are_idempotent(pool: herd.Pool[Any]) -> None:
+    session = await pool.acquire("s")
+    await session.close()
+    await session.close()
+    await session.release()
+    await session.release()
+    await pool.release("s")
+    await pool.release("never-seen")
+    assert pool.sessions() == {}
+    with pytest.raises(herd.InvalidSessionIdError):
+        await pool.release("bad id")
+
+
+async def test_release_with_an_open_use_keeps_the_worker_out_of_other_hands() -> None:
+    async with herd.Pool(factory(), min_workers=0, max_workers=1, acquire_timeout=0.2) as pool:
+        streaming = await pool.acquire("s")  # e.g. an open WebSocket
+        await pool.release("s")
+        assert "s" not in pool.sessions()
+        with pytest.raises(herd.PoolExhaustedError):
+            await pool.acquire("other")  # the only worker is still in use
+        await streaming.close()
+        async with pool.acquire("other") as other:
+            assert other.worker.id == streaming.worker.id
+
+
+async def test_shutdown_stops_everything_and_refuses_work() -> None:
+    pool = herd.Pool(factory(), min_workers=2, max_workers=3, acquire_timeout=None)
+    async with pool:
+        a = await pool.acquire("a")
+        b = await pool.acquire("b")
+        c = await pool.acquire("c")
+        waiting = asyncio.ensure_future(acquire(pool, "d", None))
+        await wait_until(lambda: len(pool._waiters) == 1, what="d to queue")
+        pids = [s.worker.pid for s in (a, b, c)]
+    assert pool.state is herd.PoolState.CLOSED
+    with pytest.raises(herd.PoolClosedError):
+        await waiting
+    assert not any(pid_alive(pid) for pid in pids)
+    with pytest.raises(herd.PoolClosedError):
+        await pool.acquire("a")
+    await a.close()  # harmless after shutdown
+    await pool.shutdown()  # idempotent
+    with pytest.raises(herd.PoolClosedError):
+        await pool.start()
+
+
+async def test_shutdown_during_a_first_acquire_raises_pool_closed() -> None:
+    pool = herd.Pool(factory(start_health_check_delay=0.3), min_workers=0, max_workers=2)
+    await pool.start()
+    acquiring = asyncio.ensure_future(acquire(pool, "s", None))
+    await wait_until(lambda: pool.stats().starting_workers == 1, what="spawn to start")
+    await pool.shutdown()
+    with pytest.raises(herd.PoolClosedError):
+        await acquiring
+
+
+async def test_acquire_before_start_says_how_to_start() -> None:
+    pool = herd.Pool(factory())
+    with pytest.raises(herd.PoolClosedError, match="async with pool"):
+        await pool.acquire("s")
+
+
+# -- validation and stats -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "has space", "a/b", "x" * 257, "new\nline", "tab\t", "é", 42, None]
+)
+async def test_invalid_session_ids_are_refused(pool: herd.Pool[Any], bad: Any) -> None:
+    with pytest.raises(herd.InvalidSessionIdError):
+        await pool.acquire(bad)
+    assert pool.stats().active_sessions == 0
+
+
+@pytest.mark.parametrize(
+    "good", ["a", "user@example.com", "tenant:42", "0b3f-uuid_like.v1~x+y=z", "x" * 256]
+)
+def test_valid_session_ids(good: str) -> None:
+    assert herd.validate_session_id(good) == good
+
+
+def test_bad_pool_options_raise_value_error() -> None:
+    from herd.testing import FakeFactory
+
+    for kwargs in (
+        {"min_workers": -1},
+        {"max_workers": 0},
+        {"min_workers": 3, "max_workers": 2},
+        {"ttl": -1},
+        {"health_interval": float("nan")},
+        {"acquire_timeout": float("inf")},
+    ):
+        with pytest.raises(ValueError):  # noqa: PT011 - each case has its own message
+            herd.Pool(FakeFactory(), **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        herd.Pool(FakeFactory(), ttl="15m")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        herd.Pool(FakeFactory(), min_workers=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        herd.Pool(FakeFactory(), on_crash="print")  # type: ignore[arg-type]
+
+
+async def test_stats_reflect_the_pool() -> None:
+    clock = FakeClock()
+    async with herd.Pool(factory(), min_workers=2, max_workers=4, clock=clock) as pool:
+        open_use = await pool.acquire("open")
+        await (await pool.acquire("idle")).close()
+        clock.advance(5)
+        stats = pool.stats()
+        assert (stats.total_workers, stats.available_workers, stats.active_sessions) == (2, 0, 2)
+        assert stats.state == "ready"
+        rows = {row.session_id: row for row in stats.workers}
+        assert rows["open"].open_uses == 1
+        assert rows["open"].idle_seconds == 0
+        assert rows["idle"].idle_seconds == pytest.approx(5)
+        for row in stats.workers:
+            assert row.state == "pinned"
+            assert row.rss_bytes is not None
+            assert row.rss_bytes > 1_000_000
+            assert row.pid is not None
+            assert pid_alive(row.pid)
+            assert row.age_seconds >= 5
+        assert stats.node.total_memory_bytes >= stats.node.available_memory_bytes > 0
+        assert 0 <= stats.node.cpu_idle <= 100
+        assert json.dumps(stats.as_dict())
+        await open_use.close()
