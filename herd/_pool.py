@@ -103,7 +103,7 @@ class _Slot(Generic[C]):
 class _Pin(Generic[C]):
     """A session pinned to a slot."""
 
-    __slots__ = ("ended", "last_active", "session_id", "slot", "uses")
+    __slots__ = ("death", "ended", "last_active", "session_id", "slot", "uses")
 
     def __init__(self, session_id: str, slot: _Slot[C], now: float) -> None:
         self.session_id = session_id
@@ -111,6 +111,7 @@ class _Pin(Generic[C]):
         self.uses = 0  # open Session objects; > 0 means never evicted
         self.last_active = now  # when the last use ended (or the pin was made)
         self.ended = False  # released, evicted or crashed: no new uses
+        self.death: str | None = None  # why the worker died, if that ended the pin
 
 
 class _Pending(Generic[C]):
@@ -626,6 +627,7 @@ class Pool(Generic[C]):
             if self._pins.get(pin.session_id) is pin:
                 del self._pins[pin.session_id]
             pin.ended = True
+            pin.death = reason
             self._background(self._forget(pin.session_id, slot.worker.id))
             self._crashed(pin.session_id)
 

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic
 
-from ._exceptions import InvalidSessionIdError
+from ._exceptions import InvalidSessionIdError, WorkerDeadError
 from ._protocols import C, Worker
 
 if TYPE_CHECKING:
@@ -83,6 +83,27 @@ class Session(Generic[C]):
     def closed(self) -> bool:
         """Whether this use has ended."""
         return self._closed
+
+    @property
+    def ended(self) -> bool:
+        """Whether the session itself has ended (released, evicted or its worker died)."""
+        return self._pin.ended
+
+    def check(self) -> None:
+        """Raise if the worker of this session has died since the session was acquired.
+
+        For holders of long uses (a WebSocket, a stream) that want to stop at once.
+
+        :raises herd.WorkerDeadError: with ``session_id``, ``worker_id`` and ``reason``.
+        """
+        if self._pin.death is not None:
+            raise WorkerDeadError(
+                f"worker {self.worker.id} of session {self.session_id!r} died "
+                f"({self._pin.death})",
+                session_id=self.session_id,
+                worker_id=self.worker.id,
+                reason=self._pin.death,
+            )
 
     def close_nowait(self) -> None:
         """End this use without awaiting (for synchronous callbacks); idempotent."""

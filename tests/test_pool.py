@@ -289,8 +289,13 @@ async def test_a_dead_worker_is_noticed_at_once_and_replaced() -> None:
 async def test_crash_while_a_use_is_open_unpins_and_the_old_handle_is_harmless() -> None:
     async with herd.Pool(factory(), min_workers=0, max_workers=2) as pool:
         old = await pool.acquire("s")
+        old.check()
         kill_worker(old.worker)
         await wait_until(lambda: "s" not in pool.sessions(), what="unpin")
+        assert old.ended
+        with pytest.raises(herd.WorkerDeadError, match="killed by SIGKILL") as caught:
+            old.check()
+        assert (caught.value.session_id, caught.value.worker_id) == ("s", old.worker.id)
         new = await pool.acquire("s")
         assert new.worker.id != old.worker.id
         await old.release()  # must not end the new pin
