@@ -111,6 +111,7 @@ class Sampler:
         self._procs: dict[int, psutil.Process] = {}  # keeps cpu_percent's baseline per pid
         self._node: tuple[float, NodeStats] | None = None
         self._trees: dict[int, tuple[float, int | None, float | None]] = {}
+        self._members: dict[int, list[int]] = {}  # worker pid -> pids sampled with it
         psutil.cpu_times_percent(interval=None)  # set the baseline of the first reading
 
     def node(self) -> NodeStats:
@@ -140,6 +141,9 @@ class Sampler:
             return cached[1], cached[2]
         rss, cpu = 0, 0.0
         pids = [pid, *children(pid)]
+        for gone in set(self._members.get(pid, ())) - set(pids):
+            self._procs.pop(gone, None)
+        self._members[pid] = pids
         for member in pids:
             proc = self._procs.get(member)
             try:
@@ -159,5 +163,5 @@ class Sampler:
         """Drop cached state of a worker that is gone."""
         if pid is not None:
             self._trees.pop(pid, None)
-            for member in [pid, *children(pid)]:
+            for member in self._members.pop(pid, [pid]):
                 self._procs.pop(member, None)
