@@ -754,7 +754,7 @@ class Pool(Generic[C]):
                     id=slot.worker.id,
                     pid=slot.worker.pid,
                     address=slot.worker.address,
-                    state=slot.state.value,
+                    state="ending" if pin is not None and pin.ended else slot.state.value,
                     session_id=pin.session_id if pin is not None else None,
                     open_uses=pin.uses if pin is not None else 0,
                     rss_bytes=rss,

@@ -45,8 +45,10 @@ class WorkerStats:
     :param id: the worker's ID.
     :param pid: its process ID, if it has one.
     :param address: where it listens.
-    :param state: ``"starting"``, ``"idle"``, ``"pinned"`` or ``"draining"``.
-    :param session_id: the session pinned to it, if any.
+    :param state: ``"idle"``, ``"pinned"``, ``"ending"`` (its session was released
+        but a use of it is still open: the worker is freed when that use closes)
+        or ``"draining"``.
+    :param session_id: the session pinned to it (or ending on it), if any.
     :param open_uses: open :class:`~herd.Session` uses of that session.
     :param rss_bytes: resident memory of the worker's processes (``None``: unknown).
     :param cpu_percent: CPU use of its processes since the previous sample
