@@ -1,0 +1,67 @@
+"""The public surface: __all__ kept honest, documented, and free of Jupyter imports."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import herd
+import herd.registry
+import herd.testing
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert herd.__all__ == sorted(herd.__all__)
+    for name in herd.__all__:
+        assert hasattr(herd, name), name
+    public = {
+        name
+        for name, value in vars(herd).items()
+        if not name.startswith("_")
+        and (inspect.isclass(value) or inspect.isfunction(value))
+        and getattr(value, "__module__", "").startswith("herd")
+    }
+    assert public <= set(herd.__all__), public - set(herd.__all__)
+
+
+def test_every_public_name_has_a_docstring() -> None:
+    for module in (herd, herd.testing, herd.registry):
+        for name in module.__all__:
+            value = getattr(module, name)
+            assert inspect.getdoc(value), f"{module.__name__}.{name} has no docstring"
+            if inspect.isclass(value):
+                for attr, member in vars(value).items():
+                    if attr.startswith("_") or not callable(member):
+                        continue
+                    assert inspect.getdoc(member), f"{name}.{attr} has no docstring"
+
+
+def test_errors_form_one_tree() -> None:
+    for name in (
+        "InvalidSessionIdError",
+        "PoolClosedError",
+        "PoolExhaustedError",
+        "SpawnError",
+        "WorkerDeadError",
+    ):
+        assert issubclass(getattr(herd, name), herd.HerdError)
+    assert issubclass(herd.InvalidSessionIdError, ValueError)
+    assert issubclass(herd.PoolExhaustedError, TimeoutError)
+
+
+def test_the_core_imports_nothing_from_jupyter() -> None:
+    code = (
+        "import sys, herd, herd.testing, herd.registry\n"
+        "banned = ('jupyter', 'IPython', 'ipywidgets', 'ipykernel', 'notebook', 'redis')\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0].startswith(banned))\n"
+        "print(','.join(loaded))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""
+
+
+def test_protocols_are_satisfied_by_the_shipped_implementations() -> None:
+    assert isinstance(herd.MemoryRegistry(), herd.SessionRegistry)
+    assert isinstance(herd.ProcessFactory(["true"]), herd.WorkerFactory)
+    assert isinstance(herd.testing.FakeFactory(), herd.WorkerFactory)
