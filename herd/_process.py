@@ -291,8 +291,10 @@ class ProcessWorker:
         returncode = self._proc.wait()  # the pidfd is readable: the child has exited
         self._drain_output()
         _PORTS.release(self.port)
-        if self.sandbox.prefix and returncode == 1 and any(
-            "sigprocmask unblock failed" in line for line in self._output.tail(3)
+        if (
+            self.sandbox.prefix
+            and returncode == 1
+            and any("sigprocmask unblock failed" in line for line in self._output.tail(3))
         ):
             # unshare re-raises the signal that killed its child, except SIGKILL,
             # which it cannot unblock: it says so and exits 1.

@@ -98,8 +98,7 @@ class Session(Generic[C]):
         """
         if self._pin.death is not None:
             raise WorkerDeadError(
-                f"worker {self.worker.id} of session {self.session_id!r} died "
-                f"({self._pin.death})",
+                f"worker {self.worker.id} of session {self.session_id!r} died ({self._pin.death})",
                 session_id=self.session_id,
                 worker_id=self.worker.id,
                 reason=self._pin.death,

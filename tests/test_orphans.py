@@ -72,6 +72,7 @@ def test_sigkilled_pool_leaves_no_direct_worker_without_sandbox() -> None:
     # Without namespaces the parent-death signal still takes the workers
     # themselves (daemons that leave the tree need the sandbox, see above).
     workers = run_pool_then_sigkill({}, sandbox=False)
-    wait_until_sync(lambda: not any(pid_alive(p) for p in workers), timeout=2.0,
-                    what="every worker to die")
+    wait_until_sync(
+        lambda: not any(pid_alive(p) for p in workers), timeout=2.0, what="every worker to die"
+    )
     wait_until_sync(lambda: not tagged_processes(TAG), timeout=2.0, what="no tagged process")

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 
+import psutil
 import pytest
 
 import herd
@@ -23,8 +24,11 @@ async def test_spawn_serves_on_its_port_with_port_in_args_and_env() -> None:
         assert worker.client.base_url == f"http://127.0.0.1:{worker.port}"
         reply = json.loads((await worker.client.get("/pid")).body)
         assert reply["port"] == worker.port
-        for name, expected in [("PORT", str(worker.port)),
-                               ("ADDR", f"127.0.0.1:{worker.port}"), ("MODE", "x")]:
+        for name, expected in [
+            ("PORT", str(worker.port)),
+            ("ADDR", f"127.0.0.1:{worker.port}"),
+            ("MODE", "x"),
+        ]:
             body = json.loads((await worker.client.get(f"/env/{name}")).body)
             assert body["value"] == expected
         assert await worker.healthy()
@@ -39,8 +43,11 @@ async def test_spawn_serves_on_its_port_with_port_in_args_and_env() -> None:
 async def test_workers_listen_on_loopback_only() -> None:
     worker = await factory().spawn()
     try:
-        conns = [c for c in __import__("psutil").net_connections("tcp")
-                 if c.laddr and c.laddr.port == worker.port and c.status == "LISTEN"]
+        conns = [
+            c
+            for c in psutil.net_connections("tcp")
+            if c.laddr and c.laddr.port == worker.port and c.status == "LISTEN"
+        ]
         assert conns
         assert all(c.laddr.ip == "127.0.0.1" for c in conns)
     finally:
