@@ -343,7 +343,7 @@ class Pool(Generic[C]):
         pin = self._pins.get(session_id)
         if pin is not None and self._state is PoolState.READY:
             pin.uses += 1  # fast path: a dict hit, no await, no validation needed
-            return Session(pin, self._end_use, self._end_session)
+            return Session(pin, self)
         validate_session_id(session_id)
         self._check_open()
         if timeout is _UNSET:
@@ -390,7 +390,7 @@ class Pool(Generic[C]):
                             del self._pending[session_id]  # a newcomer starts afresh
             if not pin.ended:
                 pin.uses += 1
-                return Session(pin, self._end_use, self._end_session)
+                return Session(pin, self)
             # The pin ended (crash, release) between its making and our turn: retry.
 
     async def _pin_new(self, session_id: str) -> _Pin[C]:

@@ -224,3 +224,15 @@ def test_bad_factory_options_raise_at_construction() -> None:
         herd.ProcessFactory(["x"], sandbox="maybe")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="environment"):
         herd.ProcessFactory(["x"], env={"A=B": "c"})
+
+
+async def test_sandboxed_workers_cannot_see_each_other() -> None:
+    workers = await asyncio.gather(factory().spawn(), factory().spawn())
+    try:
+        if workers[0].sandbox.level != "full":
+            pytest.skip(f"needs the full sandbox (root): {workers[0].sandbox.reason}")
+        for worker in workers:
+            seen = json.loads((await worker.client.get("/ps")).body)["pids"]
+            assert seen == [1]  # only itself, as PID 1 of its own namespace
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
