@@ -677,6 +677,26 @@ class Pool(Generic[C]):
                 else:
                     self._worker_died(slot, "health check failed")
 
+    async def check_worker(self, worker_id: str) -> bool:
+        """Probe one worker now; an unhealthy one goes through the crash path.
+
+        For callers that saw a worker fail (a proxy whose connection was refused),
+        so its session is unpinned at once instead of at the next health check.
+
+        :returns: whether the worker is alive and healthy.
+        """
+        slot = self._slots.get(worker_id)
+        if slot is None or slot.state not in (WorkerState.IDLE, WorkerState.PINNED):
+            return False
+        try:
+            ok = await slot.worker.healthy()
+        except Exception as exc:
+            self._worker_died(slot, f"health check raised {exc!r}")
+            return False
+        if not ok:
+            self._worker_died(slot, "health check failed after a failed request")
+        return ok
+
     # -- maintenance ----------------------------------------------------------------------
 
     def _tick(self) -> float:
