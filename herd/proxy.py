@@ -462,7 +462,7 @@ class ProxyHandler(websocket.WebSocketHandler):
 
     def _fail(self, failure: _Failure) -> None:
         self._failed = True
-        log.info(
+        log.debug(
             "%s %s -> %d %s (session %s)",
             self.request.method,
             self.request.uri,

@@ -1,0 +1,9 @@
+"""``python -m herd``: the same as the ``herd`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,393 @@
+"""``herd serve``: the standalone session-routing gateway.
+
+::
+
+    herd serve --port 8080 --min 1 --max 5 --ttl 15m --session-header X-Session-ID -- \\
+        python -m http.server --bind 127.0.0.1 {port}
+
+Starts a :class:`herd.Pool` of the command after ``--``, and a Tornado server
+that routes every request to its session's worker with :mod:`herd.proxy`.
+SIGINT or SIGTERM stops the server, then every worker, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import tornado.web
+from tornado.httpserver import HTTPServer
+
+from . import __version__
+from ._pool import Pool
+from ._process import ProcessFactory
+from .proxy import (
+    ProxyHandler,
+    ProxySettings,
+    SessionKey,
+    from_cookie,
+    from_header,
+    from_path,
+    from_query,
+)
+
+__all__ = ["main", "parse_duration", "parse_size"]
+
+log = logging.getLogger("herd.serve")
+
+_DURATION = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h|d)?")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[kmgt]?)(?:i?b)?", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_duration(text: str) -> float:
+    """``"15m"`` → 900.0; also ``ms``, ``s``, ``h``, ``d``, combinations (``1h30m``) and
+    plain seconds. ``0`` is allowed (it disables what it times).
+
+    :raises ValueError: not a duration.
+    """
+    text = text.strip().lower()
+    total, position = 0.0, 0
+    for match in _DURATION.finditer(text):
+        if match.start() != position:
+            break
+        total += float(match["number"]) * _UNITS[match["unit"]]
+        position = match.end()
+    if not text or position != len(text):
+        raise ValueError(f"not a duration: {text!r} (try 30s, 15m, 1h30m)")
+    return total
+
+
+def parse_size(text: str) -> int:
+    """``"512M"`` → 536870912 (powers of 1024; ``k``, ``M``, ``G``, ``T``, optional ``B``/``iB``).
+
+    :raises ValueError: not a size.
+    """
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (try 512M, 2G, 100k)")
+    return int(float(match["number"]) * 1024 ** _POWERS[match["unit"].lower()])
+
+
+def _arg(parse: Any) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__.removeprefix("parse_")
+    return convert
+
+
+def _env(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {text!r}")
+    return name, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="herd", description="Session-affine process pool and gateway."
+    )
+    parser.add_argument("--version", action="version", version=f"herd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="route HTTP and WebSocket requests by session to a pool of workers",
+        description="Run COMMAND as a pool of workers (each gets its port through {port} "
+        "and $PORT) and route every request to the worker pinned to its session.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    net = serve.add_argument_group("gateway")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    net.add_argument("--port", type=int, default=8080, help="port to listen on")
+    key = net.add_mutually_exclusive_group()
+    key.add_argument(
+        "--session-header",
+        metavar="NAME",
+        help="session ID from this header (default X-Session-ID)",
+    )
+    key.add_argument("--session-cookie", metavar="NAME", help="session ID from this cookie")
+    key.add_argument("--session-query", metavar="NAME", help="session ID from this query parameter")
+    key.add_argument(
+        "--session-path",
+        action="store_true",
+        help="session ID is the first path segment (stripped before forwarding)",
+    )
+    net.add_argument(
+        "--stats-path",
+        metavar="PATH",
+        default="/herd/stats",
+        help="serve PoolStats as JSON here ('' to disable)",
+    )
+    net.add_argument(
+        "--acquire-timeout",
+        type=_arg(parse_duration),
+        default=30.0,
+        metavar="DURATION",
+        help="wait this long for a free worker, then 503",
+    )
+    net.add_argument(
+        "--upstream-timeout",
+        type=_arg(parse_duration),
+        default=300.0,
+        metavar="DURATION",
+        help="wait this long for a worker's response head, then 504",
+    )
+    net.add_argument(
+        "--max-body-size",
+        type=_arg(parse_size),
+        default=None,
+        metavar="SIZE",
+        help="largest request body (e.g. 512M; default: no limit)",
+    )
+    net.add_argument(
+        "--max-header-size",
+        type=_arg(parse_size),
+        default=64 * 1024,
+        metavar="SIZE",
+        help="largest request head",
+    )
+    net.add_argument(
+        "--max-message-size",
+        type=_arg(parse_size),
+        default=64 * 1024 * 1024,
+        metavar="SIZE",
+        help="largest WebSocket message",
+    )
+
+    pool = serve.add_argument_group("pool")
+    pool.add_argument("--min", type=int, default=1, dest="min_workers", help="workers kept running")
+    pool.add_argument(
+        "--max", type=int, default=10, dest="max_workers", help="most workers at once"
+    )
+    pool.add_argument(
+        "--ttl",
+        type=_arg(parse_duration),
+        default=300.0,
+        metavar="DURATION",
+        help="end sessions idle this long (0 = never)",
+    )
+    pool.add_argument(
+        "--health-interval",
+        type=_arg(parse_duration),
+        default=5.0,
+        metavar="DURATION",
+        help="health check period (0 = off)",
+    )
+    pool.add_argument(
+        "--idle-worker-timeout",
+        type=_arg(parse_duration),
+        default=60.0,
+        metavar="DURATION",
+        help="retire idle workers above --min after this",
+    )
+    pool.add_argument(
+        "--no-reuse",
+        action="store_true",
+        help="kill a worker when its session ends instead of reusing it",
+    )
+
+    worker = serve.add_argument_group("workers")
+    worker.add_argument(
+        "--health-path",
+        default="/",
+        help="GET path that must answer 2xx (e.g. /api for jupyter server)",
+    )
+    worker.add_argument(
+        "--start-timeout",
+        type=_arg(parse_duration),
+        default=30.0,
+        metavar="DURATION",
+        help="time for a worker to become healthy",
+    )
+    worker.add_argument(
+        "--env",
+        type=_env,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment variable for workers ({port} works); repeatable",
+    )
+    worker.add_argument("--cwd", default=None, help="working directory of workers")
+    worker.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="run workers without namespaces (the Go WithInsecureSandbox)",
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "worker_command",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND",
+        help="the worker program and its arguments, after --",
+    )
+    return parser
+
+
+def _session_key(args: argparse.Namespace) -> SessionKey:
+    if args.session_cookie:
+        return from_cookie(args.session_cookie)
+    if args.session_query:
+        return from_query(args.session_query)
+    if args.session_path:
+        return from_path()
+    return from_header(args.session_header or "X-Session-ID")
+
+
+class StatsHandler(tornado.web.RequestHandler):
+    """``GET``: the pool's :class:`~herd.PoolStats` as JSON."""
+
+    def initialize(self, pool: Pool[Any]) -> None:
+        self.pool = pool
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.write(json.dumps(self.pool.stats().as_dict()))
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    status = handler.get_status()
+    took = 1000.0 * handler.request.request_time()
+    session = worker = "-"
+    if isinstance(handler, ProxyHandler):
+        if handler.route is not None:
+            session = handler.route.session_id
+        if handler.session is not None:
+            worker = handler.session.worker.id
+    level = logging.INFO if status < 500 else logging.WARNING
+    log.log(
+        level,
+        "%d %s %s session=%s worker=%s %.1fms",
+        status,
+        handler.request.method,
+        handler.request.uri,
+        session,
+        worker,
+        took,
+    )
+
+
+def make_app(pool: Pool[Any], settings: ProxySettings, stats_path: str) -> tornado.web.Application:
+    """The gateway's Tornado application: stats route (if any), then the proxy."""
+    routes: list[Any] = []
+    if stats_path:
+        routes.append((re.escape(stats_path), StatsHandler, {"pool": pool}))
+    routes.append((r"/.*", ProxyHandler, {"settings": settings}))
+    return tornado.web.Application(
+        routes, log_function=_log_request, websocket_max_message_size=settings.max_message_size
+    )
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Run the gateway until SIGINT or SIGTERM."""
+    factory = ProcessFactory(
+        args.worker_command,
+        env=dict(args.env),
+        health_path=args.health_path,
+        start_timeout=args.start_timeout,
+        sandbox=not args.no_sandbox,
+        cwd=args.cwd,
+    )
+    pool: Pool[Any] = Pool(
+        factory,
+        min_workers=args.min_workers,
+        max_workers=args.max_workers,
+        ttl=args.ttl,
+        health_interval=args.health_interval,
+        idle_worker_timeout=args.idle_worker_timeout,
+        worker_reuse=not args.no_reuse,
+        acquire_timeout=args.acquire_timeout,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(pool.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # a signal during start-up: stop spawning, kill what started
+        log.info("stopping during start-up")
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        await pool.shutdown()
+        return 0
+    stopping.cancel()
+    starting.result()  # a SpawnError at start-up leaves here
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(pool.shutdown)
+        settings = ProxySettings(
+            pool=pool,
+            key=_session_key(args),
+            acquire_timeout=args.acquire_timeout,
+            upstream_timeout=args.upstream_timeout or None,
+            max_body_size=args.max_body_size,
+            max_message_size=args.max_message_size,
+        )
+        server = HTTPServer(
+            make_app(pool, settings, args.stats_path),
+            max_header_size=args.max_header_size,
+            max_body_size=2**62,  # the proxy enforces --max-body-size while streaming
+            idle_connection_timeout=300,
+        )
+        try:
+            server.listen(args.port, address=args.host)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+            return 1
+        log.info(
+            "herd serve listening on http://%s:%d (%d-%d workers of %s)",
+            args.host,
+            args.port,
+            args.min_workers,
+            args.max_workers,
+            " ".join(args.worker_command),
+        )
+        await stop.wait()
+        log.info("stopping: closing the server and %d worker(s)", pool.stats().total_workers)
+        server.stop()
+        settings.upstreams.close()
+        await asyncio.wait_for(server.close_all_connections(), 5)
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``herd`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = list(args.worker_command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        parser.error(
+            "give the worker command after --, e.g. "
+            "herd serve -- python -m http.server --bind 127.0.0.1 {port}"
+        )
+    args.worker_command = command
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return asyncio.run(serve(args))
+    except ValueError as exc:  # bad option values, from the pool or factory
+        parser.error(str(exc))
+    except Exception as exc:  # a SpawnError at start-up, most likely
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
