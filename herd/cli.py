@@ -20,7 +20,7 @@ import logging
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import tornado.web
@@ -226,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run workers without namespaces (the Go WithInsecureSandbox)",
     )
+    serve.add_argument(
+        "--loop",
+        default="auto",
+        choices=["auto", "asyncio", "uvloop"],
+        help="event loop (auto: uvloop if installed)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
         "worker_command",
@@ -259,6 +265,8 @@ class StatsHandler(tornado.web.RequestHandler):
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:
     status = handler.get_status()
+    if not log.isEnabledFor(logging.INFO if status < 500 else logging.WARNING):
+        return
     took = 1000.0 * handler.request.request_time()
     session = worker = "-"
     if isinstance(handler, ProxyHandler):
@@ -364,6 +372,18 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(main: Coroutine[Any, Any, int], loop: str) -> int:
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                raise ValueError("--loop uvloop: uvloop is not installed") from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``herd`` command."""
     parser = build_parser()
@@ -381,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return asyncio.run(serve(args))
+        return _run(serve(args), args.loop)
     except ValueError as exc:  # bad option values, from the pool or factory
         parser.error(str(exc))
     except Exception as exc:  # a SpawnError at start-up, most likely
