@@ -349,6 +349,16 @@ class _Response(httputil.HTTPMessageDelegate):
         if not self.head.done():
             self.head.set_exception(iostream.StreamClosedError())
 
+    def reading_done(self, reading: asyncio.Task[bool]) -> None:
+        """The read ended; if no head came (the worker died first), say so.
+
+        Tornado tells the delegate of a closed connection only after a head.
+        """
+        error = None if reading.cancelled() else reading.exception()
+        if not self.head.done():
+            self.head.set_exception(error or iostream.StreamClosedError())
+        self.head.exception() if not self.head.cancelled() else None  # retrieved: no log noise
+
 
 def _close_args(code: int | None, reason: str | None) -> tuple[int | None, str | None]:
     """Close code and reason to pass on; 1005/1006 only describe, they are never sent."""
@@ -528,9 +538,12 @@ class ProxyHandler(websocket.WebSocketHandler):
     def _request_headers(self) -> httputil.HTTPHeaders:
         incoming = self.request.headers
         headers = _end_to_end(incoming)
-        self._chunked_upstream = "Content-Length" not in incoming and "chunked" in _tokens(
+        chunked = "Content-Length" not in incoming and "chunked" in _tokens(
             incoming.get("Transfer-Encoding", "")
         )
+        # Tornado's client chunks POST/PUT/PATCH bodies of unknown length by itself;
+        # any other method with a chunked body is framed here.
+        self._chunked_upstream = chunked and self.request.method not in ("POST", "PUT", "PATCH")
         remote = self.request.remote_ip or ""
         previous = incoming.get("X-Forwarded-For")
         headers["X-Forwarded-For"] = f"{previous}, {remote}" if previous else remote
@@ -566,6 +579,7 @@ class ProxyHandler(websocket.WebSocketHandler):
                 return
             raise await self._worker_failed(exc) from None
         self._reading = asyncio.ensure_future(self._upstream.read_response(self._response))
+        self._reading.add_done_callback(self._response.reading_done)
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
         if self._failed or self._upstream is None:
@@ -693,6 +707,8 @@ class ProxyHandler(websocket.WebSocketHandler):
         self._close_use()
 
     def on_finish(self) -> None:
+        if self.ws_connection is not None:
+            return  # the 101 handshake "finished": the use lasts until the socket closes
         self._close_use()
 
     def _close_use(self) -> None:
@@ -771,8 +787,12 @@ class ProxyHandler(websocket.WebSocketHandler):
         except websocket.WebSocketClosedError:
             pass  # the client went away; on_close handles the worker side
         finally:
-            code = upstream.close_code
-            reason = upstream.close_reason
+            code, reason = upstream.close_code, upstream.close_reason
+            if code is None:
+                # Tornado cannot tell a dropped connection from a close frame without a
+                # code; both reach the client as 1011 (the worker went away).
+                code = 1006
+            upstream.close()
             if self.ws_connection is not None and not self.ws_connection.is_closing():
                 self.close(*_close_args(code, reason))
             self._close_use()

@@ -13,6 +13,7 @@ Routes:
   /sleep/SECONDS             answers after SECONDS
   /exit/CODE                 exits the process at once (no response)
   /state                     a per-process counter
+  /last-close                the close code and reason of the last WebSocket
   /ws                        WebSocket echo; "close:CODE:REASON" closes with that code;
                              prefers subprotocol "herd.v2" over "herd.v1"; binary echoed as binary
 """
@@ -30,6 +31,7 @@ import tornado.websocket
 
 PATTERN = bytes(range(256)) * 256  # 64 KiB
 counter = 0
+last_close: dict[str, object] = {}
 
 
 class Health(tornado.web.RequestHandler):
@@ -141,6 +143,14 @@ class Socket(tornado.websocket.WebSocketHandler):
             return
         self.write_message(message, binary=isinstance(message, bytes))
 
+    def on_close(self) -> None:
+        last_close.update(code=self.close_code, reason=self.close_reason)
+
+
+class LastClose(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.write(dict(last_close))
+
 
 async def main() -> None:
     port = int(sys.argv[1])
@@ -156,6 +166,7 @@ async def main() -> None:
             (r"/exit/(\d+)", Exit),
             (r"/state", State),
             (r"/ws", Socket),
+            (r"/last-close", LastClose),
             (r"/echo.*", Echo),
         ],
         websocket_max_message_size=256 * 1024 * 1024,

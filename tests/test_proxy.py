@@ -1,0 +1,500 @@
+"""herd.proxy over real workers and real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tornado.web
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.httpserver import HTTPServer
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+import herd
+from herd import proxy
+from herd.testing import FakeClock
+from tests.helpers import wait_until
+
+WEB_WORKER = str(Path(__file__).parent / "helpers" / "web_worker.py")
+
+
+def web_factory(**kwargs: Any) -> herd.ProcessFactory:
+    kwargs.setdefault("start_timeout", 15.0)
+    return herd.ProcessFactory([sys.executable, WEB_WORKER, "{port}"], **kwargs)
+
+
+@dataclass
+class Gateway:
+    pool: herd.Pool[Any]
+    base: str
+    port: int
+    settings: proxy.ProxySettings
+
+    async def fetch(self, path: str, session: str | None = "s1", **kwargs: Any) -> HTTPResponse:
+        headers = dict(kwargs.pop("headers", {}))
+        if session is not None:
+            headers.setdefault("X-Session-ID", session)
+        kwargs.setdefault("raise_error", False)
+        kwargs.setdefault("follow_redirects", False)
+        kwargs.setdefault("request_timeout", 30)
+        return await AsyncHTTPClient().fetch(self.base + path, headers=headers, **kwargs)
+
+    async def ws(
+        self, path: str = "/ws", session: str = "s1", **kwargs: Any
+    ) -> WebSocketClientConnection:
+        request = HTTPRequest(
+            f"ws://127.0.0.1:{self.port}{path}", headers={"X-Session-ID": session}
+        )
+        return await websocket_connect(request, **kwargs)
+
+
+@pytest.fixture
+async def make_gateway() -> AsyncIterator[Callable[..., Any]]:
+    """Start a pool of web workers behind a ProxyHandler; everything stops after the test."""
+    stack: list[tuple[herd.Pool[Any], HTTPServer, proxy.ProxySettings]] = []
+
+    async def make(
+        key: proxy.SessionKey | None = None,
+        prefix: str = "",
+        pool_options: dict[str, Any] | None = None,
+        factory: herd.ProcessFactory | None = None,
+        **settings: Any,
+    ) -> Gateway:
+        options = {"min_workers": 1, "max_workers": 3, "health_interval": None}
+        options.update(pool_options or {})
+        pool: herd.Pool[Any] = herd.Pool(factory or web_factory(), **options)
+        await pool.start()
+        config = proxy.ProxySettings(
+            pool=pool, key=key or proxy.from_header(), prefix=prefix, **settings
+        )
+        route = (prefix or "") + r"(/.*)?"
+        app = tornado.web.Application(
+            [(route, proxy.ProxyHandler, {"settings": config})],
+            websocket_max_message_size=config.max_message_size,
+        )
+        server = HTTPServer(app, max_body_size=2**62)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        sock.setblocking(False)
+        server.add_sockets([sock])
+        port = sock.getsockname()[1]
+        stack.append((pool, server, config))
+        return Gateway(pool, f"http://127.0.0.1:{port}", port, config)
+
+    yield make
+    for pool, server, config in reversed(stack):
+        server.stop()
+        await server.close_all_connections()
+        config.upstreams.close()
+        await pool.shutdown()
+
+
+def body(response: HTTPResponse) -> Any:
+    return json.loads(response.body)
+
+
+# -- routing and affinity -------------------------------------------------------------
+
+
+async def test_requests_of_a_session_reach_the_same_worker(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    counts = [body(await gw.fetch("/state", "alice"))["count"] for _ in range(5)]
+    assert counts == [1, 2, 3, 4, 5]
+    assert body(await gw.fetch("/state", "bob"))["count"] == 1
+    sessions = gw.pool.sessions()
+    assert sessions["alice"] != sessions["bob"]
+
+
+async def test_concurrent_requests_of_many_sessions_stay_pinned(make_gateway: Any) -> None:
+    gw = await make_gateway(pool_options={"max_workers": 3})
+
+    async def burst(sid: str) -> list[int]:
+        return [body(await gw.fetch("/state", sid))["count"] for _ in range(10)]
+
+    results = await asyncio.gather(*(burst(f"user{i}") for i in range(3)))
+    assert all(counts == list(range(1, 11)) for counts in results)
+
+
+@pytest.mark.parametrize(
+    ("key", "request_kwargs", "path"),
+    [
+        (proxy.from_cookie("sid"), {"headers": {"Cookie": "sid=carol; other=1"}}, "/echo"),
+        (proxy.from_query("sid"), {}, "/echo?sid=carol&x=1"),
+        (
+            proxy.from_callable(lambda r: r.headers.get("X-User")),
+            {"headers": {"X-User": "carol"}},
+            "/echo",
+        ),
+    ],
+)
+async def test_session_keys(
+    make_gateway: Any, key: proxy.SessionKey, request_kwargs: dict[str, Any], path: str
+) -> None:
+    gw = await make_gateway(key=key)
+    response = await gw.fetch(path, session=None, **request_kwargs)
+    assert response.code == 200
+    assert "carol" in gw.pool.sessions()
+    missing = await gw.fetch("/echo", session=None)
+    assert missing.code == 400
+    assert body(missing)["error"] == "no_session"
+
+
+async def test_path_segment_key_strips_the_segment_and_rewrites_location(make_gateway: Any) -> None:
+    gw = await make_gateway(key=proxy.from_path(), prefix="/gw")
+    echoed = body(await gw.fetch("/gw/dave/echo/x%2Fy?q=1", session=None))
+    assert echoed["uri"] == "/echo/x%2Fy?q=1"
+    assert "dave" in gw.pool.sessions()
+    redirect = await gw.fetch("/gw/dave/redirect?to=/login", session=None)
+    assert redirect.code == 302
+    assert redirect.headers["Location"] == "/gw/dave/login"
+    absolute = await gw.fetch("/gw/dave/redirect?to=https://example.org/x", session=None)
+    assert absolute.headers["Location"] == "https://example.org/x"
+    outside = await gw.fetch("/elsewhere", session=None)
+    assert outside.code == 404
+
+
+@pytest.mark.parametrize("bad", ["has space", "a/b", "x" * 300])
+async def test_invalid_session_id_is_a_400_json(make_gateway: Any, bad: str) -> None:
+    gw = await make_gateway()
+    response = await gw.fetch("/echo", session=None, headers={"X-Session-ID": bad})
+    assert response.code == 400
+    assert body(response)["error"] == "invalid_session"
+    assert response.headers["Content-Type"] == "application/json"
+
+
+# -- HTTP semantics -------------------------------------------------------------------
+
+
+async def test_methods_query_strings_and_encoded_paths_pass_through(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        kwargs = {"body": b"abc"} if method in ("POST", "PUT", "PATCH") else {}
+        if method in ("DELETE", "OPTIONS"):
+            kwargs = {"allow_nonstandard_methods": True}
+        echoed = body(await gw.fetch("/echo/a%20b/%C3%A9?x=1&y=%2F", method=method, **kwargs))
+        assert echoed["method"] == method
+        assert echoed["uri"] == "/echo/a%20b/%C3%A9?x=1&y=%2F"
+        assert echoed["body_length"] == (3 if "body" in kwargs else 0)
+    head = await gw.fetch("/echo", method="HEAD")
+    assert head.code == 200
+    assert head.body == b""
+    assert int(head.headers["Content-Length"]) > 0
+
+
+async def test_headers_host_forwarding_and_hop_by_hop(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    response = await gw.fetch(
+        "/echo",
+        headers={
+            "Host": "public.example:8443",
+            "Connection": "keep-alive, X-Secret-Hop",
+            "X-Secret-Hop": "must not pass",
+            "Keep-Alive": "timeout=5",
+            "Proxy-Authorization": "Basic xxx",
+            "X-Forwarded-For": "10.0.0.1",
+            "X-Custom": "kept",
+        },
+    )
+    headers = body(response)["headers"]
+    assert headers["Host"] == "public.example:8443"
+    assert headers["X-Custom"] == "kept"
+    for dropped in ("X-Secret-Hop", "Keep-Alive", "Proxy-Authorization"):
+        assert dropped not in headers
+    assert headers["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
+    assert headers["X-Forwarded-Proto"] == "http"
+    assert headers["X-Forwarded-Host"] == "public.example:8443"
+    assert response.headers.get_list("Set-Cookie") == ["a=1", "b=2"]
+    assert response.headers["X-Worker-Pid"]
+    assert "Server" not in response.headers or "Tornado" in response.headers["Server"]
+
+
+async def test_statuses_pass_through(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    for code in (201, 204, 304, 404, 418, 500, 503):
+        response = await gw.fetch(f"/status/{code}")
+        assert response.code == code
+
+
+async def test_upstream_connections_are_kept_alive(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    await gw.fetch("/echo")
+    address = gw.pool.workers()[0].address
+    idle_before = list(gw.settings.upstreams._idle[address])
+    assert len(idle_before) == 1
+    stream = idle_before[0][1]
+    for _ in range(5):
+        await gw.fetch("/echo")
+    assert [s for _, s in gw.settings.upstreams._idle[address]] == [stream]
+
+
+# -- streaming ------------------------------------------------------------------------
+
+
+async def test_large_upload_streams_with_content_length(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    size = 64 * 1024 * 1024
+    chunk = os.urandom(1024 * 1024)
+    digest = hashlib.sha256()
+
+    async def producer(write: Callable[[bytes], Any]) -> None:
+        for _ in range(size // len(chunk)):
+            digest.update(chunk)
+            await write(chunk)
+
+    response = await gw.fetch(
+        "/upload", method="POST", body_producer=producer, headers={"Content-Length": str(size)}
+    )
+    assert response.code == 200, response.body
+    assert body(response) == {"bytes": size, "sha256": digest.hexdigest()}
+
+
+async def test_chunked_upload_streams(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    chunks = [os.urandom(100_000) for _ in range(30)]
+
+    async def producer(write: Callable[[bytes], Any]) -> None:
+        for piece in chunks:
+            await write(piece)
+
+    response = await gw.fetch("/upload", method="PUT", body_producer=producer)
+    assert response.code == 200, response.body
+    expected = hashlib.sha256(b"".join(chunks)).hexdigest()
+    assert body(response) == {"bytes": 3_000_000, "sha256": expected}
+
+
+@pytest.mark.parametrize("length", ["yes", "no"])
+async def test_large_download_streams(make_gateway: Any, length: str) -> None:
+    gw = await make_gateway()
+    size = 64 * 1024 * 1024
+    received = 0
+    digest = hashlib.sha256()
+
+    def on_chunk(chunk: bytes) -> None:
+        nonlocal received
+        received += len(chunk)
+        digest.update(chunk)
+
+    response = await gw.fetch(f"/download/{size}?length={length}", streaming_callback=on_chunk)
+    assert response.code == 200
+    assert received == size
+    pattern = bytes(range(256)) * 256
+    assert digest.hexdigest() == hashlib.sha256(pattern * (size // len(pattern))).hexdigest()
+
+
+async def test_server_sent_events_arrive_as_they_are_produced(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    arrivals: list[float] = []
+    started = time.monotonic()
+    response = await gw.fetch(
+        "/sse/4", streaming_callback=lambda c: arrivals.append(time.monotonic() - started)
+    )
+    total = time.monotonic() - started
+    assert response.code == 200
+    assert response.headers["Content-Type"] == "text/event-stream"
+    assert arrivals
+    assert arrivals[0] < total - 0.4  # the first event came long before the end
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+async def test_pool_exhausted_is_503_with_retry_after(make_gateway: Any) -> None:
+    gw = await make_gateway(pool_options={"min_workers": 0, "max_workers": 1}, acquire_timeout=0.3)
+    holding = await gw.ws(session="holder")  # an open use keeps the only worker
+    response = await gw.fetch("/echo", session="other")
+    assert response.code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert body(response)["error"] == "pool_exhausted"
+    holding.close()
+
+
+async def test_slow_worker_is_504(make_gateway: Any) -> None:
+    gw = await make_gateway(upstream_timeout=0.3)
+    response = await gw.fetch("/sleep/3")
+    assert response.code == 504
+    assert body(response)["error"] == "upstream_timeout"
+    assert (await gw.fetch("/echo")).code == 200  # the session still works
+
+
+async def test_worker_killed_mid_request_is_502_then_a_fresh_worker(make_gateway: Any) -> None:
+    crashed: list[str] = []
+    gw = await make_gateway(pool_options={"on_crash": crashed.append})
+    assert body(await gw.fetch("/state"))["count"] == 1
+    assert body(await gw.fetch("/state"))["count"] == 2
+    victim = gw.pool.workers()[0]
+    pending = asyncio.ensure_future(gw.fetch("/sleep/5"))
+    await asyncio.sleep(0.2)
+    assert victim.pid is not None
+    os.killpg(victim.pid, signal.SIGKILL)
+    response = await pending
+    assert response.code == 502
+    assert body(response)["error"] == "worker_unavailable"
+    await wait_until(lambda: crashed == ["s1"], what="crash path")
+    assert body(await gw.fetch("/state"))["count"] == 1  # a fresh process
+
+
+async def test_worker_exit_without_response_is_502(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    response = await gw.fetch("/exit/3")
+    assert response.code == 502
+    assert (await gw.fetch("/echo")).code == 200
+
+
+async def test_client_disconnect_cancels_upstream_and_frees_the_use(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    await gw.fetch("/echo")
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /sleep/3 HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n\r\n")
+    await writer.drain()
+    await wait_until(lambda: gw.pool.stats().workers[0].open_uses == 1, what="use open")
+    writer.close()
+    await wait_until(
+        lambda: gw.pool.stats().workers[0].open_uses == 0,
+        timeout=2,
+        what="use freed after the client left",
+    )
+
+
+async def test_body_limit_by_content_length_and_while_streaming(make_gateway: Any) -> None:
+    gw = await make_gateway(max_body_size=1000)
+    declared = await gw.fetch("/upload", method="POST", body=b"x" * 2000)
+    assert declared.code == 413
+    assert body(declared)["error"] == "body_too_large"
+
+    async def producer(write: Callable[[bytes], Any]) -> None:
+        for _ in range(10):
+            await write(b"y" * 500)
+
+    try:
+        streamed = await gw.fetch("/upload", method="POST", body_producer=producer)
+    except HTTPClientError as exc:  # the connection may be cut while we still send
+        streamed = exc.response  # type: ignore[assignment]
+    assert streamed is None or streamed.code in (413, 599)
+    ok = await gw.fetch("/upload", method="POST", body=b"z" * 1000)
+    assert ok.code == 200
+
+
+async def test_malformed_requests_get_4xx_never_500(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    for raw in (
+        b"NONSENSE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n",
+        b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(raw)
+        await writer.drain()
+        status = await asyncio.wait_for(reader.read(100), 5)
+        writer.close()
+        assert not status.startswith(b"HTTP/1.1 5"), status
+    assert (await gw.fetch("/echo")).code == 200
+
+
+# -- WebSocket ------------------------------------------------------------------------
+
+
+async def test_websocket_echo_text_and_binary(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    ws = await gw.ws()
+    await ws.write_message("hello")
+    assert await ws.read_message() == "hello"
+    payload = os.urandom(3 * 1024 * 1024)
+    await ws.write_message(payload, binary=True)
+    assert await ws.read_message() == payload
+    ws.close()
+
+
+async def test_websocket_subprotocol_is_the_workers_choice(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    ws = await gw.ws(subprotocols=["herd.v1", "herd.v2"])
+    assert ws.selected_subprotocol == "herd.v2"
+    ws.close()
+    plain = await gw.ws()
+    assert plain.selected_subprotocol is None
+    plain.close()
+
+
+async def test_websocket_close_codes_pass_both_ways(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    ws = await gw.ws()
+    await ws.write_message("close:4001:worker says bye")
+    assert await ws.read_message() is None
+    assert (ws.close_code, ws.close_reason) == (4001, "worker says bye")
+    ws.close()
+
+    ws = await gw.ws()
+    ws.close(4002, "client says bye")
+    await wait_until_async(
+        lambda: gw.fetch("/last-close"),
+        lambda r: body(r) == {"code": 4002, "reason": "client says bye"},
+    )
+
+
+async def wait_until_async(
+    fetch: Callable[[], Any], check: Callable[[Any], bool], timeout: float = 5.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not check(await fetch()):
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_websocket_keeps_its_session_alive_past_the_ttl(make_gateway: Any) -> None:
+    clock = FakeClock()
+    gw = await make_gateway(pool_options={"ttl": 60, "clock": clock})
+    ws = await gw.ws()
+    await wait_until(lambda: "s1" in gw.pool.sessions(), what="pinned")
+    clock.advance(3600)
+    await gw.pool.sweep()
+    assert "s1" in gw.pool.sessions()
+    await ws.write_message("still here")
+    assert await ws.read_message() == "still here"
+    ws.close()
+    await wait_until(lambda: gw.pool.stats().workers[0].open_uses == 0, what="use closed")
+    clock.advance(61)
+    await gw.pool.sweep()
+    assert "s1" not in gw.pool.sessions()
+
+
+async def test_websocket_message_size_limit(make_gateway: Any) -> None:
+    gw = await make_gateway(max_message_size=1024)
+    ws = await gw.ws()
+    await ws.write_message("x" * 2048)
+    assert await ws.read_message() is None
+    assert ws.close_code == 1009
+    ws.close()
+
+
+async def test_websocket_to_a_dying_worker_closes_cleanly(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    ws = await gw.ws()
+    await ws.write_message("ping")
+    assert await ws.read_message() == "ping"
+    worker = gw.pool.workers()[0]
+    assert worker.pid is not None
+    os.killpg(worker.pid, signal.SIGKILL)
+    assert await asyncio.wait_for(ws.read_message(), 5) is None
+    assert ws.close_code == 1011
+    ws.close()
+
+
+def test_settings_validation() -> None:
+    from herd.testing import FakeFactory
+
+    pool: herd.Pool[Any] = herd.Pool(FakeFactory())
+    with pytest.raises(ValueError, match="prefix"):
+        proxy.ProxySettings(pool=pool, prefix="gw/")
+    with pytest.raises(ValueError, match="max_body_size"):
+        proxy.ProxySettings(pool=pool, max_body_size=-1)
