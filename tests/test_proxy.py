@@ -355,7 +355,7 @@ async def test_worker_exit_without_response_is_502(make_gateway: Any) -> None:
 async def test_client_disconnect_cancels_upstream_and_frees_the_use(make_gateway: Any) -> None:
     gw = await make_gateway()
     await gw.fetch("/echo")
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     writer.write(b"GET /sleep/3 HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n\r\n")
     await writer.drain()
     await wait_until(lambda: gw.pool.stats().workers[0].open_uses == 1, what="use open")
