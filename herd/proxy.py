@@ -301,6 +301,11 @@ def _still_open(stream: iostream.IOStream) -> bool:
 
 # -- the handler ------------------------------------------------------------------------
 
+# Bodies stream through, so no size limit on responses (Tornado's default is 100 MB).
+_UPSTREAM_PARAMETERS = HTTP1ConnectionParameters(
+    no_keep_alive=False, decompress=False, max_body_size=2**62
+)
+
 
 class _Failure(Exception):
     """An error to answer with a JSON body."""
@@ -321,6 +326,7 @@ class _Response(httputil.HTTPMessageDelegate):
         self.head = asyncio.get_running_loop().create_future()  # set at the response head
         self.keep_alive = False
         self.started = False
+        self.complete = False  # the whole body arrived
 
     def headers_received(
         self,
@@ -342,6 +348,7 @@ class _Response(httputil.HTTPMessageDelegate):
         return self.handler._send_chunk(chunk)
 
     def finish(self) -> None:
+        self.complete = True
         if not self.head.done():
             self.head.set_result(None)
 
@@ -565,9 +572,7 @@ class ProxyHandler(websocket.WebSocketHandler):
         except OSError as exc:
             raise await self._worker_failed(exc) from None
         self._stream = stream
-        self._upstream = HTTP1Connection(
-            stream, True, HTTP1ConnectionParameters(no_keep_alive=False, decompress=False)
-        )
+        self._upstream = HTTP1Connection(stream, True, _UPSTREAM_PARAMETERS)
         start = httputil.RequestStartLine(self.request.method or "GET", self.route.uri, "HTTP/1.1")
         self._response = _Response(self)
         try:
@@ -621,6 +626,10 @@ class ProxyHandler(websocket.WebSocketHandler):
                 return
             raise await self._worker_failed(exc) from None
         if self._done():  # the client went away while the response streamed
+            return
+        if not response.complete:  # the worker's body ended short: cut ours short too
+            self._discard_upstream()
+            self._abort()
             return
         if open_after and response.keep_alive and self._stream is not None:
             self.settings_.upstreams.put(self._address, upstream.detach())

@@ -1,0 +1,299 @@
+"""``herd serve`` started as a subprocess, the way the README says."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from herd.cli import parse_duration, parse_size
+from tests.helpers import wait_until_sync
+
+WEB_WORKER = str(Path(__file__).parent / "helpers" / "web_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Serve:
+    """A running ``herd serve`` process."""
+
+    def __init__(self, *flags: str, command: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        if command is None:  # the web worker answers on /health, not on /
+            command = [sys.executable, WEB_WORKER, "{port}"]
+            flags = ("--health-path", "/health", *flags)
+        argv = [sys.executable, "-m", "herd", "serve", "--port", str(self.port), *flags]
+        argv += ["--", *command]
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    def wait_ready(self) -> None:
+        def up() -> bool:
+            assert self.proc.poll() is None, self.output()
+            return _answers(self.base + "/herd/stats")
+
+        wait_until_sync(up, timeout=20, what="herd serve to listen")
+
+    def get(
+        self, path: str, session: str | None = "s1", **headers: str
+    ) -> tuple[int, dict[str, str], bytes]:
+        request = urllib.request.Request(self.base + path, headers=headers)
+        if session is not None:
+            request.add_header("X-Session-ID", session)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, dict(error.headers), error.read()
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(15)
+
+    def output(self) -> str:
+        if self.proc.poll() is None:
+            return "(still running)"
+        assert self.proc.stdout is not None
+        return self.proc.stdout.read()
+
+
+@pytest.fixture
+def serve() -> Iterator[type[Serve]]:
+    started: list[Serve] = []
+
+    class Tracked(Serve):
+        def __init__(self, *flags: str, command: list[str] | None = None) -> None:
+            super().__init__(*flags, command=command)
+            started.append(self)
+
+    yield Tracked
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+        if server.proc.stdout is not None:
+            server.proc.stdout.close()
+
+
+def test_readme_command_routes_sessions_and_stops_cleanly(serve: type[Serve]) -> None:
+    server = serve("--min", "1", "--max", "5", "--ttl", "15m", "--session-header", "X-Session-ID")
+    server.wait_ready()
+    counts = [json.loads(server.get("/state")[2])["count"] for _ in range(3)]
+    assert counts == [1, 2, 3]
+    assert json.loads(server.get("/state", "other")[2])["count"] == 1
+    status, _, body = server.get("/state", session=None)
+    assert status == 400
+    assert json.loads(body)["error"] == "no_session"
+    stats = json.loads(server.get("/herd/stats", session=None)[2])
+    assert stats["active_sessions"] == 2
+    assert stats["max_workers"] == 5
+    workers = [row["pid"] for row in stats["workers"]]
+    assert server.stop() == 0
+    output = server.output()
+    assert "session=s1 worker=w-" in output  # logs name session and worker
+    assert "stopped" in output
+    assert not any(
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in workers
+    )
+
+
+def test_the_issue_example_with_python_http_server(serve: type[Serve]) -> None:
+    server = serve(
+        "--min",
+        "1",
+        "--max",
+        "5",
+        "--ttl",
+        "15m",
+        "--session-header",
+        "X-Session-ID",
+        command=["python", "-m", "http.server", "--bind", "127.0.0.1", "{port}"],
+    )
+    server.wait_ready()
+    status, _, body = server.get("/")
+    assert status == 200
+    assert b"Directory listing" in body
+    assert server.stop() == 0
+
+
+def test_sigint_stops_cleanly_too(serve: type[Serve]) -> None:
+    server = serve("--min", "2")
+    server.wait_ready()
+    assert server.stop(signal.SIGINT) == 0
+
+
+def test_python_dash_m_and_flags_for_path_routing_and_limits(serve: type[Serve]) -> None:
+    server = serve(
+        "--session-path",
+        "--max-body-size",
+        "1k",
+        "--stats-path",
+        "/_stats",
+        "--env",
+        "GREETING=hi {port}",
+        "--no-reuse",
+        "--health-interval",
+        "0",
+    )
+    server.base_stats = server.base + "/_stats"
+    wait_until_sync(lambda: _answers(server.base + "/_stats"), timeout=20, what="listen")
+    status, _, body = server.get("/alice/echo?x=1", session=None)
+    assert status == 200
+    assert json.loads(body)["uri"] == "/echo?x=1"
+    big = urllib.request.Request(server.base + "/alice/upload", data=b"x" * 4096, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(big, timeout=10)
+    assert caught.value.code == 413
+    caught.value.close()
+    assert server.stop() == 0
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            response.read()
+    except OSError:
+        return False
+    return True
+
+
+def test_memory_stays_flat_for_large_transfers(serve: type[Serve]) -> None:
+    server = serve("--log-level", "warning")
+    server.wait_ready()
+    gateway = psutil.Process(server.proc.pid)
+    server.get("/echo")  # warm up: imports, first worker connection
+    before = gateway.memory_info().rss
+    size = 256 * 1024 * 1024
+    chunk = os.urandom(1 << 20)
+    digest = hashlib.sha256()
+
+    def body() -> Iterator[bytes]:
+        for _ in range(size // len(chunk)):
+            digest.update(chunk)
+            yield chunk
+
+    upload = urllib.request.Request(
+        server.base + "/upload",
+        data=body(),
+        method="POST",
+        headers={"X-Session-ID": "s1", "Content-Length": str(size)},
+    )
+    with urllib.request.urlopen(upload, timeout=60) as response:
+        assert json.loads(response.read()) == {"bytes": size, "sha256": digest.hexdigest()}
+    peak_upload = gateway.memory_info().rss
+    request = urllib.request.Request(
+        server.base + f"/download/{size}", headers={"X-Session-ID": "s1"}
+    )
+    received = 0
+    with urllib.request.urlopen(request, timeout=60) as response:
+        while piece := response.read(1 << 20):
+            received += len(piece)
+    assert received == size
+    growth = max(peak_upload, gateway.memory_info().rss) - before
+    assert growth < 64 * 1024 * 1024, f"gateway RSS grew by {growth >> 20} MiB"
+    assert server.stop() == 0
+
+
+def test_missing_worker_binary_exits_with_a_clear_error(serve: type[Serve]) -> None:
+    server = serve(command=["/no/such/herd-worker", "{port}"])
+    assert server.proc.wait(20) == 1
+    assert "herd-worker" in server.output()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ([], "give the worker command after --"),
+        (["--ttl", "banana", "--", "x"], "not a duration"),
+        (["--max-body-size", "lots", "--", "x"], "not a size"),
+        (["--min", "3", "--max", "2", "--", "x"], "max_workers (2) must be >= min_workers (3)"),
+        (["--env", "NOVALUE", "--", "x"], "expected NAME=VALUE"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_message(flags: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "herd", "serve", *flags],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+def test_version() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "herd", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert done.stdout.startswith("herd ")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("15m", 900),
+        ("30s", 30),
+        ("1h30m", 5400),
+        ("500ms", 0.5),
+        ("2", 2),
+        ("0", 0),
+        ("1.5h", 5400),
+        ("1d", 86400),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["", "m", "15x", "-1s", "1 h", "s15"])
+def test_parse_duration_rejects(bad: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("512M", 512 << 20),
+        ("1k", 1024),
+        ("2G", 2 << 30),
+        ("100", 100),
+        ("1.5KiB", 1536),
+        ("3mb", 3 << 20),
+    ],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_time_is_bounded() -> None:
+    # parse_* are pure; this guards against a catastrophic regex on long input.
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("1" * 10_000 + "x")
+    assert time.monotonic() - started < 1
