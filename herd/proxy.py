@@ -37,21 +37,20 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
 import json
 import logging
+import os
 import socket
 import time
 import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
-from tornado import httputil, iostream, websocket
+from tornado import httputil, iostream
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
-from tornado.httpclient import HTTPRequest
 from tornado.web import RequestHandler, stream_request_body
 
 from ._exceptions import (
@@ -200,9 +199,8 @@ class ProxySettings:
         before 504 (a streaming body may then take as long as it likes).
     :param max_body_size: the largest request body in bytes (``None``: no limit);
         checked against ``Content-Length`` at once and while a body streams.
-    :param max_message_size: the largest WebSocket message in bytes.
-    :param allow_origin: ``"*"`` accepts WebSocket upgrades from any origin;
-        ``None`` applies Tornado's same-origin check.
+    :param max_message_size: the largest WebSocket message from a client, in bytes
+        (a bigger one closes the connection with 1009).
     :param upstreams: the keep-alive connection pool (one is made if omitted).
     """
 
@@ -214,7 +212,6 @@ class ProxySettings:
     upstream_timeout: float | None = 300.0
     max_body_size: int | None = None
     max_message_size: int = 64 * 1024 * 1024
-    allow_origin: str | None = "*"
     upstreams: UpstreamPool = dataclasses.field(default_factory=lambda: UpstreamPool())
 
     def __post_init__(self) -> None:
@@ -367,15 +364,6 @@ class _Response(httputil.HTTPMessageDelegate):
         self.head.exception() if not self.head.cancelled() else None  # retrieved: no log noise
 
 
-def _close_args(code: int | None, reason: str | None) -> tuple[int | None, str | None]:
-    """Close code and reason to pass on; 1005/1006 only describe, they are never sent."""
-    if code is None or code == 1005:
-        return None, None
-    if code == 1006:  # the other side vanished without a close frame
-        return 1011, "the other side of the proxy dropped the connection"
-    return code, reason
-
-
 def _end_to_end(headers: httputil.HTTPHeaders) -> httputil.HTTPHeaders:
     """A copy without hop-by-hop headers (and those named in ``Connection``).
 
@@ -419,7 +407,7 @@ def _json_error(handler: RequestHandler, failure: _Failure, session_id: str | No
 
 
 @stream_request_body
-class ProxyHandler(websocket.WebSocketHandler):
+class ProxyHandler(RequestHandler):
     """Forwards HTTP requests and WebSocket connections to the session's worker.
 
     Mount it with a :class:`ProxySettings` (or its fields as keyword arguments)::
@@ -446,8 +434,7 @@ class ProxyHandler(websocket.WebSocketHandler):
         self._received = 0
         self._chunked_upstream = False
         self._failed = False
-        self._ws_upstream: websocket.WebSocketClientConnection | None = None
-        self._ws_pump: asyncio.Task[None] | None = None
+        self.ws_open = False  # a WebSocket tunnel is running
 
     # -- shared: routing and acquiring ---------------------------------------------------
 
@@ -691,10 +678,7 @@ class ProxyHandler(websocket.WebSocketHandler):
         return None  # the worker's response is passed through as it is
 
     async def get(self, *args: str) -> None:
-        if self._is_websocket():
-            await self._open_websocket(*args)
-        else:
-            await self._run(self._proxy)
+        await self._run(self._tunnel_websocket if self._is_websocket() else self._proxy)
 
     async def _run(self, step: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -707,121 +691,259 @@ class ProxyHandler(websocket.WebSocketHandler):
 
     post = put = patch = delete = options = head
 
+    # -- WebSocket ------------------------------------------------------------------------
+    #
+    # A tunnel, as nginx does it: the client's handshake goes to the worker as it is
+    # (its own Sec-WebSocket-Key, subprotocols and extensions), the worker's answer
+    # comes back as it is (so the worker's subprotocol choice wins), and then frames
+    # pass as bytes: client frames are already masked as a server expects, worker
+    # frames unmasked as a client expects. Pings, pongs, close codes and reasons
+    # pass untouched. _FrameMeter reads only frame headers, to enforce the message
+    # size limit and to see whether a close frame went by.
+
+    async def _tunnel_websocket(self) -> None:
+        assert self.route is not None
+        route = self.route
+        self.session = await self._acquire(route)
+        self._address = self.session.worker.address
+        host, _, port = self._address.rpartition(":")
+        loop = asyncio.get_running_loop()
+        worker_side = _Pipe(_FrameMeter(None))
+        try:
+            async with asyncio.timeout(self.settings_.connect_timeout):
+                await loop.create_connection(lambda: worker_side, host, int(port))
+        except (OSError, TimeoutError) as exc:
+            raise await self._worker_failed(exc) from None
+        try:
+            head = await self._upstream_handshake(worker_side, route)
+        except BaseException:
+            worker_side.close()
+            raise
+        status = int(head.split(b" ", 2)[1])
+        if status != 101:
+            worker_side.close()
+            raise _Failure(
+                502,
+                "websocket_refused",
+                f"worker answered the WebSocket handshake with HTTP {status}",
+            )
+        client_side = _Pipe(_FrameMeter(self.settings_.max_message_size))
+        stream = self.detach()  # Tornado lets go of the connection here
+        # The client sends nothing before our 101, so Tornado holds none of its
+        # bytes: the socket moves to an asyncio transport (a dup, as closing the
+        # IOStream closes its own descriptor).
+        sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
+        stream.close()
+        await loop.connect_accepted_socket(lambda: client_side, sock)
+        client_side.peer, worker_side.peer = worker_side, client_side
+        started = time.monotonic()
+        log.info(
+            "websocket %s session=%s worker=%s open",
+            route.uri,
+            route.session_id,
+            self.session.worker.id,
+        )
+        self.ws_open = True
+        try:
+            client_side.send(head + worker_side.take_early_bytes())
+            await asyncio.wait(
+                [client_side.done, worker_side.done], return_when=asyncio.FIRST_COMPLETED
+            )
+            if client_side.meter.too_big:
+                client_side.send(_close_frame(1009, "message too big"))
+            elif worker_side.done.done() and not worker_side.meter.saw_close:
+                client_side.send(_close_frame(1011, "the worker went away"))
+        finally:
+            client_side.close()
+            worker_side.close()
+            self._close_use()
+            log.info(
+                "websocket %s session=%s worker=%s closed after %.1fs",
+                route.uri,
+                route.session_id,
+                self.session.worker.id,
+                time.monotonic() - started,
+            )
+
+    async def _upstream_handshake(self, worker_side: _Pipe, route: Route) -> bytes:
+        headers = _end_to_end(self.request.headers)
+        headers["Connection"] = "Upgrade"
+        headers["Upgrade"] = self.request.headers.get("Upgrade", "websocket")
+        remote = self.request.remote_ip or ""
+        previous = self.request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{previous}, {remote}" if previous else remote
+        headers["X-Forwarded-Proto"] = "wss" if self.request.protocol == "https" else "ws"
+        lines = [f"GET {route.uri} HTTP/1.1"]
+        lines += [f"{name}: {value}" for name, value in headers.get_all()]
+        worker_side.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        try:
+            async with asyncio.timeout(self.settings_.upstream_timeout):
+                head = await worker_side.head
+        except TimeoutError:
+            raise _Failure(
+                504,
+                "upstream_timeout",
+                "worker did not answer the WebSocket "
+                f"handshake within {self.settings_.upstream_timeout:g}s",
+            ) from None
+        except ConnectionError as exc:
+            raise await self._worker_failed(exc) from None
+        if not head.startswith(b"HTTP/1.1 ") or len(head.split(b" ", 2)) < 3:
+            raise _Failure(502, "bad_handshake", "worker sent a malformed handshake answer")
+        return head
+
     def on_connection_close(self) -> None:
-        if self.ws_connection is not None:
-            super().on_connection_close()
-            return
         # The client vanished mid-request: stop the upstream request too.
         self._discard_upstream()
         self._close_use()
 
     def on_finish(self) -> None:
-        if self.ws_connection is not None:
-            return  # the 101 handshake "finished": the use lasts until the socket closes
         self._close_use()
 
     def _close_use(self) -> None:
         if self.session is not None:
             self.session.close_nowait()
 
-    # -- WebSocket ------------------------------------------------------------------------
 
-    def check_origin(self, origin: str) -> bool:
-        if self.settings_.allow_origin == "*":
-            return True
-        return super().check_origin(origin)
+def _close_frame(code: int, reason: str) -> bytes:
+    """A close frame as a server sends it (unmasked)."""
+    payload = code.to_bytes(2, "big") + reason.encode()[:123]
+    return bytes([0x88, len(payload)]) + payload
 
-    def get_compression_options(self) -> dict[str, Any] | None:
-        return None
 
-    async def _open_websocket(self, *args: str) -> None:
-        assert self.route is not None
-        try:
-            self.session = await self._acquire(self.route)
-            self._address = self.session.worker.address
-            requested = [
-                p.strip()
-                for p in self.request.headers.get("Sec-WebSocket-Protocol", "").split(",")
-                if p.strip()
-            ]
-            headers = {
-                k: v
-                for k, v in self.request.headers.get_all()
-                if k.lower() in ("cookie", "authorization", "origin", "user-agent")
-            }
-            upstream_request = HTTPRequest(
-                f"ws://{self._address}{self.route.uri}",
-                headers=headers,
-                connect_timeout=self.settings_.connect_timeout,
-                request_timeout=self.settings_.upstream_timeout or 0,
-            )
-            try:
-                self._ws_upstream = await websocket.websocket_connect(
-                    upstream_request,
-                    subprotocols=requested or None,
-                    max_message_size=self.settings_.max_message_size,
-                    on_message_callback=None,
-                )
-            except (OSError, iostream.StreamClosedError) as exc:
-                raise await self._worker_failed(exc) from None
-            except Exception as exc:  # the worker answered, but not with a WebSocket
-                code = getattr(exc, "code", 502)
-                raise _Failure(
-                    502, "websocket_refused", f"worker refused the WebSocket ({code}): {exc}"
-                ) from None
-        except _Failure as failure:
-            self._fail(failure)
-            self._close_use()
+class _Pipe(asyncio.Protocol):
+    """One side of a WebSocket tunnel: what it reads goes to its peer's transport.
+
+    No coroutine or future per message: data_received writes straight into the
+    other transport, and a full write buffer on one side pauses reading on the
+    other (pause_writing / resume_writing), so a slow reader slows the sender.
+    Until its peer is set, the worker side collects the handshake answer instead.
+    """
+
+    def __init__(self, meter: _FrameMeter) -> None:
+        loop = asyncio.get_running_loop()
+        self.meter = meter
+        self.peer: _Pipe | None = None
+        self.transport: asyncio.Transport | None = None
+        self.head: asyncio.Future[bytes] = loop.create_future()  # the handshake answer
+        self.done: asyncio.Future[None] = loop.create_future()  # the connection closed
+        self._early = bytearray()  # bytes read before the tunnel flows
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None:  # not relaying yet: the handshake answer, early frames
+            self._collect(data)
             return
-        await super().get(*args)
-        if self.ws_connection is None:  # the client handshake failed
-            self._ws_upstream.close()
-            self._close_use()
-
-    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
-        upstream = self._ws_upstream
-        return upstream.selected_subprotocol if upstream is not None else None
-
-    def open(self, *args: str) -> None:
-        assert self._ws_upstream is not None
-        self._ws_pump = asyncio.ensure_future(self._pump_from_worker(self._ws_upstream))
-
-    async def _pump_from_worker(self, upstream: websocket.WebSocketClientConnection) -> None:
-        try:
-            while True:
-                message = await upstream.read_message()
-                if message is None:
-                    break
-                await self.write_message(message, binary=isinstance(message, bytes))
-        except websocket.WebSocketClosedError:
-            pass  # the client went away; on_close handles the worker side
-        finally:
-            code, reason = upstream.close_code, upstream.close_reason
-            if code is None:
-                # Tornado cannot tell a dropped connection from a close frame without a
-                # code; both reach the client as 1011 (the worker went away).
-                code = 1006
-            upstream.close()
-            if self.ws_connection is not None and not self.ws_connection.is_closing():
-                self.close(*_close_args(code, reason))
-            self._close_use()
-
-    async def on_message(self, message: str | bytes) -> None:
-        upstream = self._ws_upstream
-        if upstream is None:
+        if not self.meter.feed(data):
+            self._finish()  # over the message size limit: the handler answers 1009
             return
-        try:
-            await upstream.write_message(message, binary=isinstance(message, bytes))
-        except websocket.WebSocketClosedError:
-            self.close(1011, "worker connection closed")
+        assert self.peer.transport is not None
+        self.peer.transport.write(data)
 
-    def on_ping(self, data: bytes) -> None:
-        if self._ws_upstream is not None and self._ws_upstream.protocol is not None:
-            with contextlib.suppress(websocket.WebSocketClosedError):
-                self._ws_upstream.ping(data)
+    def _collect(self, data: bytes) -> None:
+        self._early += data
+        if not self.head.done():
+            end = self._early.find(b"\r\n\r\n")
+            if end >= 0:
+                self.head.set_result(bytes(self._early[: end + 4]))
+                del self._early[: end + 4]
+            elif len(self._early) > 65536:
+                self.head.set_exception(ConnectionError("handshake answer over 64 KiB"))
 
-    def on_close(self) -> None:
-        upstream = self._ws_upstream
-        if upstream is not None:
-            upstream.close(*_close_args(self.close_code, self.close_reason))
-        self._close_use()
+    def take_early_bytes(self) -> bytes:
+        """Frames the worker sent right after its handshake answer."""
+        early = bytes(self._early)
+        self._early.clear()
+        self.meter.feed(early)
+        return early
+
+    def send(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self._finish()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.head.done():
+            self.head.set_exception(ConnectionError("the worker closed the connection"))
+            self.head.exception()  # whoever awaits it still gets it; nobody else must
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _FrameMeter:
+    """Follows WebSocket frame boundaries in a byte stream, reading headers only.
+
+    :param limit: the largest message (all its frames) in payload bytes, or ``None``.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.too_big = False
+        self.saw_close = False
+        self._header = bytearray()  # a frame header being collected
+        self._skip = 0  # payload bytes of the current frame still to pass
+        self._message = 0  # payload bytes of the current (fragmented) message
+
+    def feed(self, data: bytes) -> bool:
+        """Account for ``data``; ``False`` once a message exceeds the limit."""
+        position, end = 0, len(data)
+        while position < end:
+            if self._skip:  # inside a payload: nothing to read but its length
+                step = min(self._skip, end - position)
+                self._skip -= step
+                position += step
+                continue
+            wanted = 2 if len(self._header) < 2 else self._header_size()
+            take = min(wanted - len(self._header), end - position)
+            self._header += data[position : position + take]
+            position += take
+            if len(self._header) < 2 or len(self._header) < self._header_size():
+                continue
+            first, payload = self._header[0], self._payload_length()
+            opcode = first & 0x0F
+            if opcode == 0x8:
+                self.saw_close = True
+            elif opcode < 0x8:  # data frames add up to a message; control frames don't
+                self._message += payload
+                if self.limit is not None and self._message > self.limit:
+                    self.too_big = True
+                    return False
+                if first & 0x80:  # FIN
+                    self._message = 0
+            self._header.clear()
+            self._skip = payload
+        return True
+
+    def _header_size(self) -> int:
+        length = self._header[1] & 0x7F
+        mask = 4 if self._header[1] & 0x80 else 0
+        return 2 + mask + (2 if length == 126 else 8 if length == 127 else 0)
+
+    def _payload_length(self) -> int:
+        length = self._header[1] & 0x7F
+        if length == 126:
+            return int.from_bytes(self._header[2:4], "big")
+        if length == 127:
+            return int.from_bytes(self._header[2:10], "big")
+        return length

@@ -297,3 +297,29 @@ def test_time_is_bounded() -> None:
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration("1" * 10_000 + "x")
     assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
+def test_websocket_through_herd_serve_on_each_loop(serve: type[Serve], loop: str) -> None:
+    import asyncio
+
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    server = serve("--loop", loop)
+    server.wait_ready()
+
+    async def echo() -> tuple[object, object, int | None]:
+        request = HTTPRequest(f"ws://127.0.0.1:{server.port}/ws", headers={"X-Session-ID": "s1"})
+        ws = await asyncio.wait_for(websocket_connect(request, subprotocols=["herd.v2"]), 10)
+        await ws.write_message("hello")
+        text = await ws.read_message()
+        await ws.write_message(b"\x00" * 100_000, binary=True)
+        binary = await ws.read_message()
+        await ws.write_message("close:4003:done")
+        assert await ws.read_message() is None
+        ws.close()
+        return text, len(binary or b""), ws.close_code
+
+    assert asyncio.run(echo()) == ("hello", 100_000, 4003)
+    assert server.stop() == 0

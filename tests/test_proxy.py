@@ -498,3 +498,37 @@ def test_settings_validation() -> None:
         proxy.ProxySettings(pool=pool, prefix="gw/")
     with pytest.raises(ValueError, match="max_body_size"):
         proxy.ProxySettings(pool=pool, max_body_size=-1)
+
+
+def frame(payload: bytes, opcode: int = 0x2, fin: bool = True, masked: bool = True) -> bytes:
+    """One WebSocket frame as a client (masked) or server sends it."""
+    first = (0x80 if fin else 0) | opcode
+    length = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if length < 126:
+        head = bytes([first, mask_bit | length])
+    elif length < 65536:
+        head = bytes([first, mask_bit | 126]) + length.to_bytes(2, "big")
+    else:
+        head = bytes([first, mask_bit | 127]) + length.to_bytes(8, "big")
+    return head + (b"\x01\x02\x03\x04" if masked else b"") + payload
+
+
+@pytest.mark.parametrize("split", [1, 3, 7, 1000])
+def test_frame_meter_follows_frames_split_anywhere(split: int) -> None:
+    stream = (
+        frame(b"a" * 10)
+        + frame(b"b" * 300, fin=False)
+        + frame(b"", opcode=0x9)  # a ping inside a fragmented message
+        + frame(b"c" * 70_000, opcode=0x0)
+        + frame(b"\x03\xe8bye", opcode=0x8, masked=False)
+    )
+    meter = proxy._FrameMeter(limit=70_300)
+    for i in range(0, len(stream), split):
+        assert meter.feed(stream[i : i + split])
+    assert meter.saw_close
+    assert not meter.too_big
+    over = proxy._FrameMeter(limit=70_299)
+    results = [over.feed(stream[i : i + split]) for i in range(0, len(stream), split)]
+    assert False in results
+    assert over.too_big

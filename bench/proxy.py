@@ -1,0 +1,467 @@
+"""Proxy benchmark: direct vs ``herd serve`` vs jupyter-server-proxy, one run, one table.
+
+    python bench/proxy.py                 # full run (1 GiB transfers), a few minutes
+    python bench/proxy.py --quick         # 2 s load runs, 256 MiB transfers
+    python bench/proxy.py --json out.json
+
+Needs jupyter_server and jupyter-server-proxy 4.x (``pip install -e '.[bench]'``)
+and uses wrk for HTTP load when it is installed (Debian: ``apt-get install wrk``),
+else a Python load generator (slower: its numbers only compare with each other).
+
+The same backend program (a small Tornado app: ``GET /`` → 12 bytes, a WebSocket
+echo, streaming upload and download) serves all three paths:
+
+- direct: the backend on its own port;
+- herd: ``herd serve`` runs the backend as its worker, routed by ``X-Session-ID``;
+- jsp: ``jupyter server`` with jupyter-server-proxy, ``/proxy/<port>/`` to the
+  backend, authenticated with a token header.
+
+Loopback only; every run is bounded in time and every process is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import psutil
+
+BACKEND = r"""
+import asyncio, sys, tornado.web, tornado.websocket
+PATTERN = bytes(range(256)) * 256
+class Hello(tornado.web.RequestHandler):
+    def get(self): self.write("hello world\n")
+@tornado.web.stream_request_body
+class Upload(tornado.web.RequestHandler):
+    def prepare(self):
+        self.n = 0
+        self.request.connection.set_max_body_size(2**40)
+    def data_received(self, chunk): self.n += len(chunk)
+    def post(self): self.write({"bytes": self.n})
+class Download(tornado.web.RequestHandler):
+    async def get(self, size):
+        left = int(size)
+        self.set_header("Content-Length", str(left))
+        while left > 0:
+            chunk = PATTERN[:min(left, len(PATTERN))]
+            self.write(chunk); await self.flush(); left -= len(chunk)
+class Echo(tornado.websocket.WebSocketHandler):
+    def check_origin(self, origin): return True
+    def on_message(self, m): self.write_message(m, binary=isinstance(m, bytes))
+async def main():
+    app = tornado.web.Application([(r"/", Hello), (r"/health", Hello), (r"/upload", Upload),
+        (r"/download/(\d+)", Download), (r"/ws", Echo)], websocket_max_message_size=2**30)
+    app.listen(int(sys.argv[1]), address="127.0.0.1", max_body_size=2**40)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+TOKEN = "herd-bench"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, headers: dict[str, str] | None = None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            request = urllib.request.Request(url, headers=headers or {})
+            with urllib.request.urlopen(request, timeout=2) as reply:
+                reply.read()
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer within {timeout}s") from None
+            time.sleep(0.1)
+
+
+@dataclass
+class Target:
+    name: str
+    base: str  # http://host:port/prefix (no trailing slash)
+    headers: dict[str, str]
+    pid: int | None  # the proxy process, for RSS (None: direct)
+
+    @property
+    def ws(self) -> str:
+        return "ws" + self.base[4:] + "/ws"
+
+
+@contextlib.contextmanager
+def running(argv: list[str], **kwargs: object) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **kwargs
+    )  # type: ignore[call-overload]
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# -- HTTP load --------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def wrk(target: Target, connections: int, seconds: float) -> Load:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--latency"]
+    for name, value in target.headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    out = subprocess.run(
+        [*argv, target.base + "/"], capture_output=True, text=True, check=True, timeout=seconds + 30
+    ).stdout
+
+    def latency(label: str) -> float:
+        match = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        assert match, out
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match[2]]
+        return float(match[1]) * scale
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return Load(rps, latency("50%"), latency("99%"), int(errors[1]) if errors else 0)
+
+
+async def python_load(target: Target, connections: int, seconds: float) -> Load:
+    """Keep-alive HTTP/1.1 GETs over raw sockets, for machines without wrk."""
+    host, _, rest = target.base[7:].partition(":")
+    port_text, _, prefix = rest.partition("/")
+    head = f"GET /{prefix}{'/' if prefix else ''} HTTP/1.1\r\nHost: {host}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in target.headers.items()) + "\r\n"
+    request = head.replace(f"/{prefix}/ ", f"/{prefix}/ ").encode()
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.monotonic() + seconds
+
+    async def client() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, int(port_text))
+        while time.monotonic() < stop_at:
+            started = time.perf_counter()
+            writer.write(request)
+            status = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            latencies.append((time.perf_counter() - started) * 1000)
+            if not status.startswith(b"HTTP/1.1 2"):
+                errors += 1
+        writer.close()
+
+    await asyncio.gather(*(client() for _ in range(connections)))
+    latencies.sort()
+    return Load(
+        len(latencies) / seconds,
+        latencies[len(latencies) // 2],
+        latencies[int(len(latencies) * 0.99)],
+        errors,
+    )
+
+
+# -- WebSocket --------------------------------------------------------------------------
+
+
+async def ws_round_trips(target: Target, size: int, seconds: float) -> float:
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    ws = await websocket_connect(
+        HTTPRequest(target.ws, headers=target.headers), max_message_size=2**30
+    )
+    payload = os.urandom(size)
+    count = 0
+    stop_at = time.monotonic() + seconds
+    while time.monotonic() < stop_at:
+        await ws.write_message(payload, binary=True)
+        reply = await ws.read_message()
+        assert reply is not None
+        assert len(reply) == size
+        count += 1
+    ws.close()
+    return count / seconds
+
+
+# -- big transfers ----------------------------------------------------------------------
+
+
+class PeakRSS:
+    """Samples a process's RSS every 20 ms in a thread; .growth is the peak over the start."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.proc = psutil.Process(pid) if pid else None
+        self.start = self.peak = self.proc.memory_info().rss if self.proc else 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while self.proc is not None and not self._stop.wait(0.02):
+            with contextlib.suppress(psutil.Error):
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def stop(self) -> int | None:
+        self._stop.set()
+        self._thread.join()
+        return self.peak - self.start if self.proc else None
+
+
+def upload(target: Target, size: int) -> tuple[float | None, int | None, str]:
+    host, _, rest = target.base[7:].partition(":")
+    port_text, _, prefix = rest.partition("/")
+    path = f"/{prefix}/upload" if prefix else "/upload"
+    rss = PeakRSS(target.pid)
+    started = time.perf_counter()
+    chunk = os.urandom(1 << 20)
+    try:
+        with socket.create_connection((host, int(port_text)), timeout=120) as sock:
+            head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {size}\r\n"
+            head += "Connection: close\r\n"
+            head += "".join(f"{k}: {v}\r\n" for k, v in target.headers.items()) + "\r\n"
+            sock.sendall(head.encode())
+            for _ in range(size // len(chunk)):
+                sock.sendall(chunk)
+            reply = sock.makefile("rb").read(4096)
+        ok = reply.startswith(b"HTTP/1.1 200") and f'"bytes": {size}'.encode() in reply
+        note = "ok" if ok else reply.split(b"\r\n")[0].decode(errors="replace")
+    except OSError as exc:
+        note = f"failed: {exc}"
+    elapsed = time.perf_counter() - started
+    growth = rss.stop()
+    return (elapsed if note == "ok" else None), growth, note
+
+
+def download(target: Target, size: int) -> tuple[float | None, int | None, str]:
+    host, _, rest = target.base[7:].partition(":")
+    port_text, _, prefix = rest.partition("/")
+    path = f"/{prefix}/download/{size}" if prefix else f"/download/{size}"
+    rss = PeakRSS(target.pid)
+    started = time.perf_counter()
+    received = 0
+    try:
+        with socket.create_connection((host, int(port_text)), timeout=120) as sock:
+            head = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+            head += "".join(f"{k}: {v}\r\n" for k, v in target.headers.items()) + "\r\n"
+            sock.sendall(head.encode())
+            stream = sock.makefile("rb")
+            status = stream.readline()
+            while stream.readline() not in (b"\r\n", b""):
+                pass
+            while piece := stream.read(1 << 20):
+                received += len(piece)
+        ok = status.startswith(b"HTTP/1.1 200") and received == size
+        note = "ok" if ok else f"{status.decode(errors='replace').strip()}, {received} bytes"
+    except OSError as exc:
+        note = f"failed after {received >> 20} MiB: {exc}"
+    elapsed = time.perf_counter() - started
+    growth = rss.stop()
+    return (elapsed if note == "ok" else None), growth, note
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+def jsp_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("jupyter-server-proxy")
+    except Exception:
+        return "not installed"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short runs, 256 MiB transfers")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args()
+    seconds = 2.0 if args.quick else 5.0
+    size = (256 if args.quick else 1024) << 20
+
+    workdir = tempfile.mkdtemp(prefix="herd-bench-")
+    backend_py = os.path.join(workdir, "backend.py")
+    with open(backend_py, "w") as f:
+        f.write(BACKEND)
+    backend_port, herd_port, jsp_port = free_port(), free_port(), free_port()
+    results: dict[str, dict[str, object]] = {}
+    use_wrk = shutil.which("wrk") is not None
+    jsp_available = jsp_version() != "not installed"
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(running([sys.executable, backend_py, str(backend_port)]))
+        herd_proc = stack.enter_context(
+            running(
+                [
+                    sys.executable,
+                    "-m",
+                    "herd",
+                    "serve",
+                    "--port",
+                    str(herd_port),
+                    "--min",
+                    "1",
+                    "--max",
+                    "2",
+                    "--health-path",
+                    "/health",
+                    "--log-level",
+                    "warning",
+                    "--",
+                    sys.executable,
+                    backend_py,
+                    "{port}",
+                ]
+            )
+        )
+        targets = [
+            Target("direct", f"http://127.0.0.1:{backend_port}", {}, None),
+            Target(
+                "herd", f"http://127.0.0.1:{herd_port}", {"X-Session-ID": "bench"}, herd_proc.pid
+            ),
+        ]
+        if jsp_available:
+            argv = [
+                sys.executable,
+                "-m",
+                "jupyter_server",
+                "--no-browser",
+                "--ip=127.0.0.1",
+                f"--port={jsp_port}",
+                f"--IdentityProvider.token={TOKEN}",
+                "--ServerApp.jpserver_extensions=jupyter_server_proxy=True",
+                f"--ServerApp.root_dir={workdir}",
+                "--ServerApp.disable_check_xsrf=True",
+            ]
+            if os.geteuid() == 0:
+                argv.append("--allow-root")
+            jsp_proc = stack.enter_context(running(argv, cwd=workdir))
+            targets.append(
+                Target(
+                    "jsp",
+                    f"http://127.0.0.1:{jsp_port}/proxy/{backend_port}",
+                    {"Authorization": f"token {TOKEN}"},
+                    jsp_proc.pid,
+                )
+            )
+        for target in targets:
+            wait_http(target.base + "/", target.headers)
+
+        for target in targets:
+            row: dict[str, object] = {}
+            for connections in (1, 10):
+                if use_wrk:
+                    load = wrk(target, connections, seconds)
+                else:
+                    load = asyncio.run(python_load(target, connections, seconds))
+                row[f"c{connections}"] = asdict(load)
+            for label, ws_size in (("64B", 64), ("1MB", 1 << 20)):
+                row[f"ws_{label}"] = asyncio.run(ws_round_trips(target, ws_size, seconds))
+            row["upload"] = upload(target, size)
+            row["download"] = download(target, size)
+            results[target.name] = row
+            print(f"  measured {target.name}", file=sys.stderr, flush=True)
+
+    print_table(results, size, use_wrk)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def print_table(results: dict[str, dict[str, object]], size: int, use_wrk: bool) -> None:
+    names = list(results)
+    tool = "wrk" if use_wrk else "python load generator"
+    print(
+        f"herd proxy benchmark ({tool}; jupyter-server-proxy {jsp_version()}; "
+        f"{os.cpu_count()} cores)"
+    )
+    print(f"{'':34}" + "".join(f"{n:>16}" for n in names))
+
+    def line(label: str, cells: list[str]) -> None:
+        print(f"{label:34}" + "".join(f"{c:>16}" for c in cells))
+
+    for c in (1, 10):
+        loads = [results[n][f"c{c}"] for n in names]
+        line(f"HTTP req/s, {c} conn", [f"{x['rps']:.0f}" for x in loads])  # type: ignore[index]
+        line(
+            f"HTTP p50 / p99 ms, {c} conn",
+            [f"{x['p50_ms']:.2f} / {x['p99_ms']:.2f}" for x in loads],
+        )  # type: ignore[index]
+    for label in ("64B", "1MB"):
+        line(
+            f"WebSocket echo round trips/s {label}",
+            [f"{results[n][f'ws_{label}']:.0f}" for n in names],
+        )
+    for kind in ("upload", "download"):
+        cells = []
+        for n in names:
+            elapsed, growth, note = results[n][kind]  # type: ignore[misc]
+            text = f"{elapsed:.1f}s" if elapsed is not None else note[:14]
+            if growth is not None:
+                text += f" +{growth >> 20}M"
+            cells.append(text)
+        line(f"{size >> 20} MiB {kind}: time, RSS growth", cells)
+
+    print("\ntargets (ratios from this run)")
+    herd, direct = results["herd"], results["direct"]
+    checks: list[tuple[str, float | None, str, bool | None]] = []
+    p50_overhead = herd["c1"]["p50_ms"] - direct["c1"]["p50_ms"]  # type: ignore[index]
+    checks.append(
+        ("herd p50 overhead over direct, 1 conn", p50_overhead, "≤ 0.3 ms", p50_overhead <= 0.3)
+    )
+    if "jsp" in results:
+        jsp = results["jsp"]
+        ratio = herd["c10"]["rps"] / jsp["c10"]["rps"]  # type: ignore[index]
+        checks.append(("herd / jsp req/s, 10 conn", ratio, "≥ 4x", ratio >= 4))
+        ws = herd["ws_64B"] / jsp["ws_64B"]  # type: ignore[operator]
+        checks.append(("herd / jsp WebSocket 64 B round trips", ws, "≥ 1.5x", ws >= 1.5))
+    for kind in ("upload", "download"):
+        elapsed, growth, _ = herd[kind]  # type: ignore[misc]
+        mib = None if growth is None else growth / 2**20
+        checks.append(
+            (
+                f"herd RSS growth, {size >> 20} MiB {kind} (MiB)",
+                mib,
+                "≤ 64",
+                elapsed is not None and mib is not None and mib <= 64,
+            )
+        )
+    for label, value, target, ok in checks:
+        shown = "-" if value is None else f"{value:.2f}"
+        verdict = "ok" if ok else "MISS"
+        print(f"  {label:44} {shown:>10}  {target:>10}  {verdict}")
+
+
+if __name__ == "__main__":
+    main()
