@@ -423,15 +423,20 @@ def print_table(results: dict[str, dict[str, object]], size: int, use_wrk: bool)
             f"WebSocket echo round trips/s {label}",
             [f"{results[n][f'ws_{label}']:.0f}" for n in names],
         )
+    failures = []
     for kind in ("upload", "download"):
         cells = []
         for n in names:
             elapsed, growth, note = results[n][kind]  # type: ignore[misc]
-            text = f"{elapsed:.1f}s" if elapsed is not None else note[:14]
+            text = f"{elapsed:.1f}s" if elapsed is not None else "FAILED"
+            if elapsed is None:
+                failures.append(f"  {n} {kind}: {note}")
             if growth is not None:
                 text += f" +{growth >> 20}M"
             cells.append(text)
         line(f"{size >> 20} MiB {kind}: time, RSS growth", cells)
+    if failures:
+        print("\n".join(["failed transfers:", *failures]))
 
     print("\ntargets (ratios from this run)")
     herd, direct = results["herd"], results["direct"]

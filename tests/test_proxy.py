@@ -532,3 +532,21 @@ def test_frame_meter_follows_frames_split_anywhere(split: int) -> None:
     results = [over.feed(stream[i : i + split]) for i in range(0, len(stream), split)]
     assert False in results
     assert over.too_big
+
+
+async def test_websocket_ping_reaches_the_worker_and_its_pong_comes_back(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    # The worker computed the accept value from the client's own key.
+    assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+    writer.write(frame(b"are you there", opcode=0x9))  # a masked ping
+    pong = await asyncio.wait_for(reader.readexactly(2 + len(b"are you there")), 5)
+    assert pong == bytes([0x8A, 13]) + b"are you there"  # the worker's pong, as it sent it
+    writer.close()
