@@ -511,7 +511,10 @@ def frame(payload: bytes, opcode: int = 0x2, fin: bool = True, masked: bool = Tr
         head = bytes([first, mask_bit | 126]) + length.to_bytes(2, "big")
     else:
         head = bytes([first, mask_bit | 127]) + length.to_bytes(8, "big")
-    return head + (b"\x01\x02\x03\x04" if masked else b"") + payload
+    if not masked:
+        return head + payload
+    key = b"\x01\x02\x03\x04"
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 @pytest.mark.parametrize("split", [1, 3, 7, 1000])
