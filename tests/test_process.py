@@ -148,17 +148,24 @@ async def test_close_is_idempotent_and_survives_cancellation() -> None:
     assert not pid_alive(worker.pid)
 
 
-async def test_sigterm_grace_for_workers_that_handle_it() -> None:
+def inline_worker(prelude: str) -> list[str]:
+    """A one-file HTTP worker that first runs ``prelude`` (output is flushed)."""
     program = (
-        "import http.server, os, signal, sys\n"
-        "signal.signal(signal.SIGTERM, lambda *a: (print('graceful', flush=True), os._exit(0)))\n"
+        "import http.server, os, signal, sys, functools\n"
+        "print = functools.partial(print, flush=True)\n"
+        f"{prelude}\n"
         "class H(http.server.BaseHTTPRequestHandler):\n"
         "    def do_GET(self):\n"
         "        self.send_response(200); self.end_headers()\n"
         "    def log_message(self, *a): pass\n"
         "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n"
     )
-    worker = await herd.ProcessFactory([sys.executable, "-c", program, "{port}"]).spawn()
+    return [sys.executable, "-c", program, "{port}"]
+
+
+async def test_sigterm_grace_for_workers_that_handle_it() -> None:
+    graceful = "signal.signal(signal.SIGTERM, lambda *a: (print('graceful'), os._exit(0)))"
+    worker = await herd.ProcessFactory(inline_worker(graceful)).spawn()
     started = time.monotonic()
     await worker.close()
     assert time.monotonic() - started < 1.5
@@ -166,33 +173,16 @@ async def test_sigterm_grace_for_workers_that_handle_it() -> None:
 
 
 async def test_worker_that_ignores_sigterm_is_killed_after_stop_timeout() -> None:
-    program = (
-        "import http.server, signal, sys\n"
-        "signal.signal(signal.SIGTERM, lambda *a: None)\n"
-        "class H(http.server.BaseHTTPRequestHandler):\n"
-        "    def do_GET(self):\n"
-        "        self.send_response(200); self.end_headers()\n"
-        "    def log_message(self, *a): pass\n"
-        "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n"
-    )
-    spawner = herd.ProcessFactory([sys.executable, "-c", program, "{port}"], stop_timeout=0.3)
+    stubborn = "signal.signal(signal.SIGTERM, lambda *a: None)"
+    spawner = herd.ProcessFactory(inline_worker(stubborn), stop_timeout=0.3)
     worker = await spawner.spawn()
     await worker.close()
     assert not pid_alive(worker.pid)
 
 
 async def test_output_goes_to_a_bounded_log_and_never_blocks_the_worker() -> None:
-    program = (
-        "import http.server, sys\n"
-        "for i in range(20000): print('line', i, 'x' * 100)\n"
-        "sys.stdout.flush()\n"
-        "class H(http.server.BaseHTTPRequestHandler):\n"
-        "    def do_GET(self):\n"
-        "        self.send_response(200); self.end_headers()\n"
-        "    def log_message(self, *a): pass\n"
-        "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n"
-    )
-    spawner = herd.ProcessFactory([sys.executable, "-c", program, "{port}"], log_lines=50)
+    chatty = "for i in range(20000): print('line', i, 'x' * 100)"
+    spawner = herd.ProcessFactory(inline_worker(chatty), log_lines=50)
     worker = await spawner.spawn()  # 2 MB of output: a blocked pipe would never get healthy
     try:
         await wait_until(lambda: worker.logs(1) == ["line 19999 " + "x" * 100], what="output")
