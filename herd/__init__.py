@@ -36,6 +36,7 @@ from ._protocols import WorkerFactory as WorkerFactory
 from ._session import AcquireContext as AcquireContext
 from ._session import Session as Session
 from ._session import validate_session_id as validate_session_id
+from ._stats import CrashInfo as CrashInfo
 from ._stats import NodeStats as NodeStats
 from ._stats import PoolStats as PoolStats
 from ._stats import WorkerStats as WorkerStats
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AcquireContext",
+    "CrashInfo",
     "HTTPWorkerClient",
     "HerdError",
     "InvalidSessionIdError",

@@ -56,7 +56,7 @@ from ._exceptions import (
 )
 from ._protocols import C, SessionRegistry, Worker, WorkerFactory
 from ._session import AcquireContext, Session, validate_session_id
-from ._stats import PoolStats, Sampler, WorkerStats
+from ._stats import CrashInfo, PoolStats, Sampler, WorkerStats
 from .registry.memory import MemoryRegistry
 
 __all__ = ["Pool", "PoolState", "WorkerState"]
@@ -65,6 +65,13 @@ log = logging.getLogger("herd.pool")
 
 CrashCallback = Callable[[str], Any]
 _UNSET: Any = object()
+
+
+def _with_breach(worker: Worker[Any], reason: str) -> str:
+    """``reason``, plus the cgroup limit the worker ran into if it can tell."""
+    breach = getattr(worker, "limit_breach", None)
+    found = breach() if callable(breach) else None
+    return f"{reason} ({found})" if found else reason
 
 
 class PoolState(enum.Enum):
@@ -208,6 +215,7 @@ class Pool(Generic[C]):
         self._refilling = False
         self._closed = asyncio.Event()
         self._sampler: Sampler | None = None
+        self._crashes: deque[CrashInfo] = deque(maxlen=20)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -623,6 +631,14 @@ class Pool(Generic[C]):
             f" while pinned to session {pin.session_id}" if pin else "",
         )
         self._retire(slot, f"died: {reason}")
+        self._crashes.append(
+            CrashInfo(
+                worker_id=slot.worker.id,
+                session_id=pin.session_id if pin else None,
+                reason=reason,
+                at=time.time(),
+            )
+        )
         if pin is not None:
             if self._pins.get(pin.session_id) is pin:
                 del self._pins[pin.session_id]
@@ -675,7 +691,7 @@ class Pool(Generic[C]):
                 if isinstance(ok, BaseException):
                     self._worker_died(slot, f"health check raised {ok!r}")
                 else:
-                    self._worker_died(slot, "health check failed")
+                    self._worker_died(slot, _with_breach(slot.worker, "health check failed"))
 
     async def check_worker(self, worker_id: str) -> bool:
         """Probe one worker now; an unhealthy one goes through the crash path.
@@ -694,7 +710,9 @@ class Pool(Generic[C]):
             self._worker_died(slot, f"health check raised {exc!r}")
             return False
         if not ok:
-            self._worker_died(slot, "health check failed after a failed request")
+            self._worker_died(
+                slot, _with_breach(slot.worker, "health check failed after a failed request")
+            )
         return ok
 
     # -- maintenance ----------------------------------------------------------------------
@@ -762,6 +780,7 @@ class Pool(Generic[C]):
         """A snapshot of the pool; never blocks (OS figures are cached < 1 s)."""
         sampler = self._sampler or Sampler()
         self._sampler = sampler
+        report = self._sandbox_report()
         now = self._clock()
         rows = []
         for slot in self._slots.values():
@@ -796,7 +815,16 @@ class Pool(Generic[C]):
             last_spawn_error=self._last_spawn_error.message if self._last_spawn_error else None,
             node=sampler.node(),
             workers=tuple(rows),
+            sandbox=report.level if report is not None else "unknown",
+            sandbox_reason=report.reason if report is not None else "",
+            recent_crashes=tuple(self._crashes),
         )
+
+    def _sandbox_report(self) -> Any:
+        """The factory's ``sandbox_report`` (level and reason), computed once."""
+        if not hasattr(self, "_report"):
+            self._report = getattr(self.factory, "sandbox_report", None)
+        return self._report
 
     def __repr__(self) -> str:
         return (

@@ -34,6 +34,8 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 
+from ._cgroups import Cgroups, Limits, WorkerCgroup, owner_prefix, sweep_stale
+from ._cgroups import detect as detect_cgroups
 from ._client import HTTPWorkerClient, probe
 from ._config import Duration, duration_seconds
 from ._exceptions import SpawnError
@@ -155,9 +157,11 @@ class ProcessWorker:
         log_lines: int,
         sandbox: SandboxReport,
         tag: str,
+        cgroup: WorkerCgroup | None = None,
     ) -> None:
         self.id = f"w-{next(_worker_ids)}"
         self.tag = tag
+        self.cgroup = cgroup
         self.port = port
         self.command = command
         self.started_at = time.time()
@@ -212,6 +216,14 @@ class ProcessWorker:
     def alive(self) -> bool:
         """Whether the process is still running."""
         return not self._exited.done()
+
+    def limit_breach(self) -> str | None:
+        """The cgroup limit the worker ran into (``"killed: memory limit 256 MiB"``), if any."""
+        return self.cgroup.breach() if self.cgroup is not None else None
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time its processes used, from its cgroup (``None`` without limits)."""
+        return self.cgroup.cpu_seconds() if self.cgroup is not None else None
 
     def logs(self, n: int | None = None) -> list[str]:
         """The last ``n`` lines of the worker's stdout and stderr (all kept if ``None``).
@@ -301,6 +313,9 @@ class ProcessWorker:
             returncode = -signal.SIGKILL
         self.exit_code = returncode
         reason = "closed" if self._closed_by_us else describe_exit(returncode)
+        breach = self.limit_breach()
+        if breach is not None and not self._closed_by_us:
+            reason = breach
         if not self._exited.done():
             self._exited.set_result(reason)
 
@@ -346,6 +361,23 @@ class ProcessWorker:
         if not self._exited.done():
             await asyncio.shield(self._exited)
         self._stop_output()
+        if self.cgroup is not None:  # rmdir may wait a moment for the kernel: off the loop
+            await self._loop.run_in_executor(None, self.cgroup.remove)
+
+
+def _limits(cpu: float | None, memory: int | None, pids: int | None) -> Limits:
+    if cpu is not None:
+        if isinstance(cpu, bool) or not isinstance(cpu, int | float) or not 0 < cpu < 1e6:
+            raise ValueError(f"cpu_limit must be a number of cores > 0, not {cpu!r}")
+    if memory is not None:
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1 << 20:
+            raise ValueError(f"memory_limit must be bytes (an int) >= 1 MiB, not {memory!r}")
+    if pids is not None:
+        if isinstance(pids, bool) or not isinstance(pids, int) or pids == 0 or pids < -1:
+            raise ValueError(f"pids_limit must be >= 1 or -1 (no limit), not {pids!r}")
+        if pids == -1:
+            pids = None
+    return Limits(cpu=float(cpu) if cpu is not None else None, memory=memory, pids=pids)
 
 
 def _required(name: str, value: Duration) -> float:
@@ -374,6 +406,12 @@ class ProcessFactory:
     :param cwd: working directory of the workers.
     :param inherit_env: start from this process's environment.
     :param log_lines: how many lines of output each worker keeps (``worker.logs()``).
+    :param cpu_limit: cores each worker may use (``0.5`` = half a core), enforced by
+        its cgroup.
+    :param memory_limit: bytes each worker may use; past it the OOM killer takes the
+        worker, which goes through the pool's crash path.
+    :param pids_limit: processes and threads each worker may have (``-1``: no limit).
+    :raises ValueError: a bad option (``pids_limit=0``, a negative limit, ...).
 
     >>> factory = ProcessFactory(
     ...     ["python", "-m", "http.server", "--bind", "127.0.0.1", "{port}"],
@@ -395,6 +433,9 @@ class ProcessFactory:
         cwd: str | os.PathLike[str] | None = None,
         inherit_env: bool = True,
         log_lines: int = 1000,
+        cpu_limit: float | None = None,
+        memory_limit: int | None = None,
+        pids_limit: int | None = None,
     ) -> None:
         if isinstance(command, str) or not command:
             raise ValueError("command must be a non-empty list of strings, e.g. ['python', ...]")
@@ -422,9 +463,46 @@ class ProcessFactory:
         self.cwd = os.fspath(cwd) if cwd is not None else None
         self.inherit_env = inherit_env
         self.log_lines = log_lines
+        self.limits = _limits(cpu_limit, memory_limit, pids_limit)
+        self._swept = False
 
     def __repr__(self) -> str:
         return f"ProcessFactory({self.command!r}, health_path={self.health_path!r})"
+
+    @property
+    def sandbox_report(self) -> SandboxReport:
+        """What isolation this factory's workers get here, and why not more.
+
+        ``full``: PID and mount namespaces, and cgroups for the configured limits;
+        ``partial``: part of that; ``none``: process group and parent-death signal.
+        """
+        _, _, namespaces = launcher(self.sandbox if self.sandbox is False else True)
+        level, reasons = namespaces.level, [namespaces.reason]
+        if self.limits:
+            groups = detect_cgroups()
+            if groups.version is None:
+                level = "partial" if level == "full" else level
+                reasons.append(f"limits NOT enforced: {groups.reason}")
+            else:
+                reasons.append(f"limits by {groups.reason}")
+        return SandboxReport(level, "; ".join(reasons), namespaces.prefix)
+
+    def _cgroup(self, tag: str) -> WorkerCgroup | None:
+        if not self.limits:
+            return None
+        groups: Cgroups = detect_cgroups()
+        if groups.version is None:
+            if self.sandbox == "required":
+                raise SpawnError(f"sandbox='required' but limits cannot be set: {groups.reason}")
+            return None
+        if not self._swept:  # cgroups of pools that were killed: gone before we add ours
+            self._swept = True
+            for path in sweep_stale(groups):
+                log.info("removed stale worker cgroup %s", path)
+        try:
+            return WorkerCgroup(groups, owner_prefix() + tag, self.limits)
+        except OSError as exc:
+            raise SpawnError(f"cannot create the worker's cgroup: {exc}") from exc
 
     def _environment(self, port: int, tag: str) -> dict[str, str]:
         env = dict(os.environ) if self.inherit_env else {}
@@ -440,7 +518,9 @@ class ProcessFactory:
             start-up, or it was not healthy within ``start_timeout``; nothing is
             left running.
         """
-        prefix, preexec, report = launcher(self.sandbox)
+        report = self.sandbox_report
+        if self.sandbox == "required" and report.level != "full":
+            raise SpawnError(f"sandbox='required' but it is {report.level}: {report.reason}")
         if self.sandbox is not False:
             warn_once(report)
         port = _PORTS.allocate()
@@ -453,6 +533,12 @@ class ProcessFactory:
                 f"cannot start worker: {argv[0]!r} not found or not executable", command=argv
             )
         try:
+            cgroup = self._cgroup(f"{port}-{time.monotonic_ns()}")
+        except BaseException:
+            _PORTS.release(port)
+            raise
+        prefix, preexec, _ = launcher(self.sandbox, cgroup.procs_files if cgroup else ())
+        try:
             proc = subprocess.Popen(
                 [*prefix, *argv],
                 stdin=subprocess.DEVNULL,
@@ -464,9 +550,11 @@ class ProcessFactory:
                 preexec_fn=preexec,
                 close_fds=True,
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             _PORTS.release(port)
-            why = errno.errorcode.get(exc.errno or 0, "error")
+            if cgroup is not None:
+                cgroup.remove()
+            why = errno.errorcode.get(getattr(exc, "errno", None) or 0, "error")
             raise SpawnError(f"cannot start worker ({why}): {exc}", command=argv) from exc
         worker = ProcessWorker(
             proc,
@@ -478,6 +566,7 @@ class ProcessFactory:
             log_lines=self.log_lines,
             sandbox=report,
             tag=tag,
+            cgroup=cgroup,
         )
         try:
             await self._until_healthy(worker)

@@ -35,7 +35,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 __all__ = ["SandboxLevel", "SandboxMode", "SandboxReport", "detect", "launcher"]
@@ -108,10 +108,12 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def launcher(
-    sandbox: SandboxMode,
+    sandbox: SandboxMode, join: Sequence[str] = ()
 ) -> tuple[tuple[str, ...], Callable[[], None], SandboxReport]:
     """The argv prefix, the ``preexec_fn`` and the report for one spawn.
 
+    :param join: ``cgroup.procs`` files the child writes itself into before exec,
+        so that its program never runs outside its limits.
     :raises herd.SpawnError: ``sandbox="required"`` and no namespace is possible.
     """
     from ._exceptions import SpawnError
@@ -124,13 +126,20 @@ def launcher(
             raise SpawnError(f"sandbox='required' but no sandbox is possible: {report.reason}")
     libc = _libc()
     parent = os.getpid()
+    files = [os.fsencode(path) for path in join]
 
     def preexec() -> None:
-        # Runs in the child between fork and exec: async-signal-safe calls only.
+        # Runs in the child between fork and exec: plain system calls only.
         if libc is not None:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
+        for path in files:  # "0" moves the writing process itself
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
 
     return report.prefix, preexec, report
 

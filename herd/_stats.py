@@ -19,7 +19,23 @@ import psutil
 
 from ._procfs import children
 
-__all__ = ["NodeStats", "PoolStats", "Sampler", "WorkerStats"]
+__all__ = ["CrashInfo", "NodeStats", "PoolStats", "Sampler", "WorkerStats"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CrashInfo:
+    """A worker that died on its own.
+
+    :param worker_id: the worker.
+    :param session_id: the session pinned to it then, if any.
+    :param reason: why (``"killed: memory limit 256 MiB"``, ``"exited with code 1"``).
+    :param at: :func:`time.time` of the death.
+    """
+
+    worker_id: str
+    session_id: str | None
+    reason: str
+    at: float
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,6 +101,10 @@ class PoolStats:
     :param last_spawn_error: the message of the last failed spawn, if any.
     :param node: the machine.
     :param workers: one row per worker.
+    :param sandbox: the workers' isolation: ``"full"``, ``"partial"`` or ``"none"``
+        (``"unknown"`` for factories that do not say).
+    :param sandbox_reason: what that level consists of, and why not more.
+    :param recent_crashes: the last workers that died on their own, oldest first.
     """
 
     state: str
@@ -99,6 +119,9 @@ class PoolStats:
     last_spawn_error: str | None
     node: NodeStats
     workers: tuple[WorkerStats, ...]
+    sandbox: str = "unknown"
+    sandbox_reason: str = ""
+    recent_crashes: tuple[CrashInfo, ...] = ()
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready dict (nested dataclasses become dicts)."""

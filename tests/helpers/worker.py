@@ -3,7 +3,9 @@
 Routes: /health, /pid (this process's PID as seen by the host... and inside),
 /state (a per-process counter: proof of affinity), /env/NAME, /exit/CODE,
 /sleep/SECONDS, /ps (PIDs this process can see), /daemon (the PID of a
-double-forked grandchild it started at boot, if WORKER_DOUBLE_FORK=1).
+double-forked grandchild it started at boot, if WORKER_DOUBLE_FORK=1), /alloc/MIB
+(hold that much more memory), /forkbomb/MOST (fork sleepers until refused),
+/spin/SECONDS (busy-loop).
 
 Start-up behaviour:
   WORKER_EXIT_AT_START=CODE   print a line to stderr and exit with CODE at once
@@ -24,6 +26,24 @@ import time
 PORT = int(sys.argv[1] if len(sys.argv) > 1 else os.environ["PORT"])
 counter = 0
 lock = threading.Lock()
+hoard: list[bytearray] = []
+
+
+def fork_until_refused(most: int) -> int:
+    """Fork sleeping children until the kernel refuses (or ``most``); return how many."""
+    forked = 0
+    while forked < most:
+        try:
+            pid = os.fork()
+        except OSError:
+            break
+        if pid == 0:
+            time.sleep(3600)
+            os._exit(0)
+        forked += 1
+    return forked
+
+
 daemon_pid: int | None = None
 
 
@@ -94,6 +114,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.reply(200, {"pids": pids})
         elif route == "daemon":
             self.reply(200, {"pid": daemon_pid})
+        elif route == "alloc":
+            hoard.append(bytearray(int(parts[1]) << 20))  # touched: zero-filled pages
+            for block in hoard[-1:]:
+                for i in range(0, len(block), 4096):
+                    block[i] = 1
+            self.reply(200, {"held_mib": sum(len(b) for b in hoard) >> 20})
+        elif route == "forkbomb":
+            self.reply(200, {"forked": fork_until_refused(int(parts[1]))})
+        elif route == "spin":
+            deadline = time.monotonic() + float(parts[1])
+            while time.monotonic() < deadline:
+                pass
+            self.reply(200, {"spun": float(parts[1])})
         else:
             self.reply(404, {"error": "no such route"})
 
