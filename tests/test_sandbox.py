@@ -1,0 +1,221 @@
+"""Sandbox limits over real processes: memory, PIDs, CPU, visibility, cleanup.
+
+These need a writable cgroup hierarchy (root on the build machines: cgroup v1
+memory, cpu and pids). Where there is none they are skipped, saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+import pytest
+from tornado.httpclient import HTTPClientError
+
+import herd
+from herd import _cgroups
+from tests.helpers import WORKER, factory, wait_until, wait_until_sync
+
+GROUPS = _cgroups.detect()
+needs_cgroups = pytest.mark.skipif(
+    GROUPS.version is None, reason=f"no usable cgroups here: {GROUPS.reason}"
+)
+
+
+def read(folder: str, name: str) -> str:
+    """A cgroup control file (a tiny virtual file: reading it never blocks)."""
+    with open(os.path.join(folder, name)) as f:
+        return f.read()
+
+
+def exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def herd_cgroups() -> list[str]:
+    """Every worker cgroup folder that exists, in every hierarchy."""
+    found = []
+    for root in set(GROUPS.roots.values()):
+        if os.path.isdir(root):
+            found += [
+                os.path.join(root, n)
+                for n in os.listdir(root)
+                if os.path.isdir(os.path.join(root, n))
+            ]
+    return found
+
+
+@needs_cgroups
+async def test_memory_hog_is_killed_reported_and_the_pool_keeps_serving() -> None:
+    crashed: list[str] = []
+    spawner = factory(memory_limit=64 << 20)
+    async with herd.Pool(spawner, min_workers=1, max_workers=3, on_crash=crashed.append) as pool:
+        async with pool.acquire("neighbour") as session:
+            assert json.loads((await session.worker.client.get("/state")).body)["count"] == 1
+        hog = await pool.acquire("hog")
+        with pytest.raises(HTTPClientError, match="Stream closed"):  # it dies mid-request
+            await hog.worker.client.get("/alloc/256", timeout=20)
+        await wait_until(lambda: crashed == ["hog"], timeout=10, what="crash path")
+        crash = pool.stats().recent_crashes[-1]
+        assert crash.reason == "killed: memory limit 64 MiB"
+        assert crash.session_id == "hog"
+        with pytest.raises(herd.WorkerDeadError, match="memory limit 64 MiB"):
+            hog.check()
+        await hog.close()
+        async with pool.acquire("neighbour") as session:  # untouched
+            assert json.loads((await session.worker.client.get("/state")).body)["count"] == 2
+
+
+@needs_cgroups
+async def test_fork_bomb_stops_at_the_pid_limit() -> None:
+    async with herd.Pool(factory(pids_limit=24), min_workers=1, max_workers=1) as pool:
+        async with pool.acquire("bomb") as session:
+            reply = await session.worker.client.get("/forkbomb/10000", timeout=20)
+            forked = json.loads(reply.body)["forked"]
+            assert 0 < forked < 24
+            worker = session.worker
+            assert isinstance(worker, herd.ProcessWorker)
+            assert worker.cgroup is not None
+            assert worker.cgroup.pids_limit_hits() > 0
+            # The host is unaffected: it can still start processes.
+            true = await asyncio.create_subprocess_exec("true")
+            assert await true.wait() == 0
+            assert await worker.healthy()
+
+
+@needs_cgroups
+async def test_cpu_limit_holds_a_busy_worker_to_its_share() -> None:
+    async with herd.Pool(factory(cpu_limit=0.25), min_workers=1, max_workers=1) as pool:
+        async with pool.acquire("busy") as session:
+            worker = session.worker
+            assert isinstance(worker, herd.ProcessWorker)
+            before, started = worker.cpu_seconds(), time.monotonic()
+            await worker.client.get("/spin/1.5", timeout=20)
+            after, elapsed = worker.cpu_seconds(), time.monotonic() - started
+            assert before is not None
+            assert after is not None
+            share = (after - before) / elapsed
+            assert 0.15 <= share <= 0.35, f"used {share:.2f} of a core"
+
+
+@needs_cgroups
+async def test_cgroups_are_created_with_the_limits_and_removed_with_the_worker() -> None:
+    spawner = factory(cpu_limit=0.5, memory_limit=128 << 20, pids_limit=50)
+    worker = await spawner.spawn()
+    assert worker.cgroup is not None
+    paths = set(worker.cgroup.paths.values())
+    assert all(exists(p) for p in paths)
+    assert str(worker.pid) in read(next(iter(paths)), "cgroup.procs").split()
+    if GROUPS.version == "v1":
+        assert int(read(worker.cgroup.paths["memory"], "memory.limit_in_bytes")) == 128 << 20
+        assert int(read(worker.cgroup.paths["cpu"], "cpu.cfs_quota_us")) == 50_000
+        assert read(worker.cgroup.paths["pids"], "pids.max").strip() == "50"
+    await worker.close()
+    assert not any(exists(p) for p in paths)
+
+
+@needs_cgroups
+def test_a_killed_pools_cgroups_are_swept_by_the_next_pool() -> None:
+    program = textwrap.dedent(f"""
+        import asyncio, sys
+        import herd
+        async def main():
+            factory = herd.ProcessFactory([sys.executable, {WORKER!r}, "{{port}}"],
+                                          memory_limit=64 << 20)
+            async with herd.Pool(factory, min_workers=2, max_workers=2):
+                print("ready", flush=True)
+                await asyncio.Event().wait()
+        asyncio.run(main())
+    """)
+    before = set(herd_cgroups())
+    pool = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
+    assert pool.stdout is not None
+    assert pool.stdout.readline().strip() == "ready"
+    stale = set(herd_cgroups()) - before
+    assert len(stale) >= 2  # memory (and the other hierarchies) for two workers
+    os.kill(pool.pid, signal.SIGKILL)
+    pool.wait()
+    pool.stdout.close()
+
+    async def next_pool() -> None:
+        async with herd.Pool(factory(memory_limit=64 << 20), min_workers=1, max_workers=1):
+            assert not stale & set(herd_cgroups())
+
+    asyncio.run(next_pool())
+    wait_until_sync(
+        lambda: not (set(herd_cgroups()) - before), timeout=5, what="every herd cgroup to go"
+    )
+
+
+@needs_cgroups
+async def test_shutdown_leaves_no_cgroup() -> None:
+    before = set(herd_cgroups())
+    async with herd.Pool(factory(pids_limit=64), min_workers=2, max_workers=3) as pool:
+        await (await pool.acquire("a")).close()
+        assert len(set(herd_cgroups()) - before) >= 2
+    assert set(herd_cgroups()) == before
+
+
+async def test_stats_report_the_sandbox_level_and_why() -> None:
+    async with herd.Pool(factory(), min_workers=1, max_workers=1) as pool:
+        stats = pool.stats()
+        assert stats.sandbox in ("full", "partial", "none")
+        assert stats.sandbox_reason
+    async with herd.Pool(factory(sandbox=False), min_workers=0, max_workers=1) as pool:
+        assert pool.stats().sandbox == "none"
+        assert "sandbox=False" in pool.stats().sandbox_reason
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the full sandbox needs root here")
+async def test_required_sandbox_runs_when_everything_is_available() -> None:
+    spawner = factory(sandbox="required", memory_limit=64 << 20)
+    if spawner.sandbox_report.level != "full":
+        pytest.skip(spawner.sandbox_report.reason)
+    async with herd.Pool(spawner, min_workers=1, max_workers=1) as pool:
+        assert pool.stats().sandbox == "full"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"pids_limit": 0}, "pids_limit"),
+        ({"pids_limit": -2}, "pids_limit"),
+        ({"pids_limit": 1.5}, "pids_limit"),
+        ({"cpu_limit": 0}, "cpu_limit"),
+        ({"cpu_limit": -0.5}, "cpu_limit"),
+        ({"cpu_limit": "half"}, "cpu_limit"),
+        ({"memory_limit": 1000}, "memory_limit"),
+        ({"memory_limit": -1}, "memory_limit"),
+        ({"memory_limit": 1.5e9}, "memory_limit"),
+    ],
+)
+def test_invalid_limits_raise_at_construction(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        herd.ProcessFactory(["true"], **kwargs)
+
+
+def test_unlimited_pids_is_minus_one() -> None:
+    assert herd.ProcessFactory(["true"], pids_limit=-1).limits.pids is None
+    assert not herd.ProcessFactory(["true"]).limits
+
+
+@pytest.mark.skipif(
+    GROUPS.version != "v2", reason=f"cgroup v2 controllers not usable here: {GROUPS.reason}"
+)
+async def test_cgroup_v2_limits() -> None:
+    worker = await factory(cpu_limit=0.5, memory_limit=128 << 20, pids_limit=50).spawn()
+    try:
+        assert worker.cgroup is not None
+        path = worker.cgroup.paths[""]
+        assert read(path, "cpu.max").split() == ["50000", "100000"]
+        assert int(read(path, "memory.max")) == 128 << 20
+        assert read(path, "pids.max").strip() == "50"
+    finally:
+        await worker.close()
