@@ -71,6 +71,8 @@ def _with_breach(worker: Worker[Any], reason: str) -> str:
     """``reason``, plus the cgroup limit the worker ran into if it can tell."""
     breach = getattr(worker, "limit_breach", None)
     found = breach() if callable(breach) else None
+    if found and found.startswith("killed:"):
+        return str(found)  # the worker is dead for that reason, however we noticed
     return f"{reason} ({found})" if found else reason
 
 

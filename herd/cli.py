@@ -222,6 +222,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--cwd", default=None, help="working directory of workers")
     worker.add_argument(
+        "--cpu",
+        type=float,
+        default=None,
+        metavar="CORES",
+        help="CPU limit per worker, in cores (e.g. 0.5)",
+    )
+    worker.add_argument(
+        "--memory",
+        type=_arg(parse_size),
+        default=None,
+        metavar="SIZE",
+        help="memory limit per worker (e.g. 512M); past it the worker is "
+        "killed and its session's next request gets a fresh one",
+    )
+    worker.add_argument(
+        "--pids",
+        type=int,
+        default=None,
+        metavar="N",
+        help="process/thread limit per worker (-1: none)",
+    )
+    worker.add_argument(
         "--no-sandbox",
         action="store_true",
         help="run workers without namespaces (the Go WithInsecureSandbox)",
@@ -307,6 +329,9 @@ async def serve(args: argparse.Namespace) -> int:
         start_timeout=args.start_timeout,
         sandbox=not args.no_sandbox,
         cwd=args.cwd,
+        cpu_limit=args.cpu,
+        memory_limit=args.memory,
+        pids_limit=args.pids,
     )
     pool: Pool[Any] = Pool(
         factory,
@@ -355,6 +380,8 @@ async def serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
             return 1
+        report = factory.sandbox_report
+        log.info("sandbox: %s (%s)", report.level, report.reason)
         log.info(
             "herd serve listening on http://%s:%d (%d-%d workers of %s)",
             args.host,

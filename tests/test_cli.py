@@ -323,3 +323,47 @@ def test_websocket_through_herd_serve_on_each_loop(serve: type[Serve], loop: str
 
     assert asyncio.run(echo()) == ("hello", 100_000, 4003)
     assert server.stop() == 0
+
+
+def test_limit_flags_reach_the_workers(serve: type[Serve]) -> None:
+    from herd import _cgroups
+
+    if _cgroups.detect().version is None:
+        pytest.skip(f"no usable cgroups here: {_cgroups.detect().reason}")
+    from tests.helpers import WORKER
+
+    server = serve(
+        "--cpu",
+        "0.5",
+        "--memory",
+        "96M",
+        "--pids",
+        "64",
+        "--health-path",
+        "/health",
+        command=[sys.executable, WORKER, "{port}"],
+    )
+    server.wait_ready()
+    stats = json.loads(server.get("/herd/stats", session=None)[2])
+    assert stats["sandbox"] in ("full", "partial")
+    assert "limits by cgroup" in stats["sandbox_reason"]
+    status, _, _ = server.get("/alloc/300")  # over --memory: the worker is killed
+    assert status == 502
+    stats = json.loads(server.get("/herd/stats", session=None)[2])
+    assert stats["recent_crashes"][-1]["reason"] == "killed: memory limit 96 MiB"
+    assert server.get("/state")[0] == 200  # the session's next request: a fresh worker
+    assert server.stop() == 0
+    assert "sandbox: " in server.output()
+
+
+@pytest.mark.parametrize("flags", [["--pids", "0"], ["--cpu", "-1"], ["--memory", "10"]])
+def test_bad_limit_flags_exit_2(flags: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "herd", "serve", *flags, "--", "x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "limit" in done.stderr
