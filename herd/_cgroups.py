@@ -200,8 +200,17 @@ class WorkerCgroup:
     def __init__(self, groups: Cgroups, name: str, limits: Limits) -> None:
         self.groups = groups
         self.limits = limits
-        self.paths = {c: os.path.join(root, name) for c, root in groups.roots.items()}
-        for root in set(groups.roots.values()):
+        # Each hierarchy joined costs a migration (a global lock in the kernel): join
+        # only those whose limit is set (cpuacct with cpu, for accounting).
+        needed = {
+            "": bool(limits),
+            "memory": limits.memory is not None,
+            "cpu": limits.cpu is not None,
+            "cpuacct": limits.cpu is not None,
+            "pids": limits.pids is not None,
+        }
+        self.paths = {c: os.path.join(root, name) for c, root in groups.roots.items() if needed[c]}
+        for root in {os.path.dirname(path) for path in self.paths.values()}:
             os.makedirs(root, exist_ok=True)
             if groups.version == "v2":
                 with contextlib.suppress(OSError):

@@ -258,7 +258,13 @@ class Pool(Generic[C]):
         self._background(self._maintenance_loop())
         if self.config.health_interval:
             self._background(self._health_loop(self.config.health_interval))
-        log.info("pool ready: %d worker(s), max %d", len(self._slots), self.config.max_workers)
+        report = self._sandbox_report()
+        log.info(
+            "pool ready: %d worker(s), max %d; sandbox %s",
+            len(self._slots),
+            self.config.max_workers,
+            f"{report.level} ({report.reason})" if report is not None else "unknown",
+        )
 
     async def shutdown(self) -> None:
         """Stop every worker and background task; idempotent.

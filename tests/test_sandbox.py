@@ -7,6 +7,7 @@ memory, cpu and pids). Where there is none they are skipped, saying why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -219,3 +220,25 @@ async def test_cgroup_v2_limits() -> None:
         assert read(path, "pids.max").strip() == "50"
     finally:
         await worker.close()
+
+
+@needs_cgroups
+async def test_a_worker_stuck_at_its_pid_limit_goes_through_the_crash_path() -> None:
+    crashed: list[str] = []
+    async with herd.Pool(
+        factory(pids_limit=16),
+        min_workers=0,
+        max_workers=1,
+        health_interval=None,
+        on_crash=crashed.append,
+    ) as pool:
+        session = await pool.acquire("stuck")
+        worker = session.worker
+        # Fill every slot; the server then cannot start a thread for a request.
+        for _ in range(3):
+            with contextlib.suppress(HTTPClientError):
+                await worker.client.get("/forkbomb/10000", timeout=5)
+        await pool.check_health()
+        await wait_until(lambda: crashed == ["stuck"], timeout=10, what="crash path")
+        assert "PID limit (16)" in pool.stats().recent_crashes[-1].reason
+        await session.close()
