@@ -242,3 +242,95 @@ async def test_a_worker_stuck_at_its_pid_limit_goes_through_the_crash_path() -> 
         await wait_until(lambda: crashed == ["stuck"], timeout=10, what="crash path")
         assert "PID limit (16)" in pool.stats().recent_crashes[-1].reason
         await session.close()
+
+
+NOT_ROOT_PROGRAM = """
+import asyncio, logging, sys
+import herd
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+WORKER = [sys.executable, "tests/helpers/worker.py", "{port}"]
+
+async def main():
+    factory = herd.ProcessFactory(WORKER, memory_limit=64 << 20)
+    async with herd.Pool(factory, min_workers=1, max_workers=2) as pool:
+        async with pool.acquire("s") as session:
+            print("served", (await session.worker.client.get("/pid")).code)
+        await pool.acquire("t")  # a second spawn: still one warning
+        print("level", pool.stats().sandbox)
+    required = herd.ProcessFactory(WORKER, memory_limit=64 << 20, sandbox="required")
+    try:
+        async with herd.Pool(required, min_workers=1, max_workers=1):
+            print("required ran")
+    except herd.SpawnError as exc:
+        print("required refused:", exc.message.split(":")[0])
+
+asyncio.run(main())
+"""
+
+
+def test_not_root_warns_once_and_required_refuses() -> None:
+    """Run a pool as 'nobody' with Debian's python3 and copies of what it imports."""
+    import pathlib
+    import shutil
+    import tempfile
+
+    python = "/usr/bin/python3"
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists(python):
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to become another user")
+    version = subprocess.run(
+        [python, "-c", "import sys; print(sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if version != str(tuple(sys.version_info[:2])):
+        pytest.skip(f"/usr/bin/python3 is {version}: psutil's extension would not load")
+    tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="herd-nobody-", dir="/tmp"))
+    try:
+        run_as_nobody(tmp_path, python)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def run_as_nobody(tmp_path: Any, python: str) -> None:
+    import shutil
+
+    import psutil
+    import tornado
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for package in (tornado, psutil):
+        shutil.copytree(
+            os.path.dirname(package.__file__),
+            tmp_path / os.path.basename(os.path.dirname(package.__file__)),
+        )
+    shutil.copytree(os.path.join(root, "herd"), tmp_path / "herd")
+    shutil.copytree(os.path.join(root, "tests", "helpers"), tmp_path / "tests" / "helpers")
+    for path in [tmp_path, *tmp_path.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "env",
+            "HOME=/tmp",
+            f"PYTHONPATH={tmp_path}",
+            python,
+            "-c",
+            NOT_ROOT_PROGRAM,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "served 200" in done.stdout
+    assert "level partial" in done.stdout or "level none" in done.stdout
+    assert "required refused: sandbox='required' but it is" in done.stdout
+    warnings = [line for line in done.stderr.splitlines() if "WARNING herd.sandbox" in line]
+    assert len(warnings) == 1, done.stderr
+    assert "not root" in warnings[0]
