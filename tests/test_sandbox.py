@@ -7,7 +7,6 @@ memory, cpu and pids). Where there is none they are skipped, saying why.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -234,10 +233,10 @@ async def test_a_worker_stuck_at_its_pid_limit_goes_through_the_crash_path() -> 
     ) as pool:
         session = await pool.acquire("stuck")
         worker = session.worker
-        # Fill every slot; the server then cannot start a thread for a request.
-        for _ in range(3):
-            with contextlib.suppress(HTTPClientError):
-                await worker.client.get("/forkbomb/10000", timeout=5)
+        # Fill every slot, the request's own thread included: the server then
+        # cannot start a thread for the next request.
+        reply = await worker.client.get("/forkbomb/10000/hold", timeout=5)
+        assert json.loads(reply.body)["forked"] > 0
         await pool.check_health()
         await wait_until(lambda: crashed == ["stuck"], timeout=10, what="crash path")
         assert "PID limit (16)" in pool.stats().recent_crashes[-1].reason

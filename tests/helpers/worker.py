@@ -4,7 +4,8 @@ Routes: /health, /pid (this process's PID as seen by the host... and inside),
 /state (a per-process counter: proof of affinity), /env/NAME, /exit/CODE,
 /sleep/SECONDS, /ps (PIDs this process can see), /daemon (the PID of a
 double-forked grandchild it started at boot, if WORKER_DOUBLE_FORK=1), /alloc/MIB
-(hold that much more memory), /forkbomb/MOST (fork sleepers until refused),
+(hold that much more memory), /forkbomb/MOST[/hold] (fork sleepers until refused; hold: keep the
+request's thread too, so that no PID slot is left),
 /spin/SECONDS (busy-loop).
 
 Start-up behaviour:
@@ -122,6 +123,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.reply(200, {"held_mib": sum(len(b) for b in hoard) >> 20})
         elif route == "forkbomb":
             self.reply(200, {"forked": fork_until_refused(int(parts[1]))})
+            if parts[2:] == ["hold"]:  # keep this thread, and its PID slot, for good
+                self.wfile.flush()
+                time.sleep(3600)
         elif route == "spin":
             deadline = time.monotonic() + float(parts[1])
             while time.monotonic() < deadline:
