@@ -488,17 +488,19 @@ class ProcessFactory:
         return SandboxReport(level, "; ".join(reasons), namespaces.prefix)
 
     def _cgroup(self, tag: str) -> WorkerCgroup | None:
+        groups: Cgroups = detect_cgroups()
+        if not self._swept and groups.version is not None:
+            # Cgroups of pools that were killed go before we add any (with or
+            # without limits of our own: the next pool to start cleans up).
+            self._swept = True
+            for path in sweep_stale(groups):
+                log.info("removed stale worker cgroup %s", path)
         if not self.limits:
             return None
-        groups: Cgroups = detect_cgroups()
         if groups.version is None:
             if self.sandbox == "required":
                 raise SpawnError(f"sandbox='required' but limits cannot be set: {groups.reason}")
             return None
-        if not self._swept:  # cgroups of pools that were killed: gone before we add ours
-            self._swept = True
-            for path in sweep_stale(groups):
-                log.info("removed stale worker cgroup %s", path)
         try:
             return WorkerCgroup(groups, owner_prefix() + tag, self.limits)
         except OSError as exc:
