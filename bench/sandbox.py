@@ -57,10 +57,8 @@ async def spawn_ms(spawner: herd.ProcessFactory) -> float:
 
 def launch_ms(spawner: herd.ProcessFactory) -> float:
     """fork+exec of /bin/true the way spawn() starts a worker, until it exits."""
-    from herd._sandbox import launcher
-
-    cgroup = spawner._cgroup(f"bench-{time.monotonic_ns()}")
-    prefix, preexec, _ = launcher(spawner.sandbox, cgroup.procs_files if cgroup else ())
+    cgroup = spawner._sandbox.cgroup(f"bench-{time.monotonic_ns()}")
+    prefix, preexec = spawner._sandbox.launch_plan(cgroup)
     started = time.perf_counter()
     subprocess.run([*prefix, "true"], preexec_fn=preexec, start_new_session=True, check=True)
     elapsed = (time.perf_counter() - started) * 1000

@@ -41,6 +41,30 @@ class Limits:
     memory: int | None = None  # bytes
     pids: int | None = None  # processes and threads
 
+    @classmethod
+    def validated(cls, cpu: object, memory: object, pids: object) -> Limits:
+        """Limits from user options (``pids=-1``: none).
+
+        :raises ValueError: a limit that is not a positive number of its kind.
+        """
+        if cpu is not None and (
+            isinstance(cpu, bool) or not isinstance(cpu, int | float) or not 0 < cpu < 1e6
+        ):
+            raise ValueError(f"cpu_limit must be a number of cores > 0, not {cpu!r}")
+        if memory is not None and (
+            isinstance(memory, bool) or not isinstance(memory, int) or memory < 1 << 20
+        ):
+            raise ValueError(f"memory_limit must be bytes (an int) >= 1 MiB, not {memory!r}")
+        if pids is not None and (
+            isinstance(pids, bool) or not isinstance(pids, int) or pids == 0 or pids < -1
+        ):
+            raise ValueError(f"pids_limit must be >= 1 or -1 (no limit), not {pids!r}")
+        return cls(
+            cpu=float(cpu) if cpu is not None else None,
+            memory=memory,
+            pids=None if pids == -1 else pids,
+        )
+
     def __bool__(self) -> bool:
         return self.cpu is not None or self.memory is not None or self.pids is not None
 

@@ -34,13 +34,12 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 
-from ._cgroups import Cgroups, Limits, WorkerCgroup, owner_prefix, sweep_stale
-from ._cgroups import detect as detect_cgroups
+from ._cgroups import WorkerCgroup
 from ._client import HTTPWorkerClient, probe
 from ._config import Duration, duration_seconds
 from ._exceptions import SpawnError
 from ._procfs import catches, children, descendants, with_environ
-from ._sandbox import SandboxMode, SandboxReport, launcher, warn_once
+from ._sandbox import Sandbox, SandboxMode, SandboxReport
 
 __all__ = ["OutputLog", "ProcessFactory", "ProcessWorker"]
 
@@ -365,21 +364,6 @@ class ProcessWorker:
             await self._loop.run_in_executor(None, self.cgroup.remove)
 
 
-def _limits(cpu: float | None, memory: int | None, pids: int | None) -> Limits:
-    if cpu is not None:
-        if isinstance(cpu, bool) or not isinstance(cpu, int | float) or not 0 < cpu < 1e6:
-            raise ValueError(f"cpu_limit must be a number of cores > 0, not {cpu!r}")
-    if memory is not None:
-        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1 << 20:
-            raise ValueError(f"memory_limit must be bytes (an int) >= 1 MiB, not {memory!r}")
-    if pids is not None:
-        if isinstance(pids, bool) or not isinstance(pids, int) or pids == 0 or pids < -1:
-            raise ValueError(f"pids_limit must be >= 1 or -1 (no limit), not {pids!r}")
-        if pids == -1:
-            pids = None
-    return Limits(cpu=float(cpu) if cpu is not None else None, memory=memory, pids=pids)
-
-
 def _required(name: str, value: Duration) -> float:
     seconds = duration_seconds(name, value, allow_none=False)
     assert seconds is not None
@@ -443,8 +427,6 @@ class ProcessFactory:
             raise TypeError(f"every command argument must be a str: {command!r}")
         if not health_path.startswith("/"):
             raise ValueError(f"health_path must start with '/', not {health_path!r}")
-        if sandbox not in (True, False, "required"):
-            raise ValueError(f"sandbox must be True, False or 'required', not {sandbox!r}")
         if isinstance(log_lines, bool) or not isinstance(log_lines, int) or log_lines < 1:
             raise ValueError(f"log_lines must be an int >= 1, not {log_lines!r}")
         for key, value in (env or {}).items():
@@ -463,48 +445,18 @@ class ProcessFactory:
         self.cwd = os.fspath(cwd) if cwd is not None else None
         self.inherit_env = inherit_env
         self.log_lines = log_lines
-        self.limits = _limits(cpu_limit, memory_limit, pids_limit)
-        self._swept = False
+        self._sandbox = Sandbox(
+            sandbox, cpu_limit=cpu_limit, memory_limit=memory_limit, pids_limit=pids_limit
+        )
+        self.limits = self._sandbox.limits
 
     def __repr__(self) -> str:
         return f"ProcessFactory({self.command!r}, health_path={self.health_path!r})"
 
     @property
     def sandbox_report(self) -> SandboxReport:
-        """What isolation this factory's workers get here, and why not more.
-
-        ``full``: PID and mount namespaces, and cgroups for the configured limits;
-        ``partial``: part of that; ``none``: process group and parent-death signal.
-        """
-        _, _, namespaces = launcher(self.sandbox if self.sandbox is False else True)
-        level, reasons = namespaces.level, [namespaces.reason]
-        if self.limits:
-            groups = detect_cgroups()
-            if groups.version is None:
-                level = "partial" if level == "full" else level
-                reasons.append(f"limits NOT enforced: {groups.reason}")
-            else:
-                reasons.append(f"limits by {groups.reason}")
-        return SandboxReport(level, "; ".join(reasons), namespaces.prefix)
-
-    def _cgroup(self, tag: str) -> WorkerCgroup | None:
-        groups: Cgroups = detect_cgroups()
-        if not self._swept and groups.version is not None:
-            # Cgroups of pools that were killed go before we add any (with or
-            # without limits of our own: the next pool to start cleans up).
-            self._swept = True
-            for path in sweep_stale(groups):
-                log.info("removed stale worker cgroup %s", path)
-        if not self.limits:
-            return None
-        if groups.version is None:
-            if self.sandbox == "required":
-                raise SpawnError(f"sandbox='required' but limits cannot be set: {groups.reason}")
-            return None
-        try:
-            return WorkerCgroup(groups, owner_prefix() + tag, self.limits)
-        except OSError as exc:
-            raise SpawnError(f"cannot create the worker's cgroup: {exc}") from exc
+        """What isolation this factory's workers get here, and why not more."""
+        return self._sandbox.report
 
     def _environment(self, port: int, tag: str) -> dict[str, str]:
         env = dict(os.environ) if self.inherit_env else {}
@@ -520,11 +472,7 @@ class ProcessFactory:
             start-up, or it was not healthy within ``start_timeout``; nothing is
             left running.
         """
-        report = self.sandbox_report
-        if self.sandbox == "required" and report.level != "full":
-            raise SpawnError(f"sandbox='required' but it is {report.level}: {report.reason}")
-        if self.sandbox is not False:
-            warn_once(report)
+        report = self._sandbox.check()
         port = _PORTS.allocate()
         argv = [arg.replace("{port}", str(port)) for arg in self.command]
         tag = f"{os.getpid()}-{port}-{time.monotonic_ns()}"
@@ -535,11 +483,11 @@ class ProcessFactory:
                 f"cannot start worker: {argv[0]!r} not found or not executable", command=argv
             )
         try:
-            cgroup = self._cgroup(f"{port}-{time.monotonic_ns()}")
+            cgroup = self._sandbox.cgroup(f"{port}-{time.monotonic_ns()}")
         except BaseException:
             _PORTS.release(port)
             raise
-        prefix, preexec, _ = launcher(self.sandbox, cgroup.procs_files if cgroup else ())
+        prefix, preexec = self._sandbox.launch_plan(cgroup)
         try:
             proc = subprocess.Popen(
                 [*prefix, *argv],

@@ -36,9 +36,12 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-__all__ = ["SandboxLevel", "SandboxMode", "SandboxReport", "detect", "launcher"]
+if TYPE_CHECKING:
+    from ._cgroups import WorkerCgroup
+
+__all__ = ["Sandbox", "SandboxLevel", "SandboxMode", "SandboxReport", "detect", "launcher"]
 
 log = logging.getLogger("herd.sandbox")
 
@@ -152,3 +155,95 @@ def warn_once(report: SandboxReport) -> None:
 
 
 _warned: dict[str, bool] = {}
+
+
+class Sandbox:
+    """The isolation plan shared by every worker of one factory.
+
+    Namespaces and the parent-death signal from :func:`launcher`, cgroup limits
+    from :mod:`herd._cgroups`. Factories of any kind of worker (processes,
+    Jupyter kernels) use it the same way::
+
+        report = sandbox.check()                # once per spawn: raises or warns
+        cgroup = sandbox.cgroup(tag)            # None without limits
+        prefix, preexec = sandbox.launch_plan(cgroup)
+        Popen([*prefix, *argv], preexec_fn=preexec, start_new_session=True)
+
+    :param mode: ``True``, ``False`` or ``"required"``.
+    :raises ValueError: a bad mode or limit.
+    """
+
+    def __init__(
+        self,
+        mode: SandboxMode = True,
+        *,
+        cpu_limit: float | None = None,
+        memory_limit: int | None = None,
+        pids_limit: int | None = None,
+    ) -> None:
+        from ._cgroups import Limits
+
+        if mode not in (True, False, "required"):
+            raise ValueError(f"sandbox must be True, False or 'required', not {mode!r}")
+        self.mode: SandboxMode = mode
+        self.limits = Limits.validated(cpu_limit, memory_limit, pids_limit)
+        self._swept = False
+
+    @property
+    def report(self) -> SandboxReport:
+        """``full``: namespaces, and cgroups for the configured limits; ``partial``:
+        part of that; ``none``: process group and parent-death signal only."""
+        from ._cgroups import detect as detect_cgroups
+
+        _, _, namespaces = launcher(self.mode if self.mode is False else True)
+        level, reasons = namespaces.level, [namespaces.reason]
+        if self.limits:
+            groups = detect_cgroups()
+            if groups.version is None:
+                level = "partial" if level == "full" else level
+                reasons.append(f"limits NOT enforced: {groups.reason}")
+            else:
+                reasons.append(f"limits by {groups.reason}")
+        return SandboxReport(level, "; ".join(reasons), namespaces.prefix)
+
+    def check(self) -> SandboxReport:
+        """The report; raises for ``"required"`` short of full, else warns once.
+
+        :raises herd.SpawnError: ``mode="required"`` and the sandbox is not full.
+        """
+        from ._exceptions import SpawnError
+
+        report = self.report
+        if self.mode == "required" and report.level != "full":
+            raise SpawnError(f"sandbox='required' but it is {report.level}: {report.reason}")
+        if self.mode is not False:
+            warn_once(report)
+        return report
+
+    def cgroup(self, tag: str) -> WorkerCgroup | None:
+        """A new worker cgroup with the limits (``None`` without limits or cgroups).
+
+        The first call also sweeps the cgroups of pools that were killed.
+        """
+        from ._cgroups import WorkerCgroup, owner_prefix, sweep_stale
+        from ._cgroups import detect as detect_cgroups
+        from ._exceptions import SpawnError
+
+        groups = detect_cgroups()
+        if not self._swept and groups.version is not None:
+            self._swept = True
+            for path in sweep_stale(groups):
+                log.info("removed stale worker cgroup %s", path)
+        if not self.limits or groups.version is None:
+            return None
+        try:
+            return WorkerCgroup(groups, owner_prefix() + tag, self.limits)
+        except OSError as exc:
+            raise SpawnError(f"cannot create the worker's cgroup: {exc}") from exc
+
+    def launch_plan(
+        self, cgroup: WorkerCgroup | None
+    ) -> tuple[tuple[str, ...], Callable[[], None]]:
+        """The argv prefix and ``preexec_fn`` for one worker process."""
+        prefix, preexec, _ = launcher(self.mode, cgroup.procs_files if cgroup else ())
+        return prefix, preexec
