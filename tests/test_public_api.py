@@ -9,6 +9,7 @@ import sys
 import herd
 import herd.registry
 import herd.testing
+import herd_nb
 
 
 def test_all_is_sorted_and_complete() -> None:
@@ -26,7 +27,7 @@ def test_all_is_sorted_and_complete() -> None:
 
 
 def test_every_public_name_has_a_docstring() -> None:
-    for module in (herd, herd.testing, herd.registry):
+    for module in (herd, herd.testing, herd.registry, herd_nb):
         for name in module.__all__:
             value = getattr(module, name)
             assert inspect.getdoc(value), f"{module.__name__}.{name} has no docstring"
