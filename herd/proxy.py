@@ -21,6 +21,12 @@ Upstream connections are kept alive per worker (:class:`UpstreamPool`). Tornado'
 own HTTP client opens a connection per request, so the upstream side drives
 :class:`tornado.http1connection.HTTP1Connection` in client mode directly.
 
+A WebSocket is a tunnel: the client's handshake goes to the worker as it is,
+the worker's answer (its accept value, its choice of subprotocol) comes back as
+it is, and from then on two asyncio protocols pass frames as bytes both ways,
+with pause/resume backpressure; a header-only frame meter enforces the message
+size (1009) and notices a worker that vanishes without a close frame (1011).
+
 Errors are JSON bodies ``{"error": ..., "message": ...}``: no key or an invalid
 session ID → 400; body too large → 413; pool exhausted → 503 with
 ``Retry-After``; worker dead, refused or not starting → 502 (a refused connection
@@ -708,7 +714,7 @@ class ProxyHandler(RequestHandler):
         self._address = self.session.worker.address
         host, _, port = self._address.rpartition(":")
         loop = asyncio.get_running_loop()
-        worker_side = _Pipe(_FrameMeter(None))
+        worker_side = _Pipe(_FrameMeter(None), expect_head=True)
         try:
             async with asyncio.timeout(self.settings_.connect_timeout):
                 await loop.create_connection(lambda: worker_side, host, int(port))
@@ -746,6 +752,7 @@ class ProxyHandler(RequestHandler):
         self.ws_open = True
         try:
             client_side.send(head + worker_side.take_early_bytes())
+            worker_side.send(client_side.take_early_bytes())  # none, from a client that waits
             await asyncio.wait(
                 [client_side.done, worker_side.done], return_when=asyncio.FIRST_COMPLETED
             )
@@ -820,9 +827,10 @@ class _Pipe(asyncio.Protocol):
     Until its peer is set, the worker side collects the handshake answer instead.
     """
 
-    def __init__(self, meter: _FrameMeter) -> None:
+    def __init__(self, meter: _FrameMeter, *, expect_head: bool = False) -> None:
         loop = asyncio.get_running_loop()
         self.meter = meter
+        self.expect_head = expect_head  # the worker side: a handshake answer comes first
         self.peer: _Pipe | None = None
         self.transport: asyncio.Transport | None = None
         self.head: asyncio.Future[bytes] = loop.create_future()  # the handshake answer
@@ -845,7 +853,7 @@ class _Pipe(asyncio.Protocol):
 
     def _collect(self, data: bytes) -> None:
         self._early += data
-        if not self.head.done():
+        if self.expect_head and not self.head.done():
             end = self._early.find(b"\r\n\r\n")
             if end >= 0:
                 self.head.set_result(bytes(self._early[: end + 4]))
