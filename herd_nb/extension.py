@@ -1,0 +1,147 @@
+"""The Jupyter server extension: herd pools that start and stop with the server.
+
+Configured with traitlets the Jupyter way (``c.Herd.max_workers = 8`` in
+``jupyter_server_config.py``, or ``--Herd.max_workers=8``; ``jupyter server
+--help-all`` documents each). Values are checked when the server starts; a bad
+one stops start-up with a message naming it.
+
+With ``c.Herd.command`` set, a process pool of that command runs behind
+``{base_url}herd/proxy/``, routed by ``c.Herd.session_header`` (as ``herd
+serve``). Every route under ``{base_url}herd/`` requires Jupyter's authentication.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Bool, Float, Integer, List, TraitError, Unicode, Union, validate
+from traitlets import Enum as TEnum
+
+import herd
+from herd import proxy
+
+from .handlers import HerdProxyHandler, SessionHandler, SessionsHandler, StatsHandler
+
+__all__ = ["Herd"]
+
+
+class Herd(ExtensionApp):
+    """herd inside a Jupyter server."""
+
+    name = "herd_nb"
+
+    min_workers = Integer(1, config=True, help="Workers kept running, even with no session.")
+    max_workers = Integer(10, config=True, help="The most workers alive at once.")
+    ttl = Float(
+        300.0, config=True, help="Seconds a session may go unused before it ends; 0 disables."
+    )
+    health_interval = Float(
+        5.0, config=True, help="Seconds between worker health checks; 0 disables."
+    )
+    worker_reuse = Bool(
+        True, config=True, help="Reuse a worker whose session ended (False: kill it)."
+    )
+    cpu_limit = Float(None, allow_none=True, config=True, help="CPU cores per worker.")
+    memory_limit = Integer(
+        None,
+        allow_none=True,
+        config=True,
+        help="Memory per worker, in bytes (past it the worker is killed).",
+    )
+    pids_limit = Integer(
+        None,
+        allow_none=True,
+        config=True,
+        help="Processes and threads per worker; -1 for no limit.",
+    )
+    sandbox = Union(
+        [Bool(), TEnum(["required"])],
+        default_value=True,
+        config=True,
+        help="Isolate workers (True), not (False), or refuse without ('required').",
+    )
+    session_header = Unicode(
+        "X-Session-ID",
+        config=True,
+        help="Request header that names the session on the proxy route.",
+    )
+    command = List(
+        Unicode(),
+        config=True,
+        help="A program serving HTTP on {port}, run as a process pool behind "
+        "{base_url}herd/proxy/; empty: no process pool.",
+    )
+    health_path = Unicode("/", config=True, help="GET path a process worker must answer with 2xx.")
+
+    @validate("min_workers", "max_workers")
+    def _non_negative(self, proposal: dict[str, Any]) -> int:
+        if proposal["value"] < 0:
+            raise TraitError(f"{proposal['trait'].name} must be >= 0")
+        return int(proposal["value"])
+
+    def initialize_settings(self) -> None:
+        """Build the pools from the config (checked here: bad values stop start-up)."""
+        try:
+            self._build_pools()
+        except (ValueError, TypeError) as exc:
+            # jupyter_server logs an extension's exceptions and serves on without
+            # it; a misconfigured pool must stop the server instead.
+            self.log.critical("herd_nb: invalid configuration (c.Herd.*): %s", exc)
+            raise SystemExit(1) from exc
+        self.settings.update({"herd_pools": self.pools})
+
+    def _build_pools(self) -> None:
+        self.pools: dict[str, herd.Pool[Any]] = {}
+        self.proxy_settings: proxy.ProxySettings | None = None
+        if self.command:
+            factory = herd.ProcessFactory(
+                list(self.command),
+                health_path=self.health_path,
+                sandbox=self.sandbox,
+                cpu_limit=self.cpu_limit,
+                memory_limit=self.memory_limit,
+                pids_limit=self.pids_limit,
+            )
+            pool: herd.Pool[Any] = herd.Pool(
+                factory,
+                min_workers=self.min_workers,
+                max_workers=self.max_workers,
+                ttl=self.ttl,
+                health_interval=self.health_interval,
+                worker_reuse=self.worker_reuse,
+            )
+            self.pools["process"] = pool
+            assert self.serverapp is not None  # set before initialize_settings runs
+            base = self.serverapp.base_url.rstrip("/")
+            self.proxy_settings = proxy.ProxySettings(
+                pool=pool,
+                key=proxy.from_header(self.session_header),
+                prefix=f"{base}/herd/proxy",
+            )
+
+    def initialize_handlers(self) -> None:
+        """Routes under ``{base_url}herd/``."""
+        self.handlers.extend(
+            [
+                (r"/herd/api/stats", StatsHandler),
+                (r"/herd/api/sessions", SessionsHandler),
+                (r"/herd/api/sessions/([^/]+)", SessionHandler),
+            ]
+        )
+        if self.proxy_settings is not None:
+            self.handlers.append(
+                (r"/herd/proxy(/.*)?", HerdProxyHandler, {"settings": self.proxy_settings})
+            )
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        for name, pool in self.pools.items():
+            await pool.start()
+            self.log.info("herd: %s pool ready (sandbox %s)", name, pool.stats().sandbox)
+
+    async def stop_extension(self) -> None:
+        """Stop every pool: no worker outlives the server."""
+        if self.proxy_settings is not None:
+            self.proxy_settings.upstreams.close()
+        for pool in self.pools.values():
+            await pool.shutdown()

@@ -1,0 +1,182 @@
+"""The herd_nb server extension inside a real ``jupyter server``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import wait_until_sync
+from tests.test_cli import free_port
+
+WEB_WORKER = str(Path(__file__).parent / "helpers" / "web_worker.py")
+TOKEN = "herd-test-token"
+
+
+class Server:
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        config = tmp / "jupyter_server_config.py"
+        config.write_text(
+            f"c.Herd.command = [{sys.executable!r}, {WEB_WORKER!r}, '{{port}}']\n"
+            "c.Herd.health_path = '/health'\n"
+            "c.Herd.min_workers = 1\n"
+            "c.Herd.max_workers = 3\n"
+        )
+        argv = [
+            sys.executable,
+            "-m",
+            "jupyter_server",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={self.port}",
+            "--port-retries=0",
+            "--ServerApp.jpserver_extensions=herd_nb=True",
+            f"--IdentityProvider.token={TOKEN}",
+            f"--ServerApp.root_dir={tmp}",
+            f"--config={config}",
+        ]
+        if os.geteuid() == 0:
+            argv.append("--allow-root")
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp
+        )
+
+    def request(
+        self, path: str, *, token: bool = True, method: str = "GET", **headers: str
+    ) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.base + path, method=method, headers=headers)
+        if token:
+            request.add_header("Authorization", f"token {TOKEN}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return reply.status, reply.read()
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, error.read()
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                assert self.proc.stderr is not None
+                raise AssertionError(self.proc.stderr.read()[-3000:])
+            try:
+                status, body = self.request("/herd/api/stats")
+            except OSError:
+                return False
+            return status == 200 and json.loads(body)["pools"]["process"]["total_workers"] >= 1
+
+        wait_until_sync(ready, timeout=60, what="jupyter server with herd_nb")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    running = Server(tmp_path)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        if running.proc.poll() is None:
+            running.proc.send_signal(signal.SIGTERM)
+            try:
+                running.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                running.proc.kill()
+                running.proc.wait()
+        if running.proc.stderr is not None:
+            running.proc.stderr.close()
+
+
+def test_routes_refuse_unauthenticated_requests(server: Server) -> None:
+    for path in ("/herd/api/stats", "/herd/api/sessions", "/herd/proxy/state"):
+        status, body = server.request(path, token=False, **{"X-Session-ID": "s1"})
+        assert status in (302, 403), (path, status)
+        assert b"count" not in body
+    status, _ = server.request("/herd/api/sessions/s1", token=False, method="DELETE")
+    assert status in (302, 403)
+    sessions = json.loads(server.request("/herd/api/sessions")[1])["sessions"]
+    assert sessions == []  # nothing reached a worker
+
+
+def test_websocket_upgrade_needs_authentication_too(server: Server) -> None:
+    async def handshake(token: bool) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        auth = f"Authorization: token {TOKEN}\r\n" if token else ""
+        writer.write(
+            (
+                f"GET /herd/proxy/ws HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                f"X-Session-ID: ws\r\n{auth}Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "\r\n"
+            ).encode()
+        )
+        line = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        return line
+
+    assert b" 403 " in asyncio.run(handshake(token=False))
+    assert b" 101 " in asyncio.run(handshake(token=True))
+
+
+def test_proxy_pins_sessions_and_the_api_lists_and_ends_them(server: Server) -> None:
+    counts = [
+        json.loads(server.request("/herd/proxy/state", **{"X-Session-ID": "alice"})[1])["count"]
+        for _ in range(3)
+    ]
+    assert counts == [1, 2, 3]
+    sessions = json.loads(server.request("/herd/api/sessions")[1])["sessions"]
+    assert [(s["id"], s["pool"]) for s in sessions] == [("alice", "process")]
+    status, _ = server.request("/herd/api/sessions/alice", method="DELETE")
+    assert status == 204
+    assert json.loads(server.request("/herd/api/sessions")[1])["sessions"] == []
+    assert server.request("/herd/api/sessions/nobody", method="DELETE")[0] == 404
+    stats = json.loads(server.request("/herd/api/stats")[1])["pools"]["process"]
+    assert stats["max_workers"] == 3
+
+
+def test_workers_stop_with_the_server(server: Server) -> None:
+    server.request("/herd/proxy/state", **{"X-Session-ID": "bob"})
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(20) == 0
+    # the no_orphans fixture fails the test if any worker is left
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--Herd.max_workers=0", "max_workers must be >= 1"),
+        ("--Herd.pids_limit=0", "pids_limit must be >= 1 or -1"),
+        ("--Herd.ttl=-5", "ttl must be a finite number of seconds >= 0"),
+    ],
+)
+def test_bad_configuration_stops_start_up_with_a_clear_message(
+    tmp_path: Path, option: str, message: str
+) -> None:
+    argv = [
+        sys.executable,
+        "-m",
+        "jupyter_server",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={free_port()}",
+        "--ServerApp.jpserver_extensions=herd_nb=True",
+        f"--ServerApp.root_dir={tmp_path}",
+        option,
+        f"--Herd.command=[{sys.executable!r}, {WEB_WORKER!r}, '{{port}}']",
+    ]
+    if os.geteuid() == 0:
+        argv.append("--allow-root")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "invalid configuration (c.Herd.*)" in done.stderr
+    assert message in done.stderr
