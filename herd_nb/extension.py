@@ -12,9 +12,11 @@ serve``). Every route under ``{base_url}herd/`` requires Jupyter's authenticatio
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
+from prometheus_client import REGISTRY
 from traitlets import Bool, Float, Integer, List, TraitError, Unicode, Union, validate
 from traitlets import Enum as TEnum
 
@@ -22,6 +24,7 @@ import herd
 from herd import proxy
 
 from .handlers import HerdProxyHandler, SessionHandler, SessionsHandler, StatsHandler
+from .metrics import PoolCollector
 
 __all__ = ["Herd"]
 
@@ -90,6 +93,9 @@ class Herd(ExtensionApp):
             self.log.critical("herd_nb: invalid configuration (c.Herd.*): %s", exc)
             raise SystemExit(1) from exc
         self.settings.update({"herd_pools": self.pools})
+        self.collector = PoolCollector(self.pools)
+        with contextlib.suppress(ValueError):  # already registered (a second server app)
+            REGISTRY.register(self.collector)
 
     def _build_pools(self) -> None:
         self.pools: dict[str, herd.Pool[Any]] = {}
@@ -145,3 +151,5 @@ class Herd(ExtensionApp):
             self.proxy_settings.upstreams.close()
         for pool in self.pools.values():
             await pool.shutdown()
+        with contextlib.suppress(KeyError):
+            REGISTRY.unregister(self.collector)

@@ -180,3 +180,47 @@ def test_bad_configuration_stops_start_up_with_a_clear_message(
     assert done.returncode == 1
     assert "invalid configuration (c.Herd.*)" in done.stderr
     assert message in done.stderr
+
+
+def test_pool_metrics_in_prometheus(server: Server) -> None:
+    server.request("/herd/proxy/state", **{"X-Session-ID": "carol"})
+    status, body = server.request("/metrics")
+    assert status == 200
+    text = body.decode()
+    assert 'herd_workers{pool="process",state="pinned"} 1.0' in text
+    assert 'herd_sessions{pool="process"} 1.0' in text
+    assert 'herd_spawn_failures{pool="process"} 0.0' in text
+
+
+def test_installed_enabled_and_documented() -> None:
+    import re
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "jupyter", "server", "extension", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", listed.stdout + listed.stderr)
+    assert re.search(r"herd_nb\s+enabled", plain), plain
+    assert re.search(r"herd_nb\s+OK", plain), plain
+    # jupyter_server prints --help-all before it loads any extension, so each
+    # trait is checked in the extension's own help (the same text).
+    from herd_nb.extension import Herd
+
+    helped = Herd.class_get_help()
+    for trait in (
+        "min_workers",
+        "max_workers",
+        "ttl",
+        "health_interval",
+        "worker_reuse",
+        "cpu_limit",
+        "memory_limit",
+        "pids_limit",
+        "sandbox",
+        "session_header",
+        "command",
+    ):
+        assert f"--Herd.{trait}" in helped, trait
