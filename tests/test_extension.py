@@ -144,9 +144,13 @@ def test_proxy_pins_sessions_and_the_api_lists_and_ends_them(server: Server) -> 
     assert stats["max_workers"] == 3
 
 
-def test_workers_stop_with_the_server(server: Server) -> None:
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "api/shutdown"])
+def test_workers_stop_with_the_server(server: Server, how: str) -> None:
     server.request("/herd/proxy/state", **{"X-Session-ID": "bob"})
-    server.proc.send_signal(signal.SIGTERM)
+    if how == "api/shutdown":
+        assert server.request("/api/shutdown", method="POST")[0] == 200
+    else:
+        server.proc.send_signal(getattr(signal, how))
     assert server.proc.wait(20) == 0
     # the no_orphans fixture fails the test if any worker is left
 
