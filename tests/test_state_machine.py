@@ -1,21 +1,29 @@
-"""A hypothesis state machine driving a real pool with random operations.
+"""A hypothesis state machine driving a real pool of subprocess workers.
 
-Rules acquire, close, release, SIGKILL workers and advance a fake clock past
-the TTL; after every step the invariants are checked against a model and
-against the pool's own view (one worker per session, never a worker shared,
-never more than ``max_workers``, stats consistent with live processes).
+Rules acquire (one at a time, or several at once), close uses, release sessions
+(by ID or through a handle), SIGKILL workers, free a worker while an acquire
+waits at the cap, and move a fake clock past the TTL. A model keeps the expected
+pins (session ID -> worker ID) and the open uses of each pin; after every step
+the pool's own view (``sessions()``, ``stats()``, ``workers()``, the registry) must
+agree with it, and with the processes that are really running.
+
+One event loop per machine: hypothesis rules are synchronous, so each rule runs
+its coroutine with ``loop.run_until_complete``; between steps the loop is stopped,
+so every invariant sees a quiescent pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -23,20 +31,42 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
 
 import herd
 from herd.testing import FakeClock
 from tests.helpers import factory, pid_alive, wait_until
 
-SESSION_IDS = st.sampled_from([f"s{i}" for i in range(5)])
-TTL = 30.0
+T = TypeVar("T")
+
+SESSION_IDS = [f"s{i}" for i in range(5)]
+TTL = 30.0  # fake seconds
+# Steps of the fake clock: no sum of them is exactly TTL, so the model never has
+# to know whether an idle time of exactly TTL evicts (it is unspecified).
+CLOCK_STEPS = (7.0, 13.0, TTL + 1)
+ACQUIRE_TIMEOUT = 0.3  # real seconds: the pool's default, what an exhausted acquire waits
+LONG = 15.0  # real seconds: the timeout of acquires the model says must succeed
+NOTICE = 10.0  # real seconds the pool may take to notice a killed worker
 
 
-@dataclass
+@dataclass(eq=False)
+class Pin:
+    """The model of one pinning of a session ID to a worker."""
+
+    sid: str
+    worker_id: str
+    last_active: float  # fake clock; when the pin was made or its last use closed
+    ended: bool = False  # released, evicted or crashed
+    crashed: bool = False  # its worker was killed
+
+
+@dataclass(eq=False)
 class Handle:
+    """An open use (a ``Session`` object) of one pin."""
+
     session: herd.Session[Any]
-    generation: int  # which pin of the session ID this use belongs to
+    pin: Pin
 
 
 class PoolMachine(RuleBasedStateMachine):
@@ -45,14 +75,35 @@ class PoolMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.clock = FakeClock()
         self.pool: herd.Pool[Any] | None = None
-        self.pins: dict[str, tuple[str, int]] = {}  # model: sid -> (worker id, generation)
-        self.handles: list[Handle] = []
-        self.generation = 0
-        self.crashed: set[int] = set()  # generations whose worker was killed
+        self.min_workers = 0
         self.max_workers = 2
+        self.reuse = True
+        self.pins: dict[str, Pin] = {}  # live pins, by session ID
+        self.handles: list[Handle] = []  # open uses
+        self.ever_pinned: set[str] = set()  # worker IDs that ever served a session
+        self.dead: set[str] = set()  # worker IDs we killed
+        self.killed_from: dict[str, str] = {}  # sid -> the worker killed under it
+        self.counters: dict[str, int] = {}  # worker ID -> its /state counter
+        self.crash_reports: list[str] = []  # what on_crash was called with
 
-    def run(self, coro: Any) -> Any:
-        return self.loop.run_until_complete(coro)
+    # -- plumbing -----------------------------------------------------------------------
+
+    def run(self, awaitable: Awaitable[T]) -> T:
+        async def wrapper() -> T:
+            return await awaitable
+
+        return self.loop.run_until_complete(wrapper())
+
+    def wait(self, predicate: Callable[[], object], what: str) -> None:
+        self.run(wait_until(predicate, timeout=NOTICE, what=what))
+
+    @property
+    def p(self) -> herd.Pool[Any]:
+        assert self.pool is not None
+        return self.pool
+
+    async def on_crash(self, session_id: str) -> None:
+        self.crash_reports.append(session_id)
 
     @initialize(
         min_workers=st.integers(0, 1),
@@ -60,148 +111,390 @@ class PoolMachine(RuleBasedStateMachine):
         worker_reuse=st.booleans(),
     )
     def start(self, min_workers: int, max_workers: int, worker_reuse: bool) -> None:
-        self.max_workers = max_workers
-
-        async def make() -> herd.Pool[Any]:
-            pool = herd.Pool(
-                factory(),
-                min_workers=min_workers,
-                max_workers=max_workers,
-                ttl=TTL,
-                health_interval=None,
-                idle_worker_timeout=None,
-                worker_reuse=worker_reuse,
-                acquire_timeout=0.3,
-                clock=self.clock,
-            )
-            await pool.start()
-            return pool
-
-        self.pool = self.run(make())
+        self.min_workers, self.max_workers, self.reuse = min_workers, max_workers, worker_reuse
+        pool = herd.Pool(
+            factory(),
+            min_workers=min_workers,
+            max_workers=max_workers,
+            ttl=TTL,
+            health_interval=None,
+            worker_reuse=worker_reuse,
+            on_crash=self.on_crash,
+            acquire_timeout=ACQUIRE_TIMEOUT,
+            idle_worker_timeout=None,
+            clock=self.clock,
+        )
+        self.run(pool.start())
+        self.pool = pool
+        assert pool.stats().total_workers == min_workers
 
     def teardown(self) -> None:
-        if self.pool is not None:
-            self.run(self.pool.shutdown())
-        self.loop.close()
+        try:
+            if self.pool is not None:
+                pool = self.pool
+                self.run(pool.shutdown())
+                assert pool.workers() == []
+                assert all(h.session.ended for h in self.handles)
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
 
-    # -- the model --------------------------------------------------------------------
+    # -- the model ----------------------------------------------------------------------
 
-    def held_workers(self) -> int:
-        """Workers nobody else may take: pinned, or released but with a use still open."""
-        lingering = {
-            (h.session.session_id, h.generation)
-            for h in self.handles
-            if self.pins.get(h.session.session_id, (None, -1))[1] != h.generation
-            and h.generation not in self.crashed
-        }
-        return len(self.pins) + len(lingering)
+    def uses(self, pin: Pin) -> int:
+        return sum(1 for h in self.handles if h.pin is pin)
 
-    def open_uses(self, sid: str) -> int:
-        generation = self.pins[sid][1]
-        return sum(
-            1 for h in self.handles if h.session.session_id == sid and h.generation == generation
-        )
+    def lingering(self) -> list[Pin]:
+        """Ended pins whose worker is still held by an open use (stats say "ending")."""
+        pins = {id(h.pin): h.pin for h in self.handles}
+        return [p for p in pins.values() if p.ended and not p.crashed]
 
-    # -- rules ------------------------------------------------------------------------
+    def held(self) -> set[str]:
+        """Workers no new session may get: pinned, or ending with a use open."""
+        return {p.worker_id for p in self.pins.values()} | {p.worker_id for p in self.lingering()}
 
-    @rule(sid=SESSION_IDS)
-    def acquire(self, sid: str) -> None:
-        assert self.pool is not None
-        if sid in self.pins or self.held_workers() < self.max_workers:
-            session = self.run(self.pool.acquire(sid))
-            if sid in self.pins:
-                assert session.worker.id == self.pins[sid][0], "affinity broken"
-            else:
-                assert session.worker.id not in {w for w, _ in self.pins.values()}
-                self.generation += 1
-                self.pins[sid] = (session.worker.id, self.generation)
-            self.handles.append(Handle(session, self.pins[sid][1]))
+    def free(self) -> int:
+        return self.max_workers - len(self.held())
+
+    def new_pin(self, sid: str, session: herd.Session[Any]) -> Pin:
+        """Record the first use of a new pin, checking the worker it got."""
+        worker = session.worker
+        assert worker.id not in self.held(), f"{worker.id} given to two sessions"
+        assert worker.id not in self.dead, f"{sid} pinned to killed worker {worker.id}"
+        killed = self.killed_from.pop(sid, None)
+        assert worker.id != killed, f"{sid} got its killed worker back"
+        if not self.reuse:
+            assert worker.id not in self.ever_pinned, f"worker_reuse=False reused {worker.id}"
+        assert worker.pid is not None
+        assert pid_alive(worker.pid)
+        self.ever_pinned.add(worker.id)
+        pin = Pin(sid, worker.id, last_active=self.clock())
+        self.pins[sid] = pin
+        return pin
+
+    def acquired(self, sid: str, session: herd.Session[Any]) -> Pin:
+        """Record a successful acquire of ``sid`` (affinity, or a new pin)."""
+        assert session.session_id == sid
+        assert not session.closed
+        assert not session.ended
+        pin = self.pins.get(sid)
+        if pin is None:
+            return self.new_pin(sid, session)
+        assert session.worker.id == pin.worker_id, f"affinity broken for {sid}"
+        return pin
+
+    def worker_freed(self, worker_id: str) -> None:
+        """A worker's session ended with no use open: recycled, or killed without reuse."""
+        ids = [w.id for w in self.p.workers()]
+        if self.reuse:
+            assert worker_id in ids, f"{worker_id} not recycled"
+            [row] = [r for r in self.p.stats().workers if r.id == worker_id]
+            assert row.state == "idle"
+            assert row.session_id is None
         else:
-            with pytest.raises(herd.PoolExhaustedError):
-                self.run(self.pool.acquire(sid))
+            assert worker_id not in ids, f"{worker_id} kept with worker_reuse=False"
+
+    def end_pin(self, pin: Pin) -> None:
+        """Model a release or eviction of a live pin."""
+        del self.pins[pin.sid]
+        pin.ended = True
+        if self.uses(pin) == 0:
+            self.worker_freed(pin.worker_id)
+
+    def use_closed(self, handle: Handle) -> None:
+        """Model the end of one use (close, or the close part of release)."""
+        self.handles.remove(handle)
+        pin = handle.pin
+        if pin.crashed or self.uses(pin):
+            return
+        pin.last_active = self.clock()
+        if pin.ended:
+            self.worker_freed(pin.worker_id)
+
+    def killed(self, pin: Pin, worker_id: str) -> None:
+        """Model the death of a pinned or ending worker."""
+        if self.pins.get(pin.sid) is pin:
+            del self.pins[pin.sid]
+            self.killed_from[pin.sid] = worker_id
+        pin.ended = pin.crashed = True
+        for handle in self.handles:
+            if handle.pin is pin:
+                assert handle.session.ended
+                with pytest.raises(herd.WorkerDeadError) as dead:
+                    handle.session.check()
+                assert dead.value.worker_id == worker_id
+                assert dead.value.session_id == pin.sid
+
+    def worker(self, worker_id: str) -> herd.Worker[Any]:
+        return next(w for w in self.p.workers() if w.id == worker_id)
+
+    def kill(self, worker_id: str) -> None:
+        pid = self.worker(worker_id).pid
+        assert pid is not None
+        assert pid_alive(pid)
+        os.kill(pid, signal.SIGKILL)
+        self.dead.add(worker_id)
+
+    async def bump(self, session: herd.Session[Any]) -> None:
+        """Bump the worker's per-process counter: proof it is the same live process."""
+        reply = await session.worker.client.get("/state")
+        assert reply.code == 200
+        expected = self.counters.get(session.worker.id, 0) + 1
+        assert json.loads(reply.body)["count"] == expected, "a different process answered"
+        self.counters[session.worker.id] = expected
+
+    # -- rules --------------------------------------------------------------------------
+
+    @rule(sid=st.sampled_from(SESSION_IDS), keep=st.booleans())
+    def acquire(self, sid: str, keep: bool) -> None:
+        """Await a use (kept open) or take one with ``async with`` (closed at once)."""
+        pool = self.p
+        if sid not in self.pins and self.free() == 0:
+            # Every worker is held and none can be freed: the default timeout runs out.
+            with pytest.raises(herd.PoolExhaustedError) as exhausted:
+                self.run(pool.acquire(sid))
+            assert exhausted.value.session_id == sid
+            assert isinstance(exhausted.value, TimeoutError)
+            return
+        if keep:
+            session = self.run(pool.acquire(sid, timeout=LONG))
+            self.handles.append(Handle(session, self.acquired(sid, session)))
+            self.run(self.bump(session))
+            return
+
+        async def use_once() -> herd.Session[Any]:
+            async with pool.acquire(sid, timeout=LONG) as session:
+                self.acquired(sid, session)
+                await self.bump(session)
+            return session
+
+        session = self.run(use_once())
+        assert session.closed
+        assert not session.ended
+        pin = self.pins[sid]
+        if self.uses(pin) == 0:
+            pin.last_active = self.clock()
+
+    @rule(calls=st.lists(st.sampled_from(SESSION_IDS), min_size=2, max_size=4))
+    def acquire_concurrently(self, calls: list[str]) -> None:
+        """Concurrent acquires: one pin per new ID, never above max_workers, FIFO at the cap."""
+        pool = self.p
+        new = list(dict.fromkeys(sid for sid in calls if sid not in self.pins))
+        winners = set(new[: self.free()])  # first come, first served
+        served = set(self.pins) | winners
+
+        async def one(sid: str) -> herd.Session[Any]:
+            if sid in served:
+                return await pool.acquire(sid, timeout=LONG)
+            return await pool.acquire(sid)
+
+        async def all_of_them() -> list[herd.Session[Any] | BaseException]:
+            return await asyncio.gather(*(one(sid) for sid in calls), return_exceptions=True)
+
+        results = self.run(all_of_them())
+        for sid, result in zip(calls, results, strict=True):
+            if sid in served:
+                assert isinstance(result, herd.Session), f"{sid}: {result!r}"
+                self.handles.append(Handle(result, self.acquired(sid, result)))
+            else:
+                assert isinstance(result, herd.PoolExhaustedError), f"{sid}: {result!r}"
 
     @precondition(lambda self: self.handles)
     @rule(data=st.data())
     def close(self, data: st.DataObject) -> None:
-        handle = self.handles.pop(data.draw(st.integers(0, len(self.handles) - 1)))
+        handle = data.draw(st.sampled_from(self.handles))
         self.run(handle.session.close())
+        self.run(handle.session.close())  # idempotent
+        assert handle.session.closed
+        self.use_closed(handle)
 
-    @rule(sid=SESSION_IDS)
+    @rule(sid=st.sampled_from(SESSION_IDS))
     def release(self, sid: str) -> None:
-        assert self.pool is not None
-        self.run(self.pool.release(sid))
-        self.pins.pop(sid, None)
+        """``pool.release(sid)``; idempotent, and unknown IDs are ignored."""
+        self.run(self.p.release(sid))
+        pin = self.pins.get(sid)
+        if pin is not None:
+            self.end_pin(pin)
+        self.run(self.p.release(sid))
 
     @precondition(lambda self: self.handles)
     @rule(data=st.data())
     def release_handle(self, data: st.DataObject) -> None:
-        handle = self.handles.pop(data.draw(st.integers(0, len(self.handles) - 1)))
+        """``session.release()``; an old handle never ends a newer pin of its ID."""
+        handle = data.draw(st.sampled_from(self.handles))
         self.run(handle.session.release())
-        sid = handle.session.session_id
-        if self.pins.get(sid, (None, -1))[1] == handle.generation:
-            del self.pins[sid]  # an old handle never ends a newer pin
+        assert handle.session.closed
+        assert handle.session.ended
+        pin = handle.pin
+        if self.pins.get(pin.sid) is pin:
+            self.handles.remove(handle)
+            self.end_pin(pin)
+        else:
+            self.use_closed(handle)
 
     @precondition(lambda self: self.pins)
     @rule(data=st.data())
-    def kill_worker(self, data: st.DataObject) -> None:
-        assert self.pool is not None
-        sid = data.draw(st.sampled_from(sorted(self.pins)))
-        worker_id, generation = self.pins.pop(sid)
-        worker = next(w for w in self.pool.workers() if w.id == worker_id)
-        os.killpg(worker.pid, signal.SIGKILL)
-        pool = self.pool
-        self.run(wait_until(lambda: sid not in pool.sessions(), timeout=5, what="unpin"))
-        self.crashed.add(generation)
-        for handle in self.handles:
-            if handle.generation == generation:
-                assert handle.session.ended
-                with pytest.raises(herd.WorkerDeadError):
-                    handle.session.check()
+    def kill_pinned_worker(self, data: st.DataObject) -> None:
+        """SIGKILL a pinned worker: the pool unpins it at once and calls on_crash."""
+        pool = self.p
+        pin = self.pins[data.draw(st.sampled_from(sorted(self.pins)))]
+        reports = self.crash_reports.count(pin.sid)
+        self.kill(pin.worker_id)
+        self.wait(lambda: pin.sid not in pool.sessions(), f"the pool to unpin {pin.sid}")
+        assert pin.worker_id not in [w.id for w in pool.workers()]
+        self.killed(pin, pin.worker_id)
+        crash = pool.stats().recent_crashes[-1]
+        assert (crash.worker_id, crash.session_id) == (pin.worker_id, pin.sid)
+        self.wait(lambda: self.crash_reports.count(pin.sid) > reports, f"on_crash({pin.sid!r})")
 
-    @rule()
-    def ttl_passes(self) -> None:
-        assert self.pool is not None
-        self.clock.advance(TTL + 1)
-        self.run(self.pool.sweep())
-        for sid in list(self.pins):
-            if self.open_uses(sid) == 0:
-                del self.pins[sid]  # evicted; an open use keeps a session
+    def unpinned_workers(self) -> list[str]:
+        pinned = {p.worker_id for p in self.pins.values()}
+        return [w.id for w in self.p.workers() if w.id not in pinned]
 
-    # -- invariants -------------------------------------------------------------------
+    @precondition(lambda self: self.pool is not None and self.unpinned_workers())
+    @rule(data=st.data())
+    def kill_unpinned_worker(self, data: st.DataObject) -> None:
+        """SIGKILL an idle worker, or one still serving a use of an ended session."""
+        pool = self.p
+        worker_id = data.draw(st.sampled_from(self.unpinned_workers()))
+        ending = [p for p in self.lingering() if p.worker_id == worker_id]
+        sessions = pool.sessions()
+        reports = len(self.crash_reports)
+        self.kill(worker_id)
+        self.wait(
+            lambda: worker_id not in [w.id for w in pool.workers()],
+            f"the pool to drop {worker_id}",
+        )
+        assert pool.sessions() == sessions, "a worker death touched another session"
+        crash = pool.stats().recent_crashes[-1]
+        assert crash.worker_id == worker_id
+        if ending:
+            assert crash.session_id == ending[0].sid
+            self.killed(ending[0], worker_id)
+        else:
+            assert crash.session_id is None
+            self.run(asyncio.sleep(0.01))  # room for a wrong on_crash task to run
+            assert len(self.crash_reports) == reports, "on_crash for an idle worker"
+
+    @rule(seconds=st.sampled_from(CLOCK_STEPS))
+    def time_passes(self, seconds: float) -> None:
+        """Advance the fake clock and sweep: unused sessions idle for ttl are evicted."""
+        pool = self.p
+        self.clock.advance(seconds)
+        self.run(pool.sweep())
+        now = self.clock()
+        for pin in list(self.pins.values()):
+            if self.uses(pin) == 0 and now - pin.last_active > TTL:
+                self.end_pin(pin)
+            # else: an open use, or not idle long enough: still pinned (invariant)
+        self.wait(lambda: pool.stats().total_workers >= self.min_workers, "refill to min")
+
+    @precondition(lambda self: self.pool is not None and self.free() == 0)
+    @rule(data=st.data())
+    def free_a_worker_for_a_waiter(self, data: st.DataObject) -> None:
+        """At the cap an acquire waits; the worker freed next goes to it."""
+        pool = self.p
+        sid = data.draw(st.sampled_from([s for s in SESSION_IDS if s not in self.pins]))
+        lingering = self.lingering()
+        options: list[tuple[str, Any]] = [("kill", p) for p in self.pins.values()]
+        options += [("release", p) for p in self.pins.values() if self.uses(p) == 0]
+        last_uses = [h for h in self.handles if h.pin in lingering and self.uses(h.pin) == 1]
+        options += [("close", h) for h in last_uses]
+        assume(options)
+        how, what = data.draw(st.sampled_from(options))
+        pin: Pin = what if how != "close" else what.pin
+        freed = pin.worker_id
+
+        async def acquire() -> herd.Session[Any]:
+            return await pool.acquire(sid, timeout=LONG)
+
+        async def scenario() -> herd.Session[Any]:
+            waiter = asyncio.ensure_future(acquire())
+            await wait_until(lambda: pool.stats().inflight_acquires == 1, what="the acquire")
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert not waiter.done(), "acquired above max_workers"
+            if how == "kill":
+                self.kill(freed)
+            elif how == "release":
+                await pool.release(pin.sid)
+            else:
+                await what.session.close()
+            return await waiter
+
+        session = self.run(scenario())
+        if how == "kill":
+            self.killed(pin, freed)
+        elif how == "release":
+            del self.pins[pin.sid]
+            pin.ended = True
+        else:
+            self.handles.remove(what)
+        new = self.acquired(sid, session)
+        self.handles.append(Handle(session, new))
+        if how != "kill" and self.reuse:
+            assert new.worker_id == freed, "the freed worker did not go to the waiter"
+        else:
+            assert new.worker_id != freed
+
+    # -- invariants ---------------------------------------------------------------------
 
     @invariant()
-    def pool_matches_model(self) -> None:
+    def one_worker_per_session_and_one_session_per_worker(self) -> None:
         if self.pool is None:
             return
         sessions = self.pool.sessions()
-        assert sessions == {sid: worker for sid, (worker, _) in self.pins.items()}
+        assert sessions == {sid: p.worker_id for sid, p in self.pins.items()}
         assert len(set(sessions.values())) == len(sessions), "a worker pinned to two sessions"
+        assert not set(sessions.values()) & {p.worker_id for p in self.lingering()}
+        assert self.run(self.pool.registry.list()) == sessions
+
+    @invariant()
+    def open_uses_match_their_pins(self) -> None:
+        for handle in self.handles:
+            assert not handle.session.closed
+            assert handle.session.worker.id == handle.pin.worker_id
+            assert handle.session.ended == handle.pin.ended
+            if handle.pin.crashed:
+                with pytest.raises(herd.WorkerDeadError):
+                    handle.session.check()
+            else:
+                handle.session.check()
 
     @invariant()
     def stats_match_reality(self) -> None:
         if self.pool is None:
             return
         stats = self.pool.stats()
+        assert stats.state == "ready"
         assert stats.total_workers + stats.starting_workers <= self.max_workers
         assert stats.active_sessions == len(self.pool.sessions())
-        pinned = {row.session_id: row.id for row in stats.workers if row.state == "pinned"}
+        assert stats.inflight_acquires == 0
+        rows = {row.id: row for row in stats.workers}
+        assert len(rows) == stats.total_workers == len(self.pool.workers())
+        assert stats.available_workers == sum(r.state == "idle" for r in rows.values())
+        pinned = {r.session_id: r.id for r in rows.values() if r.state == "pinned"}
         assert pinned == self.pool.sessions()
-        ending = [row for row in stats.workers if row.state == "ending"]
-        assert len(ending) == self.held_workers() - len(self.pins)
-        for row in stats.workers:
+        ending = {r.id: r.session_id for r in rows.values() if r.state == "ending"}
+        assert ending == {p.worker_id: p.sid for p in self.lingering()}
+        live = list(self.pins.values()) + self.lingering()
+        assert {p.worker_id: self.uses(p) for p in live} == {
+            r.id: r.open_uses for r in rows.values() if r.session_id is not None
+        }
+        assert not rows.keys() & self.dead, "stats list a killed worker"
+        for row in rows.values():
             assert row.pid is not None
-            assert pid_alive(row.pid), f"stats list dead worker {row.id}"
-            assert (row.state in ("pinned", "ending")) == (row.session_id is not None)
+            assert pid_alive(row.pid), f"{row.id} is not running"
+            assert (row.state == "idle") == (row.session_id is None)
 
 
-PoolMachine.TestCase.settings = settings(
-    max_examples=30,
-    stateful_step_count=20,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-
-
-@pytest.mark.timeout(240)
 def test_pool_state_machine() -> None:
-    PoolMachine.TestCase().runTest()
+    run_state_machine_as_test(
+        PoolMachine,
+        settings=settings(
+            max_examples=15,
+            stateful_step_count=15,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
