@@ -17,7 +17,7 @@ from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
 from prometheus_client import REGISTRY
-from traitlets import Bool, Float, Integer, List, TraitError, Unicode, Union, validate
+from traitlets import Bool, Float, Integer, List, Unicode, Union
 from traitlets import Enum as TEnum
 
 import herd
@@ -76,12 +76,6 @@ class Herd(ExtensionApp):
         "{base_url}herd/proxy/; empty: no process pool.",
     )
     health_path = Unicode("/", config=True, help="GET path a process worker must answer with 2xx.")
-
-    @validate("min_workers", "max_workers")
-    def _non_negative(self, proposal: dict[str, Any]) -> int:
-        if proposal["value"] < 0:
-            raise TraitError(f"{proposal['trait'].name} must be >= 0")
-        return int(proposal["value"])
 
     def initialize_settings(self) -> None:
         """Build the pools from the config (checked here: bad values stop start-up)."""

@@ -158,6 +158,7 @@ def test_workers_stop_with_the_server(server: Server, how: str) -> None:
 @pytest.mark.parametrize(
     ("option", "message"),
     [
+        ("--Herd.min_workers=-1", "min_workers must be >= 0"),
         ("--Herd.max_workers=0", "max_workers must be >= 1"),
         ("--Herd.pids_limit=0", "pids_limit must be >= 1 or -1"),
         ("--Herd.ttl=-5", "ttl must be a finite number of seconds >= 0"),
