@@ -457,8 +457,11 @@ class Pool(Generic[C]):
                     with contextlib.suppress(ValueError):
                         self._waiters.remove(waiter)
                 raise
-            if slot is not None:
+            if slot is not None and slot.state is WorkerState.IDLE:
                 return slot
+            if slot is not None:  # it died between the hand-over and our turn
+                may_jump = True
+                continue
             may_jump = True
 
     def _capacity(self) -> int:
@@ -474,6 +477,8 @@ class Pool(Generic[C]):
 
     def _make_idle(self, slot: _Slot[C]) -> None:
         """Hand a free worker to the first waiter, or park it in the idle deque."""
+        if slot.state is WorkerState.DRAINING or slot.state is WorkerState.CLOSED:
+            return  # a dead worker is never handed out again
         if self._state is not PoolState.READY and self._state is not PoolState.STARTING:
             self._retire(slot, "pool closing")
             return
@@ -736,7 +741,10 @@ class Pool(Generic[C]):
         tick = self._tick()
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), tick)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancel that lands as the wait completes, and shutdown would hang.
+                async with asyncio.timeout(tick):
+                    await self._wake.wait()
             self._wake.clear()
             await self.sweep()
 
