@@ -367,7 +367,8 @@ class _Response(httputil.HTTPMessageDelegate):
         error = None if reading.cancelled() else reading.exception()
         if not self.head.done():
             self.head.set_exception(error or iostream.StreamClosedError())
-        self.head.exception() if not self.head.cancelled() else None  # retrieved: no log noise
+        if not self.head.cancelled():
+            self.head.exception()  # mark it retrieved: no "never retrieved" log noise
 
 
 def _end_to_end(headers: httputil.HTTPHeaders) -> httputil.HTTPHeaders:
@@ -440,7 +441,6 @@ class ProxyHandler(RequestHandler):
         self._received = 0
         self._chunked_upstream = False
         self._failed = False
-        self.ws_open = False  # a WebSocket tunnel is running
 
     # -- shared: routing and acquiring ---------------------------------------------------
 
@@ -544,14 +544,18 @@ class ProxyHandler(RequestHandler):
         # Tornado's client chunks POST/PUT/PATCH bodies of unknown length by itself;
         # any other method with a chunked body is framed here.
         self._chunked_upstream = chunked and self.request.method not in ("POST", "PUT", "PATCH")
-        remote = self.request.remote_ip or ""
-        previous = incoming.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{previous}, {remote}" if previous else remote
-        headers["X-Forwarded-Proto"] = self.request.protocol
-        headers["X-Forwarded-Host"] = incoming.get("Host", "")
+        self._add_forwarded(headers, self.request.protocol)
         if self._chunked_upstream:
             headers["Transfer-Encoding"] = "chunked"
         return headers
+
+    def _add_forwarded(self, headers: httputil.HTTPHeaders, proto: str) -> None:
+        """X-Forwarded-For (appended to), -Proto and -Host, for the worker."""
+        remote = self.request.remote_ip or ""
+        previous = self.request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{previous}, {remote}" if previous else remote
+        headers["X-Forwarded-Proto"] = proto
+        headers["X-Forwarded-Host"] = self.request.headers.get("Host", "")
 
     async def _start_upstream(self, retry: bool = True) -> None:
         session = self.session
@@ -749,7 +753,6 @@ class ProxyHandler(RequestHandler):
             route.session_id,
             self.session.worker.id,
         )
-        self.ws_open = True
         try:
             client_side.send(head + worker_side.take_early_bytes())
             worker_side.send(client_side.take_early_bytes())  # none, from a client that waits
@@ -776,10 +779,7 @@ class ProxyHandler(RequestHandler):
         headers = _end_to_end(self.request.headers)
         headers["Connection"] = "Upgrade"
         headers["Upgrade"] = self.request.headers.get("Upgrade", "websocket")
-        remote = self.request.remote_ip or ""
-        previous = self.request.headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{previous}, {remote}" if previous else remote
-        headers["X-Forwarded-Proto"] = "wss" if self.request.protocol == "https" else "ws"
+        self._add_forwarded(headers, "wss" if self.request.protocol == "https" else "ws")
         lines = [f"GET {route.uri} HTTP/1.1"]
         lines += [f"{name}: {value}" for name, value in headers.get_all()]
         worker_side.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
