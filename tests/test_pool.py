@@ -94,7 +94,7 @@ async def test_singleflight_survives_the_first_caller_giving_up() -> None:
     async with herd.Pool(factory(), min_workers=0, max_workers=2) as pool:
         first = asyncio.ensure_future(acquire(pool, "s"))
         second = asyncio.ensure_future(acquire(pool, "s"))
-        await asyncio.sleep(0.01)
+        await wait_until(lambda: pool.stats().inflight_acquires == 2, what="both to join")
         first.cancel()
         session = await second
         assert pool.sessions() == {"s": session.worker.id}

@@ -335,7 +335,7 @@ async def test_worker_killed_mid_request_is_502_then_a_fresh_worker(make_gateway
     assert body(await gw.fetch("/state"))["count"] == 2
     victim = gw.pool.workers()[0]
     pending = asyncio.ensure_future(gw.fetch("/sleep/5"))
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: gw.pool.stats().workers[0].open_uses == 1, what="request in flight")
     assert victim.pid is not None
     os.killpg(victim.pid, signal.SIGKILL)
     response = await pending
