@@ -218,6 +218,7 @@ class Pool(Generic[C]):
         self._closed = asyncio.Event()
         self._sampler: Sampler | None = None
         self._crashes: deque[CrashInfo] = deque(maxlen=20)
+        self._report: Any = _UNSET  # the factory's sandbox report, read once
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -838,7 +839,7 @@ class Pool(Generic[C]):
 
     def _sandbox_report(self) -> Any:
         """The factory's ``sandbox_report`` (level and reason), computed once."""
-        if not hasattr(self, "_report"):
+        if self._report is _UNSET:
             self._report = getattr(self.factory, "sandbox_report", None)
         return self._report
 

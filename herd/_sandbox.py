@@ -41,7 +41,15 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from ._cgroups import WorkerCgroup
 
-__all__ = ["Sandbox", "SandboxLevel", "SandboxMode", "SandboxReport", "detect", "launcher"]
+__all__ = [
+    "Sandbox",
+    "SandboxLevel",
+    "SandboxMode",
+    "SandboxReport",
+    "detect",
+    "launcher",
+    "namespaces",
+]
 
 log = logging.getLogger("herd.sandbox")
 
@@ -110,6 +118,13 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
+def namespaces(sandbox: SandboxMode) -> SandboxReport:
+    """The namespaces a worker gets in this mode (none with ``sandbox=False``)."""
+    if sandbox is False:
+        return SandboxReport("none", "disabled (sandbox=False)")
+    return detect()
+
+
 def launcher(
     sandbox: SandboxMode, join: Sequence[str] = ()
 ) -> tuple[tuple[str, ...], Callable[[], None], SandboxReport]:
@@ -121,12 +136,9 @@ def launcher(
     """
     from ._exceptions import SpawnError
 
-    if sandbox is False:
-        report = SandboxReport("none", "disabled (sandbox=False)")
-    else:
-        report = detect()
-        if report.level == "none" and sandbox == "required":
-            raise SpawnError(f"sandbox='required' but no sandbox is possible: {report.reason}")
+    report = namespaces(sandbox)
+    if report.level == "none" and sandbox == "required":
+        raise SpawnError(f"sandbox='required' but no sandbox is possible: {report.reason}")
     libc = _libc()
     parent = os.getpid()
     files = [os.fsencode(path) for path in join]
@@ -195,8 +207,8 @@ class Sandbox:
         part of that; ``none``: process group and parent-death signal only."""
         from ._cgroups import detect as detect_cgroups
 
-        _, _, namespaces = launcher(self.mode if self.mode is False else True)
-        level, reasons = namespaces.level, [namespaces.reason]
+        found = namespaces(self.mode)
+        level, reasons = found.level, [found.reason]
         if self.limits:
             groups = detect_cgroups()
             if groups.version is None:
@@ -204,7 +216,7 @@ class Sandbox:
                 reasons.append(f"limits NOT enforced: {groups.reason}")
             else:
                 reasons.append(f"limits by {groups.reason}")
-        return SandboxReport(level, "; ".join(reasons), namespaces.prefix)
+        return SandboxReport(level, "; ".join(reasons), found.prefix)
 
     def check(self) -> SandboxReport:
         """The report; raises for ``"required"`` short of full, else warns once.
