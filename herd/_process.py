@@ -257,33 +257,27 @@ class ProcessWorker:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _read_output(self) -> None:
-        assert self._out_fd is not None
+    def _read_output(self) -> bool:
+        """Read one chunk of output if there is one; ``False`` at EOF or nothing to read."""
+        if self._out_fd is None:
+            return False
         try:
             data = os.read(self._out_fd, 65536)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self._stop_output()
-            return
+            return False
         for line in self._output.feed(data):
             log.debug("[%s] %s", self.id, line)
+        return True
 
     def _drain_output(self) -> None:
         """Read what the pipe still holds (the process has exited; don't wait for EOF)."""
-        while self._out_fd is not None:
-            try:
-                data = os.read(self._out_fd, 65536)
-            except BlockingIOError:
-                break
-            except OSError:
-                data = b""
-            if not data:
-                self._stop_output()
-                break
-            self._output.feed(data)
+        while self._read_output():
+            pass
         self._output.flush()
 
     def _stop_output(self) -> None:
