@@ -58,6 +58,8 @@ class PoolConfig:
 
     :param min_workers: workers kept running and healthy, even with no session.
     :param max_workers: the most workers alive at once (pinned, idle and starting).
+    :param min_idle: idle workers kept ready on top of the pinned ones (pre-warmed
+        spares, so a new session never waits for a start), within ``max_workers``.
     :param ttl: seconds a session may go without an open use before it is ended;
         ``0``/``None`` disables eviction.
     :param health_interval: seconds between health checks of every worker;
@@ -75,6 +77,7 @@ class PoolConfig:
 
     min_workers: int = 1
     max_workers: int = 10
+    min_idle: int = 0
     ttl: float | None = 300.0
     health_interval: float | None = 5.0
     worker_reuse: bool = True
@@ -89,6 +92,11 @@ class PoolConfig:
         if self.max_workers < self.min_workers:
             raise ValueError(
                 f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})"
+            )
+        _count("min_idle", self.min_idle, minimum=0)
+        if self.min_idle > self.max_workers:
+            raise ValueError(
+                f"min_idle ({self.min_idle}) must be <= max_workers ({self.max_workers})"
             )
         if not isinstance(self.worker_reuse, bool):
             raise TypeError(f"worker_reuse must be a bool, not {self.worker_reuse!r}")

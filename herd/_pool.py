@@ -140,6 +140,9 @@ class Pool(Generic[C]):
         :class:`herd.WorkerFactory`).
     :param min_workers: workers kept running and healthy, even with no session.
     :param max_workers: the most workers alive at once.
+    :param min_idle: idle workers kept ready on top of the pinned ones, so a new
+        session takes a started worker instead of waiting for a spawn; the pool
+        refills them in the background, one spawn at a time (within ``max_workers``).
     :param ttl: seconds a session may go unused (no open use) before it is ended;
         ``0``/``None`` never evicts.
     :param health_interval: seconds between health checks; ``0``/``None`` disables
@@ -172,6 +175,7 @@ class Pool(Generic[C]):
         *,
         min_workers: int = 1,
         max_workers: int = 10,
+        min_idle: int = 0,
         ttl: Duration = 300.0,
         health_interval: Duration = 5.0,
         worker_reuse: bool = True,
@@ -184,6 +188,7 @@ class Pool(Generic[C]):
         self.config = PoolConfig(
             min_workers=min_workers,
             max_workers=max_workers,
+            min_idle=min_idle,
             ttl=duration_seconds("ttl", ttl),
             health_interval=duration_seconds("health_interval", health_interval),
             worker_reuse=worker_reuse,
@@ -228,7 +233,7 @@ class Pool(Generic[C]):
         return self._state
 
     async def start(self) -> None:
-        """Spawn ``min_workers`` and start the background tasks.
+        """Spawn ``min_workers`` (or ``min_idle``, if more) and start the background tasks.
 
         Called by ``async with pool``. A pool starts once; a closed pool cannot be
         restarted.
@@ -245,7 +250,7 @@ class Pool(Generic[C]):
         try:
             async with asyncio.TaskGroup() as group:
                 spawns = [
-                    group.create_task(self._spawn_slot()) for _ in range(self.config.min_workers)
+                    group.create_task(self._spawn_slot()) for _ in range(self._wanted())
                 ]
         except BaseExceptionGroup as failed:
             await self.shutdown()
@@ -440,6 +445,8 @@ class Pool(Generic[C]):
             self._check_open()
             first = may_jump or not self._waiters
             if self._idle and first:
+                if self.config.min_idle:
+                    self._wake.set()  # a spare was taken: refill now, not at the next tick
                 return self._idle.popleft()
             if self._capacity() > 0 and first:
                 return await self._spawn_slot()
@@ -467,6 +474,13 @@ class Pool(Generic[C]):
 
     def _capacity(self) -> int:
         return self.config.max_workers - len(self._slots) - self._spawning
+
+    def _wanted(self) -> int:
+        """How many workers should be alive: ``min_workers``, or the busy ones plus
+        ``min_idle`` spares, within ``max_workers``."""
+        busy = len(self._slots) - len(self._idle)
+        wanted = max(self.config.min_workers, busy + self.config.min_idle)
+        return min(wanted, self.config.max_workers)
 
     def _capacity_freed(self) -> None:
         """A worker went away: let the first waiter spawn one."""
@@ -608,12 +622,13 @@ class Pool(Generic[C]):
         log.error("spawn failed (%d in a row; next try in %.1fs): %s", self._failures, delay, error)
 
     async def _refill(self) -> None:
-        """Spawn one worker at a time until ``min_workers`` are alive."""
+        """Spawn one worker at a time until ``min_workers`` (and ``min_idle`` spares)
+        are alive."""
         self._refilling = True
         try:
             while (
                 self._state is PoolState.READY
-                and len(self._slots) + self._spawning < self.config.min_workers
+                and len(self._slots) + self._spawning < self._wanted()
             ):
                 loop = asyncio.get_running_loop()
                 if loop.time() < self._backoff_until:
@@ -753,7 +768,8 @@ class Pool(Generic[C]):
         """Run one maintenance pass now, with the pool's clock.
 
         Ends sessions unused for ``ttl``, retires idle workers above ``min_workers``
-        after ``idle_worker_timeout`` and starts refilling to ``min_workers``.
+        (and the ``min_idle`` spares) after ``idle_worker_timeout`` and starts
+        refilling to that number.
         The pool does this by itself several times a second; call it in tests with
         an injected clock to skip waiting.
         """
@@ -773,14 +789,14 @@ class Pool(Generic[C]):
                 await self._forget(pin.session_id, pin.slot.worker.id)
         idle_timeout = self.config.idle_worker_timeout
         if idle_timeout:
-            surplus = len(self._slots) - self.config.min_workers
+            surplus = len(self._slots) - self._wanted()
             for slot in list(self._idle):
                 if surplus <= 0:
                     break
                 if now - slot.idle_since >= idle_timeout:
-                    self._retire(slot, f"idle for {now - slot.idle_since:.0f}s above min_workers")
+                    self._retire(slot, f"idle for {now - slot.idle_since:.0f}s above the minimum")
                     surplus -= 1
-        if not self._refilling and len(self._slots) + self._spawning < self.config.min_workers:
+        if not self._refilling and len(self._slots) + self._spawning < self._wanted():
             self._background(self._refill())
 
     # -- introspection --------------------------------------------------------------------
@@ -828,6 +844,7 @@ class Pool(Generic[C]):
             inflight_acquires=sum(p.callers for p in self._pending.values()),
             min_workers=self.config.min_workers,
             max_workers=self.config.max_workers,
+            min_idle=self.config.min_idle,
             spawn_failures=self._failures,
             last_spawn_error=self._last_spawn_error.message if self._last_spawn_error else None,
             node=sampler.node(),

@@ -97,6 +97,7 @@ class PoolStats:
     :param inflight_acquires: acquires of new sessions still waiting for a worker.
     :param min_workers: the configured minimum.
     :param max_workers: the configured maximum.
+    :param min_idle: the configured number of ready spares.
     :param spawn_failures: consecutive failed spawns (0 after a success).
     :param last_spawn_error: the message of the last failed spawn, if any.
     :param node: the machine.
@@ -115,6 +116,7 @@ class PoolStats:
     inflight_acquires: int
     min_workers: int
     max_workers: int
+    min_idle: int
     spawn_failures: int
     last_spawn_error: str | None
     node: NodeStats

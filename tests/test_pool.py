@@ -115,6 +115,38 @@ async def test_min_workers_run_with_no_session() -> None:
         assert all(await asyncio.gather(*(w.healthy() for w in pool.workers())))
 
 
+async def test_min_idle_keeps_started_spares_ready_for_new_sessions() -> None:
+    counting = CountingFactory(factory())
+    async with herd.Pool(counting, min_workers=0, min_idle=2, max_workers=4) as pool:
+        assert pool.stats().available_workers == 2  # started with the pool
+        spares = {w.id for w in pool.workers()}
+        a = await pool.acquire("a")
+        assert a.worker.id in spares  # taken, not spawned for the session
+        await wait_until(lambda: pool.stats().available_workers == 2, what="a spare refill")
+        b = await pool.acquire("b")
+        c = await pool.acquire("c")
+        assert {b.worker.id, c.worker.id} <= {w.id for w in pool.workers()}
+        # Three pinned + one spare = max_workers: the pool never spawns past it.
+        await wait_until(lambda: pool.stats().total_workers == 4, what="the last spare")
+        assert counting.spawns == 4
+        for session in (a, b, c):
+            await session.release()
+
+
+async def test_spares_above_min_idle_are_retired_after_idle_timeout() -> None:
+    clock = FakeClock()
+    async with herd.Pool(
+        factory(), min_workers=0, min_idle=1, max_workers=3, idle_worker_timeout=30, clock=clock
+    ) as pool:
+        a = await pool.acquire("a")
+        await wait_until(lambda: pool.stats().available_workers == 1, what="a spare refill")
+        await a.release()  # two idle now; one of them is a surplus spare
+        clock.advance(31)
+        await pool.sweep()
+        assert pool.stats().total_workers == 1
+        assert pool.stats().min_idle == 1
+
+
 async def test_new_sessions_spawn_up_to_max_then_wait_and_time_out() -> None:
     async with herd.Pool(factory(), min_workers=0, max_workers=2, acquire_timeout=0.3) as pool:
         a = await pool.acquire("a")
@@ -487,6 +519,8 @@ def test_bad_pool_options_raise_value_error() -> None:
         {"min_workers": -1},
         {"max_workers": 0},
         {"min_workers": 3, "max_workers": 2},
+        {"min_idle": -1},
+        {"min_idle": 3, "max_workers": 2},
         {"ttl": -1},
         {"health_interval": float("nan")},
         {"acquire_timeout": float("inf")},
