@@ -249,9 +249,7 @@ class Pool(Generic[C]):
         self._sampler = Sampler()
         try:
             async with asyncio.TaskGroup() as group:
-                spawns = [
-                    group.create_task(self._spawn_slot()) for _ in range(self._wanted())
-                ]
+                spawns = [group.create_task(self._spawn_slot()) for _ in range(self._wanted())]
         except BaseExceptionGroup as failed:
             await self.shutdown()
             raise failed.exceptions[0] from None
