@@ -144,6 +144,8 @@ class ProcessWorker:
     :ivar started_at: :func:`time.time` when the process was started.
     """
 
+    _owns_port = True  # the port came from _PORTS (a kernel's ports are its own)
+
     def __init__(
         self,
         proc: subprocess.Popen[bytes],
@@ -165,16 +167,24 @@ class ProcessWorker:
         self.command = command
         self.started_at = time.time()
         self.sandbox = sandbox
-        self._proc = proc
         self._health_path = health_path
         self._health_timeout = health_timeout
         self._stop_timeout = stop_timeout
         self._client = HTTPWorkerClient(f"{HOST}:{port}")
         self._output = OutputLog(log_lines)
         self._loop = asyncio.get_running_loop()
-        self._exited: asyncio.Future[str] = self._loop.create_future()
         self._close_task: asyncio.Task[None] | None = None
         self._closed_by_us = False
+        self._bind(proc)
+
+    def _bind(self, proc: subprocess.Popen[bytes]) -> None:
+        """Watch ``proc``: its output into the log, its exit into ``_exited``.
+
+        Called once per process; a worker whose program is restarted in place
+        (a kernel restart) binds the new process after the old one has exited.
+        """
+        self._proc = proc
+        self._exited: asyncio.Future[str] = self._loop.create_future()
         self.exit_code: int | None = None
         self._out_fd: int | None = None
         if proc.stdout is not None:
@@ -295,7 +305,8 @@ class ProcessWorker:
             self._pidfd = None
         returncode = self._proc.wait()  # the pidfd is readable: the child has exited
         self._drain_output()
-        _PORTS.release(self.port)
+        if self._owns_port:
+            _PORTS.release(self.port)
         if (
             self.sandbox.prefix
             and returncode == 1

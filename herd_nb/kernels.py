@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import queue
 import subprocess
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
@@ -45,13 +47,33 @@ __all__ = ["KernelFactory", "KernelWorker"]
 _kernel_ids = itertools.count(1)
 
 
-class _SandboxedKernelManager(AsyncKernelManager):
-    """Puts herd's launcher in front of the kernelspec's command."""
+class _HerdLaunch:
+    """Mixed into a kernel manager class for herd's workers.
+
+    It puts herd's launcher in front of the kernelspec's command, lets the worker
+    live through an in-place restart (same ports, same cgroup: a restart is not a
+    crash), and never auto-restarts: a kernel that dies takes the pool's crash path.
+    """
 
     herd_prefix: tuple[str, ...] = ()
+    herd_worker: KernelWorker | None = None
 
     def format_kernel_cmd(self, extra_arguments: list[str] | None = None) -> list[str]:
-        return [*self.herd_prefix, *super().format_kernel_cmd(extra_arguments)]
+        return [*self.herd_prefix, *super().format_kernel_cmd(extra_arguments)]  # type: ignore[misc]
+
+    async def restart_kernel(self, now: bool = False, newports: bool = False, **kw: Any) -> None:
+        restart = super().restart_kernel  # type: ignore[misc]
+        worker = self.herd_worker
+        if worker is None:
+            await restart(now=now, newports=newports, **kw)
+            return
+        async with worker.restarting():
+            await restart(now=now, newports=newports, **kw)
+
+
+@functools.cache
+def _launch_class(base: type[AsyncKernelManager]) -> type[AsyncKernelManager]:
+    return type(f"Herd{base.__name__}", (_HerdLaunch, base), {})
 
 
 class KernelWorker(ProcessWorker):
@@ -95,6 +117,16 @@ class KernelWorker(ProcessWorker):
         # session's would have its replies routed to the session's client.
         own = Session(key=manager.session.key, signature_scheme=manager.session.signature_scheme)
         self._probe: AsyncKernelClient = manager.client(session=own)
+        # Probes go to the control channel, which ipykernel answers while a cell
+        # runs; a kernel that does not answer there is probed on shell.
+        self._probe_channel = "control"
+        self._restart: asyncio.Future[None] | None = None
+        #: The environment the kernel was started with (before the kernelspec's own).
+        self.launch_env: dict[str, str] = {}
+        if isinstance(manager, _HerdLaunch):
+            manager.herd_worker = self
+
+    _owns_port = False
 
     @property
     def address(self) -> str:
@@ -106,9 +138,53 @@ class KernelWorker(ProcessWorker):
         """A ready async kernel client (channels started) for the session's use."""
         return self._kernel_client
 
+    @property
+    def alive(self) -> bool:
+        """Whether the kernel is running (or being restarted in place)."""
+        return self._restart is not None or super().alive
+
+    async def wait(self) -> str:
+        """Return when the kernel has exited for good (a restart is not an exit)."""
+        while True:
+            exited = self._exited
+            reason = await asyncio.shield(exited)
+            if self._restart is not None:
+                await asyncio.shield(self._restart)
+            if self._exited is exited:  # no new process took over
+                return reason
+
+    @contextlib.asynccontextmanager
+    async def restarting(self) -> AsyncIterator[None]:
+        """Wrap an in-place restart by the kernel manager: the worker, its session
+        and its cgroup carry over to the new kernel process.
+
+        If no new process is running afterwards, the worker has died (the pool's
+        crash path).
+        """
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._restart = done
+        try:
+            yield
+        finally:
+            try:
+                process = getattr(self.manager.provisioner, "process", None)
+                if process is not None and process is not self._proc and process.poll() is None:
+                    # jupyter_client waited for the old process; its exit watch
+                    # runs on the next loop turn.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(self._exited), 5)
+                    self._stop_output()
+                    self._bind(process)
+                    info = self.manager.get_connection_info()
+                    self.port = int(info["shell_port"])
+                    self._kernel_address = f"{info['ip']}:{info['shell_port']}"
+            finally:
+                self._restart = None
+                done.set_result(None)
+
     async def _until_ready(self, timeout: float) -> None:
         self._kernel_client.start_channels()
-        self._probe.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
+        self._probe.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=True)
         ready = asyncio.ensure_future(self._kernel_client.wait_for_ready(timeout=timeout))
         died = asyncio.ensure_future(self.wait())
         done, _ = await asyncio.wait([ready, died], return_when=asyncio.FIRST_COMPLETED)
@@ -125,6 +201,8 @@ class KernelWorker(ProcessWorker):
         try:
             ready.result()
             await self._nudge(timeout)
+            if not await self._kernel_info(min(self._health_timeout, timeout)):
+                self._probe_channel = "shell"
         except (RuntimeError, TimeoutError) as exc:
             raise SpawnError(
                 f"kernel {self.kernel_name!r} not ready after {timeout:g}s: {exc}",
@@ -156,24 +234,48 @@ class KernelWorker(ProcessWorker):
                 while True:
                     await channel.get_msg(timeout=0.05)
 
-    async def healthy(self) -> bool:
-        """A ``kernel_info`` round trip within ``health_timeout``."""
-        if not self.alive:
-            return False
+    async def _kernel_info(self, timeout: float) -> bool:
+        """One ``kernel_info`` round trip on the probe's channel."""
+        probe = self._probe
+        msg = probe.session.msg("kernel_info_request")
+        channel = probe.control_channel if self._probe_channel == "control" else probe.shell_channel
+        channel.send(msg)
         try:
-            reply = await self._probe.kernel_info(reply=True, timeout=self._health_timeout)
+            reply = await probe._async_recv_reply(
+                msg["header"]["msg_id"], timeout=timeout, channel=self._probe_channel
+            )
         except Exception:
             return False
         return bool(reply.get("content", {}).get("status") == "ok")
 
-    async def close(self) -> None:
-        """Stop the channels, kill the kernel's whole tree, remove its files. Idempotent."""
+    async def healthy(self) -> bool:
+        """A ``kernel_info`` round trip within ``health_timeout``.
+
+        On the control channel where the kernel answers there (ipykernel does, even
+        while a cell runs), else on shell. A kernel restarting in place counts as
+        healthy.
+        """
+        if self._restart is not None:
+            return True
+        if not self.alive:
+            return False
+        return await self._kernel_info(self._health_timeout)
+
+    async def _close(self) -> None:
+        """Ask the kernel to shut down, then kill whatever is left, remove its files."""
+        if self._restart is not None:
+            await asyncio.shield(self._restart)
+        self._closed_by_us = True
+        if not self._exited.done():
+            # A clean exit lets the kernel run its own shutdown (history, atexit).
+            with contextlib.suppress(Exception):
+                await self.manager.request_shutdown()
+                await asyncio.wait_for(asyncio.shield(self._exited), self._stop_timeout)
         for client in (self._kernel_client, self._probe):
             if client.channels_running:
                 client.stop_channels()
-        await super().close()
-        # Connection and IPC files, the control socket and the ZMQ context. The
-        # public cleanup_resources() is a sync wrapper of this coroutine.
+        await super()._close()
+        # Connection and IPC files, the control socket and the ZMQ context.
         with contextlib.suppress(Exception):
             await self.manager._async_cleanup_resources(restart=False)
 
@@ -197,6 +299,13 @@ class KernelFactory:
     :param pids_limit: processes and threads per kernel (``-1``: no limit).
     :param kernel_spec_manager: where kernelspecs are looked up (jupyter_client's
         default when ``None``).
+    :param manager_class: the kernel manager class to start kernels with (an
+        :class:`~jupyter_client.manager.AsyncKernelManager`; a Jupyter server
+        passes its ``ServerKernelManager``).
+    :param manager_options: more keyword arguments for ``manager_class`` (say
+        ``parent``, for its config).
+    :param connection_dir: where connection files are written (a temporary file
+        each when ``None``).
     :raises ValueError: a bad option.
     """
 
@@ -215,6 +324,9 @@ class KernelFactory:
         pids_limit: int | None = None,
         log_lines: int = 1000,
         kernel_spec_manager: Any = None,
+        manager_class: type[AsyncKernelManager] = AsyncKernelManager,
+        manager_options: Mapping[str, Any] | None = None,
+        connection_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(kernel_name, str) or not kernel_name:
             raise ValueError(f"kernel_name must be a kernelspec name, not {kernel_name!r}")
@@ -226,6 +338,11 @@ class KernelFactory:
         self.stop_timeout = _seconds("stop_timeout", stop_timeout)
         self.log_lines = log_lines
         self.kernel_spec_manager = kernel_spec_manager
+        if not (isinstance(manager_class, type) and issubclass(manager_class, AsyncKernelManager)):
+            raise ValueError(f"manager_class must be an AsyncKernelManager, not {manager_class!r}")
+        self.manager_class = manager_class
+        self.manager_options = dict(manager_options or {})
+        self.connection_dir = os.fspath(connection_dir) if connection_dir is not None else None
         self._sandbox = Sandbox(
             sandbox, cpu_limit=cpu_limit, memory_limit=memory_limit, pids_limit=pids_limit
         )
@@ -248,11 +365,19 @@ class KernelFactory:
         tag = f"{os.getpid()}-k-{time.monotonic_ns()}"
         cgroup = self._sandbox.cgroup(tag)
         prefix, preexec = self._sandbox.launch_plan(cgroup)
-        options: dict[str, Any] = {"kernel_name": self.kernel_name}
+        options: dict[str, Any] = {
+            **self.manager_options,
+            "kernel_name": self.kernel_name,
+            "autorestart": False,  # a dead kernel is the pool's to handle
+        }
         if self.kernel_spec_manager is not None:
             options["kernel_spec_manager"] = self.kernel_spec_manager
-        manager = _SandboxedKernelManager(**options)
-        manager.herd_prefix = prefix
+        if self.connection_dir is not None:
+            options["connection_file"] = os.path.join(
+                self.connection_dir, f"kernel-herd-{uuid.uuid4()}.json"
+            )
+        manager = _launch_class(self.manager_class)(**options)
+        manager.herd_prefix = prefix  # type: ignore[attr-defined]
         env = {**os.environ, **self.env, TAG_VARIABLE: tag}
         try:
             await manager.start_kernel(
@@ -278,6 +403,7 @@ class KernelFactory:
             tag=tag,
             cgroup=cgroup,
         )
+        worker.launch_env = env
         try:
             await worker._until_ready(self.startup_timeout)
         except BaseException:

@@ -73,6 +73,46 @@ async def test_a_dead_kernel_goes_through_the_crash_path() -> None:
             assert (await run(session.worker, "print(x)"))[0] == "error"  # a fresh kernel
 
 
+async def test_a_busy_kernel_still_passes_health_checks() -> None:
+    worker = await herd_nb.KernelFactory(health_timeout=1).spawn()
+    try:
+        worker.client.execute("import time; time.sleep(3)")
+        reply = await worker.client.get_iopub_msg(timeout=5)
+        while reply["content"].get("execution_state") != "busy":
+            reply = await worker.client.get_iopub_msg(timeout=5)
+        # The probe goes to the control channel: a long cell is not a dead kernel.
+        assert await worker.healthy()
+    finally:
+        await worker.close()
+
+
+async def test_an_in_place_restart_keeps_the_worker_and_its_session() -> None:
+    crashed: list[str] = []
+    async with herd.Pool(
+        herd_nb.KernelFactory(), min_workers=0, max_workers=1, on_crash=crashed.append
+    ) as pool:
+        async with pool.acquire("nb") as session:
+            worker = session.worker
+            assert isinstance(worker, herd_nb.KernelWorker)
+            await run(worker, "x = 1")
+            old_pid = worker.pid
+            await worker.manager.restart_kernel(now=True)
+            assert worker.alive
+            assert worker.pid != old_pid
+            assert not pid_alive(old_pid)
+            await worker.client.wait_for_ready(timeout=30)
+            assert (await run(worker, "print(x)"))[0] == "error"  # a fresh interpreter
+            assert await run(worker, "print(2)") == ("ok", "2\n")
+            assert await worker.healthy()
+        await pool.check_health()
+        assert crashed == []
+        assert pool.sessions() == {"nb": worker.id}
+        # The restarted process is the one watched: killing it is a crash.
+        assert worker.pid is not None
+        os.killpg(worker.pid, signal.SIGKILL)
+        await wait_until(lambda: crashed == ["nb"], timeout=10, what="crash path")
+
+
 @pytest.mark.skipif(
     _cgroups.detect().version is None, reason=f"no usable cgroups here: {_cgroups.detect().reason}"
 )
