@@ -123,8 +123,9 @@ class KernelWorker(ProcessWorker):
         self._restart: asyncio.Future[None] | None = None
         #: The environment the kernel was started with (before the kernelspec's own).
         self.launch_env: dict[str, str] = {}
-        if isinstance(manager, _HerdLaunch):
-            manager.herd_worker = self
+        launched: Any = manager  # one of _launch_class()'s classes, from KernelFactory
+        if isinstance(launched, _HerdLaunch):
+            launched.herd_worker = self
 
     _owns_port = False
 
