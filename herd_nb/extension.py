@@ -5,17 +5,23 @@ Configured with traitlets the Jupyter way (``c.Herd.max_workers = 8`` in
 --help-all`` documents each). Values are checked when the server starts; a bad
 one stops start-up with a message naming it.
 
-With ``c.Herd.command`` set, a process pool of that command runs behind
-``{base_url}herd/proxy/``, routed by ``c.Herd.session_header`` (as ``herd
-serve``). Every route under ``{base_url}herd/`` requires Jupyter's authentication.
+Notebook and console kernels come pre-warmed: the server's kernel manager
+becomes :class:`herd_nb.HerdKernelManager`, which keeps ``c.Herd.warm_kernels``
+started kernels of each of ``c.Herd.kernel_names`` ready (see
+:mod:`herd_nb.kernelmanager`). With ``c.Herd.command`` set, a process pool of that
+command runs behind ``{base_url}herd/proxy/``, routed by ``c.Herd.session_header``
+(as ``herd serve``). Every route under ``{base_url}herd/`` requires Jupyter's
+authentication.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
+from jupyter_server.gateway.gateway_client import GatewayClient
 from prometheus_client import REGISTRY
 from traitlets import Bool, Float, Integer, List, Unicode, Union
 from traitlets import Enum as TEnum
@@ -24,6 +30,7 @@ import herd
 from herd import proxy
 
 from .handlers import HerdProxyHandler, SessionHandler, SessionsHandler, StatsHandler
+from .kernelmanager import HerdKernelManager
 from .metrics import PoolCollector
 
 __all__ = ["Herd"]
@@ -34,16 +41,38 @@ class Herd(ExtensionApp):
 
     name = "herd_nb"
 
-    min_workers = Integer(1, config=True, help="Workers kept running, even with no session.")
-    max_workers = Integer(10, config=True, help="The most workers alive at once.")
+    min_workers = Integer(
+        1, config=True, help="Process workers kept running, even with no session."
+    )
+    max_workers = Integer(
+        10, config=True, help="The most workers alive at once (per pool: per kernelspec)."
+    )
     ttl = Float(
-        300.0, config=True, help="Seconds a session may go unused before it ends; 0 disables."
+        300.0,
+        config=True,
+        help="Seconds a session may go unused before it ends; 0 disables. For kernels: "
+        "idle with no client connected (sets Jupyter's culler, unless it is configured).",
+    )
+    warm_kernels = Integer(
+        2,
+        config=True,
+        help="Started kernels kept ready per kernelspec in kernel_names, handed to new "
+        "notebook and console sessions; 0 turns pre-warming off.",
+    )
+    kernel_names = List(
+        Unicode(),
+        config=True,
+        help="Kernelspecs to keep warm; empty: the server's default kernel.",
     )
     health_interval = Float(
         5.0, config=True, help="Seconds between worker health checks; 0 disables."
     )
     worker_reuse = Bool(
-        True, config=True, help="Reuse a worker whose session ended (False: kill it)."
+        None,
+        allow_none=True,
+        config=True,
+        help="Reuse a worker whose session ended (False: kill it). Default: True for the "
+        "process pool; False for kernels (a reused kernel is reset, but keeps its imports).",
     )
     cpu_limit = Float(None, allow_none=True, config=True, help="CPU cores per worker.")
     memory_limit = Integer(
@@ -77,6 +106,15 @@ class Herd(ExtensionApp):
     )
     health_path = Unicode("/", config=True, help="GET path a process worker must answer with 2xx.")
 
+    def _link_jupyter_server_extension(self, serverapp: Any) -> None:
+        super()._link_jupyter_server_extension(serverapp)
+        # Before the server builds its kernel manager: make it herd's, unless
+        # the user chose one (or a gateway serves the kernels).
+        chosen = "kernel_manager_class" in serverapp.config.get("ServerApp", {})
+        gateway = GatewayClient.instance(parent=serverapp).gateway_enabled
+        if self.warm_kernels and not chosen and not gateway:
+            serverapp.kernel_manager_class = HerdKernelManager
+
     def initialize_settings(self) -> None:
         """Build the pools from the config (checked here: bad values stop start-up)."""
         try:
@@ -94,6 +132,7 @@ class Herd(ExtensionApp):
     def _build_pools(self) -> None:
         self.pools: dict[str, herd.Pool[Any]] = {}
         self.proxy_settings: proxy.ProxySettings | None = None
+        self._build_kernel_pools()
         if self.command:
             factory = herd.ProcessFactory(
                 list(self.command),
@@ -109,7 +148,7 @@ class Herd(ExtensionApp):
                 max_workers=self.max_workers,
                 ttl=self.ttl,
                 health_interval=self.health_interval,
-                worker_reuse=self.worker_reuse,
+                worker_reuse=True if self.worker_reuse is None else self.worker_reuse,
             )
             self.pools["process"] = pool
             assert self.serverapp is not None  # set before initialize_settings runs
@@ -119,6 +158,43 @@ class Herd(ExtensionApp):
                 key=proxy.from_header(self.session_header),
                 prefix=f"{base}/herd/proxy",
             )
+
+    def _build_kernel_pools(self) -> None:
+        if self.warm_kernels < 0:
+            raise ValueError(f"warm_kernels must be >= 0, not {self.warm_kernels}")
+        if not self.warm_kernels:
+            return
+        assert self.serverapp is not None
+        manager = self.serverapp.kernel_manager
+        if not isinstance(manager, HerdKernelManager):
+            self.log.warning(
+                "herd: kernels are not pre-warmed: the kernel manager is %s "
+                "(ServerApp.kernel_manager_class); use herd_nb.HerdKernelManager",
+                type(manager).__name__,
+            )
+            return
+        names = list(self.kernel_names) or [manager.default_kernel_name]
+        specs = self.serverapp.kernel_spec_manager
+        installed = specs.find_kernel_specs() if specs is not None else {}
+        for name in names:
+            if name not in installed:
+                raise ValueError(f"kernel_names: no kernelspec {name!r} is installed")
+            self.pools[f"kernels:{name}"] = manager.add_warm_pool(
+                name,
+                warm=self.warm_kernels,
+                max_kernels=self.max_workers,
+                health_interval=self.health_interval,
+                worker_reuse=bool(self.worker_reuse),
+                sandbox=self.sandbox,
+                cpu_limit=self.cpu_limit,
+                memory_limit=self.memory_limit,
+                pids_limit=self.pids_limit,
+            )
+        if self.ttl and not manager.cull_idle_timeout:
+            # Jupyter's culler knows what idle means for a kernel: not busy, and
+            # (by default) no client connected.
+            manager.cull_idle_timeout = math.ceil(self.ttl)
+            manager.cull_interval = max(1, min(manager.cull_interval, math.ceil(self.ttl / 4)))
 
     def initialize_handlers(self) -> None:
         """Routes under ``{base_url}herd/``."""

@@ -3,7 +3,8 @@
 - ``GET api/stats``: ``{"pools": {name: PoolStats}}`` for every pool the
   extension runs;
 - ``GET api/sessions``: every pinned session; ``DELETE api/sessions/{id}``: end
-  one (unsafe methods check XSRF, as Jupyter does);
+  one (a warm kernel's session is its kernel ID: the kernel is shut down); unsafe
+  methods check XSRF, as Jupyter does;
 - ``proxy/...``: the process pool behind :class:`herd.proxy.ProxyHandler`, HTTP and
   WebSocket, after Jupyter's authentication (a WebSocket upgrade is a GET, so it
   passes the same check before anything reaches a worker).
@@ -60,6 +61,13 @@ class SessionHandler(_PoolsHandler):
             herd.validate_session_id(session_id)
         except herd.InvalidSessionIdError as exc:
             raise web.HTTPError(400, str(exc)) from None
+        kernels: dict[str, Any] = getattr(self.kernel_manager, "herd_kernel_ids", dict)()
+        if session_id in kernels:
+            # A warm kernel's session is its kernel: end both, as Jupyter would.
+            await self.kernel_manager.shutdown_kernel(session_id)
+            self.set_status(204)
+            self.finish()
+            return
         for pool in self.pools.values():
             if session_id in pool.sessions():
                 await pool.release(session_id)

@@ -23,12 +23,14 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import logging
 import os
 import queue
+import signal
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
@@ -44,6 +46,8 @@ from herd._sandbox import Sandbox, SandboxMode, SandboxReport
 
 __all__ = ["KernelFactory", "KernelWorker"]
 
+log = logging.getLogger("herd_nb")
+
 _kernel_ids = itertools.count(1)
 
 
@@ -57,6 +61,28 @@ class _HerdLaunch:
 
     herd_prefix: tuple[str, ...] = ()
     herd_worker: KernelWorker | None = None
+    _herd_callbacks: dict[str, list[Callable[[], object]]] | None = None
+
+    # With no auto-restarter, jupyter_client drops restart callbacks; the server's
+    # "dead" callbacks (tell the clients, forget the kernel) are kept here instead.
+    def add_restart_callback(self, callback: Callable[[], object], event: str = "restart") -> None:
+        if self._herd_callbacks is None:
+            self._herd_callbacks = {}
+        self._herd_callbacks.setdefault(event, []).append(callback)
+
+    def remove_restart_callback(
+        self, callback: Callable[[], object], event: str = "restart"
+    ) -> None:
+        with contextlib.suppress(KeyError, ValueError, TypeError):
+            self._herd_callbacks[event].remove(callback)  # type: ignore[index]
+
+    def herd_fire(self, event: str) -> None:
+        """Call the callbacks registered for ``event`` (``"dead"``); errors are logged."""
+        for callback in list((self._herd_callbacks or {}).get(event, [])):
+            try:
+                callback()
+            except Exception:
+                log.exception("%s callback %r failed", event, callback)
 
     def format_kernel_cmd(self, extra_arguments: list[str] | None = None) -> list[str]:
         return [*self.herd_prefix, *super().format_kernel_cmd(extra_arguments)]  # type: ignore[misc]
@@ -123,6 +149,8 @@ class KernelWorker(ProcessWorker):
         self._restart: asyncio.Future[None] | None = None
         #: The environment the kernel was started with (before the kernelspec's own).
         self.launch_env: dict[str, str] = {}
+        #: The directory the kernel was started in.
+        self.cwd: str = os.getcwd()
         launched: Any = manager  # one of _launch_class()'s classes, from KernelFactory
         if isinstance(launched, _HerdLaunch):
             launched.herd_worker = self
@@ -245,6 +273,31 @@ class KernelWorker(ProcessWorker):
             reply = await probe._async_recv_reply(
                 msg["header"]["msg_id"], timeout=timeout, channel=self._probe_channel
             )
+        except Exception:
+            return False
+        return bool(reply.get("content", {}).get("status") == "ok")
+
+    async def run_silently(self, code: str, timeout: float) -> bool:
+        """Execute ``code`` without output, history or an execution count.
+
+        On a channel of herd's own, so the session's clients see none of it but
+        the kernel's busy/idle status.
+
+        :returns: whether it ran without error within ``timeout``.
+        """
+        probe = self._probe
+        content = {
+            "code": code,
+            "silent": True,
+            "store_history": False,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": False,
+        }
+        msg = probe.session.msg("execute_request", content)
+        probe.shell_channel.send(msg)
+        try:
+            reply = await probe._async_recv_reply(msg["header"]["msg_id"], timeout=timeout)
         except Exception:
             return False
         return bool(reply.get("content", {}).get("status") == "ok")
@@ -388,11 +441,20 @@ class KernelFactory:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
             )
-        except Exception as exc:
+        except BaseException as exc:
+            # Failed or cancelled (a pool shutting down) after the launch, maybe:
+            # nothing it started may outlive it.
+            process = getattr(manager.provisioner, "process", None)
+            if process is not None:
+                with contextlib.suppress(OSError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await asyncio.get_running_loop().run_in_executor(None, process.wait)
             if cgroup is not None:
                 cgroup.remove()
             with contextlib.suppress(Exception):
                 await manager._async_cleanup_resources(restart=False)
+            if not isinstance(exc, Exception):
+                raise
             raise SpawnError(f"cannot start kernel {self.kernel_name!r}: {exc}") from exc
         worker = KernelWorker(
             manager,
@@ -405,6 +467,7 @@ class KernelFactory:
             cgroup=cgroup,
         )
         worker.launch_env = env
+        worker.cwd = self.cwd if self.cwd is not None else os.getcwd()
         try:
             await worker._until_ready(self.startup_timeout)
         except BaseException:

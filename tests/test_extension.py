@@ -8,93 +8,34 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_until_sync
+from tests.helpers.jupyter import TOKEN, Server
 from tests.test_cli import free_port
 
 WEB_WORKER = str(Path(__file__).parent / "helpers" / "web_worker.py")
-TOKEN = "herd-test-token"
 
 
-class Server:
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        config = tmp / "jupyter_server_config.py"
-        config.write_text(
-            f"c.Herd.command = [{sys.executable!r}, {WEB_WORKER!r}, '{{port}}']\n"
-            "c.Herd.health_path = '/health'\n"
-            "c.Herd.min_workers = 1\n"
-            "c.Herd.max_workers = 3\n"
-        )
-        argv = [
-            sys.executable,
-            "-m",
-            "jupyter_server",
-            "--no-browser",
-            "--ip=127.0.0.1",
-            f"--port={self.port}",
-            "--port-retries=0",
-            "--ServerApp.jpserver_extensions=herd_nb=True",
-            f"--IdentityProvider.token={TOKEN}",
-            f"--ServerApp.root_dir={tmp}",
-            f"--config={config}",
-        ]
-        if os.geteuid() == 0:
-            argv.append("--allow-root")
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp
-        )
-
-    def request(
-        self, path: str, *, token: bool = True, method: str = "GET", **headers: str
-    ) -> tuple[int, bytes]:
-        request = urllib.request.Request(self.base + path, method=method, headers=headers)
-        if token:
-            request.add_header("Authorization", f"token {TOKEN}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as reply:
-                return reply.status, reply.read()
-        except urllib.error.HTTPError as error:
-            with error:
-                return error.code, error.read()
-
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                assert self.proc.stderr is not None
-                raise AssertionError(self.proc.stderr.read()[-3000:])
-            try:
-                status, body = self.request("/herd/api/stats")
-            except OSError:
-                return False
-            return status == 200 and json.loads(body)["pools"]["process"]["total_workers"] >= 1
-
-        wait_until_sync(ready, timeout=60, what="jupyter server with herd_nb")
+CONFIG = (
+    f"c.Herd.command = [{sys.executable!r}, {WEB_WORKER!r}, '{{port}}']\n"
+    "c.Herd.health_path = '/health'\n"
+    "c.Herd.min_workers = 1\n"
+    "c.Herd.max_workers = 3\n"
+    "c.Herd.warm_kernels = 0\n"  # kernels have their own tests (test_warm_kernels)
+)
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    running = Server(tmp_path)
+    running = Server(tmp_path, CONFIG)
     try:
-        running.wait_ready()
+        running.wait_ready(lambda pools: pools["process"]["total_workers"] >= 1)
         yield running
     finally:
-        if running.proc.poll() is None:
-            running.proc.send_signal(signal.SIGTERM)
-            try:
-                running.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                running.proc.kill()
-                running.proc.wait()
-        if running.proc.stderr is not None:
-            running.proc.stderr.close()
+        running.stop()
 
 
 def test_routes_refuse_unauthenticated_requests(server: Server) -> None:

@@ -1,0 +1,111 @@
+"""A real ``jupyter server`` with herd_nb, in a subprocess, for the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import wait_until_sync
+from tests.test_cli import free_port
+
+TOKEN = "herd-test-token"
+
+
+class Server:
+    """``python -m jupyter_server`` with herd_nb, token auth and ``config`` (a
+    ``jupyter_server_config.py`` text), rooted at ``tmp``."""
+
+    def __init__(self, tmp: Path, config: str, argv: Sequence[str] = ()) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.root = tmp
+        path = tmp / "jupyter_server_config.py"
+        path.write_text(config)
+        command = [
+            sys.executable,
+            "-m",
+            "jupyter_server",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={self.port}",
+            "--port-retries=0",
+            "--ServerApp.jpserver_extensions=herd_nb=True",
+            f"--IdentityProvider.token={TOKEN}",
+            f"--ServerApp.root_dir={tmp}",
+            f"--config={path}",
+            *argv,
+        ]
+        if os.geteuid() == 0:
+            command.append("--allow-root")
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp
+        )
+
+    def request(
+        self,
+        path: str,
+        *,
+        token: bool = True,
+        method: str = "GET",
+        body: Any = None,
+        **headers: str,
+    ) -> tuple[int, bytes]:
+        data = json.dumps(body).encode() if body is not None else None
+        if method in ("POST", "PUT", "PATCH") and data is None:
+            data = b""
+        request = urllib.request.Request(
+            self.base + path, method=method, headers=headers, data=data
+        )
+        if token:
+            request.add_header("Authorization", f"token {TOKEN}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                return reply.status, reply.read()
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, error.read()
+
+    def json(self, path: str, **options: Any) -> Any:
+        """The JSON body of a request that must succeed."""
+        status, body = self.request(path, **options)
+        assert 200 <= status < 300, (path, status, body[:500])
+        return json.loads(body) if body else None
+
+    def stats(self) -> dict[str, Any]:
+        pools: dict[str, Any] = self.json("/herd/api/stats")["pools"]
+        return pools
+
+    def wait_ready(self, ready: Callable[[dict[str, Any]], bool]) -> None:
+        """Until ``ready(pool stats)`` holds; fails with the server's log if it exits."""
+
+        def check() -> bool:
+            if self.proc.poll() is not None:
+                assert self.proc.stderr is not None
+                raise AssertionError(self.proc.stderr.read()[-3000:])
+            try:
+                status, body = self.request("/herd/api/stats")
+            except OSError:
+                return False
+            return status == 200 and ready(json.loads(body)["pools"])
+
+        wait_until_sync(check, timeout=60, what="jupyter server with herd_nb")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the server (``sig``; SIGKILL after 20 s) and close its log pipe."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()

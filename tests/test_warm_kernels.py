@@ -1,0 +1,324 @@
+"""Pre-warmed notebook kernels in a real ``jupyter server``, driven as JupyterLab does:
+REST calls, then a kernel client over the server's kernel WebSocket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tornado.httpclient
+
+from tests.helpers import pid_alive, tagged_processes, wait_until, wait_until_sync
+from tests.helpers.jupyter import TOKEN, Server
+from tests.helpers.kernel_ws import KernelWS
+
+WARM = 2
+
+
+def config(**herd: Any) -> str:
+    """A ``jupyter_server_config.py`` text setting ``c.Herd.<key>``."""
+    settings = {"warm_kernels": WARM, "max_workers": 4, **herd}
+    return "".join(f"c.Herd.{key} = {value!r}\n" for key, value in settings.items())
+
+
+def kernel_pool(server: Server) -> dict[str, Any]:
+    pool: dict[str, Any] = server.stats()["kernels:python3"]
+    return pool
+
+
+def warm_pids(server: Server) -> set[int]:
+    return {w["pid"] for w in kernel_pool(server)["workers"] if w["state"] == "idle"}
+
+
+def pid_of(server: Server, kernel_id: str) -> int:
+    """The host PID of the kernel's worker (in its sandbox the kernel is PID 1)."""
+    workers = kernel_pool(server)["workers"]
+    pids = [w["pid"] for w in workers if w["session_id"] == kernel_id]
+    assert len(pids) == 1, workers
+    return int(pids[0])
+
+
+def start_server(tmp: Path, text: str) -> Server:
+    server = Server(tmp, text)
+    try:
+        server.wait_ready(lambda pools: pools["kernels:python3"]["available_workers"] == WARM)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    running = start_server(tmp_path, config())
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def open_session(server: Server, path: str, kind: str = "notebook") -> dict[str, Any]:
+    """``POST /api/sessions`` as JupyterLab does when it opens ``path``."""
+    body = {"path": path, "name": Path(path).name, "type": kind, "kernel": {"name": "python3"}}
+    model: dict[str, Any] = server.json("/api/sessions", method="POST", body=body)
+    return model
+
+
+async def kernel_facts(ws: KernelWS) -> dict[str, Any]:
+    code = (
+        "import json, os\n"
+        "print(json.dumps({'cwd': os.getcwd(), 'env': dict(os.environ),"
+        " 'session': globals().get('__session__')}))"
+    )
+    reply, printed = await ws.execute(code)
+    assert reply["status"] == "ok", reply
+    facts: dict[str, Any] = json.loads(printed)
+    facts["execution_count"] = reply["execution_count"]
+    return facts
+
+
+async def test_a_notebook_gets_a_warm_kernel_retargeted_to_its_directory(
+    server: Server, tmp_path: Path
+) -> None:
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "helper_module.py").write_text("VALUE = 'next to the notebook'\n")
+    warm = warm_pids(server)
+    model = open_session(server, "project/analysis.ipynb")
+    kernel_id = model["kernel"]["id"]
+    assert kernel_pool(server)["active_sessions"] == 1
+    assert {w["session_id"] for w in kernel_pool(server)["workers"]} >= {kernel_id}
+
+    ws = await KernelWS.connect(server.base, kernel_id, TOKEN)
+    try:
+        facts = await kernel_facts(ws)
+        # The kernel was started before the request, for no one in particular...
+        assert pid_of(server, kernel_id) in warm
+        # ...and behaves as if started for this notebook.
+        assert facts["cwd"] == str(tmp_path / "project")
+        assert facts["env"]["JPY_SESSION_NAME"] == str(tmp_path / "project" / "analysis.ipynb")
+        assert facts["session"] == facts["env"]["JPY_SESSION_NAME"]
+        assert "HERD_WORKER_TAG" not in facts["env"]
+        assert facts["execution_count"] == 1  # retargeting left no trace in the history
+        reply, printed = await ws.execute("import helper_module; print(helper_module.VALUE)")
+        assert (reply["status"], printed) == ("ok", "next to the notebook\n")
+        reply, printed = await ws.execute("print(sorted(k for k in globals() if 'herd' in k))")
+        assert printed == "[]\n"  # nothing of herd's in the user's namespace
+    finally:
+        await ws.close()
+    # The pool refilled its spares in the background.
+    wait_until_sync(lambda: kernel_pool(server)["available_workers"] == WARM, what="refill")
+
+
+async def test_the_environment_is_what_a_cold_start_gives(server: Server, tmp_path: Path) -> None:
+    # A second kernelspec has no warm pool: its kernels start the stock way.
+    spec_dir = tmp_path / "share" / "kernels" / "cold-python"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "cold",
+                "language": "python",
+            }
+        )
+    )
+    server.stop()
+    os.environ["JUPYTER_PATH"] = str(tmp_path / "share")
+    try:
+        restarted = start_server(tmp_path, config())
+    finally:
+        del os.environ["JUPYTER_PATH"]
+    try:
+        facts, ids = {}, {}
+        for name in ("python3", "cold-python"):
+            body = {"path": f"{name}.ipynb", "type": "notebook", "kernel": {"name": name}}
+            model = restarted.json("/api/sessions", method="POST", body=body)
+            ids[name] = model["kernel"]["id"]
+            ws = await KernelWS.connect(restarted.base, ids[name], TOKEN)
+            try:
+                facts[name] = await kernel_facts(ws)
+            finally:
+                await ws.close()
+        warm, cold = facts["python3"], facts["cold-python"]
+        pinned = {w["session_id"] for w in kernel_pool(restarted)["workers"]}
+        assert ids["python3"] in pinned
+        assert ids["cold-python"] not in pinned
+        assert warm["cwd"] == cold["cwd"] == str(tmp_path)
+        assert warm["session"] == warm["env"]["JPY_SESSION_NAME"] == "python3.ipynb"
+        assert cold["session"] == cold["env"]["JPY_SESSION_NAME"] == "cold-python.ipynb"
+        del warm["env"]["JPY_SESSION_NAME"], cold["env"]["JPY_SESSION_NAME"]
+        assert warm["env"] == cold["env"]
+        # Shutting the sessions down ends both kernels.
+        for model in restarted.json("/api/sessions"):
+            restarted.json(f"/api/sessions/{model['id']}", method="DELETE")
+        assert restarted.json("/api/kernels") == []
+    finally:
+        restarted.stop()
+
+
+async def test_reconnect_interrupt_restart_and_shutdown(server: Server, tmp_path: Path) -> None:
+    (tmp_path / "work").mkdir()
+    model = open_session(server, "work/nb.ipynb")
+    kernel_id = model["kernel"]["id"]
+    first = await KernelWS.connect(server.base, kernel_id, TOKEN)
+    reply, _ = await first.execute("state = 'kept'")
+    pid = pid_of(server, kernel_id)
+    await first.close()  # a page reload
+    # Reopening the notebook finds the session and its kernel.
+    again = open_session(server, "work/nb.ipynb")
+    assert again["kernel"]["id"] == kernel_id
+    second = await KernelWS.connect(server.base, kernel_id, TOKEN)
+    third = await KernelWS.connect(server.base, kernel_id, TOKEN)  # a second tab
+    try:
+        assert (await second.execute("print(state)"))[1] == "kept\n"
+        assert (await third.execute("print(state)"))[1] == "kept\n"
+
+        # Interrupt a running cell: the kernel survives, the cell gets KeyboardInterrupt.
+        code = "import time; print('running', flush=True); time.sleep(60)"
+        msg_id = second.send("shell", "execute_request", {"code": code, "silent": False})
+        await second.wait_for_output(msg_id, "running")  # SIGINT now reaches the cell
+        server.json(f"/api/kernels/{kernel_id}/interrupt", method="POST")
+        reply, _ = await second.reply_to(msg_id)
+        assert (reply["status"], reply["ename"]) == ("error", "KeyboardInterrupt")
+        assert (await second.execute("print(state)"))[1] == "kept\n"
+        assert pid_of(server, kernel_id) == pid
+
+        # Restart: a fresh interpreter in the notebook's directory, same session.
+        server.json(f"/api/kernels/{kernel_id}/restart", method="POST")  # returns when ready
+        await second.close()  # JupyterLab reconnects after a restart
+        second = await KernelWS.connect(server.base, kernel_id, TOKEN)
+        facts = await kernel_facts(second)
+        restarted = pid_of(server, kernel_id)  # the same worker and session, a new process
+        assert restarted != pid
+        assert not pid_alive(pid)
+        assert facts["cwd"] == str(tmp_path / "work")
+        assert facts["env"]["JPY_SESSION_NAME"] == str(tmp_path / "work" / "nb.ipynb")
+        assert (await second.execute("state"))[0]["ename"] == "NameError"
+        assert kernel_pool(server)["recent_crashes"] == []
+    finally:
+        await second.close()
+        await third.close()
+
+    # Shutdown from JupyterLab: the kernel is gone, and never serves anyone again.
+    server.json(f"/api/sessions/{model['id']}", method="DELETE")
+    assert server.json("/api/kernels") == []
+    assert not pid_alive(restarted)
+    wait_until_sync(lambda: kernel_pool(server)["available_workers"] == WARM, what="refill")
+    assert restarted not in warm_pids(server)
+    assert kernel_pool(server)["active_sessions"] == 0
+
+
+async def test_post_api_kernels_gets_a_warm_kernel_too(server: Server) -> None:
+    warm = warm_pids(server)
+    kernel = server.json("/api/kernels", method="POST", body={"name": "python3"})
+    ws = await KernelWS.connect(server.base, kernel["id"], TOKEN)
+    try:
+        facts = await kernel_facts(ws)
+    finally:
+        await ws.close()
+    pid = pid_of(server, kernel["id"])
+    assert pid in warm
+    assert facts["cwd"] == str(server.root)
+    server.json(f"/api/kernels/{kernel['id']}", method="DELETE")
+    assert not pid_alive(pid)
+
+
+async def test_a_kernel_crash_mid_session_is_reported_and_cleaned_up(server: Server) -> None:
+    model = open_session(server, "crash.ipynb")
+    kernel_id = model["kernel"]["id"]
+    ws = await KernelWS.connect(server.base, kernel_id, TOKEN)
+    try:
+        await kernel_facts(ws)
+        pid = pid_of(server, kernel_id)
+        os.killpg(pid, signal.SIGKILL)  # the whole sandbox, as an OOM kill would
+        await ws.wait_for_status("dead")
+    finally:
+        await ws.close()
+    assert not pid_alive(pid)
+    assert server.json("/api/kernels") == []
+    crashes = kernel_pool(server)["recent_crashes"]
+    assert [c["session_id"] for c in crashes] == [kernel_id]
+    wait_until_sync(lambda: kernel_pool(server)["available_workers"] == WARM, what="refill")
+    # A new session works as before.
+    fresh = open_session(server, "crash.ipynb")
+    assert fresh["kernel"]["id"] != kernel_id
+
+
+async def test_kernel_routes_refuse_unauthenticated_requests(server: Server) -> None:
+    body = {"path": "x.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
+    status, _ = server.request("/api/sessions", token=False, method="POST", body=body)
+    assert status == 403
+    status, _ = server.request("/api/kernels", token=False, method="POST", body={})
+    assert status == 403
+    assert kernel_pool(server)["active_sessions"] == 0  # no kernel was handed out
+    kernel = server.json("/api/kernels", method="POST", body={"name": "python3"})
+    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+        await KernelWS.connect(server.base, kernel["id"], None)
+    assert refused.value.code == 403
+    server.json(f"/api/kernels/{kernel['id']}", method="DELETE")
+
+
+async def test_idle_kernels_are_culled_after_the_ttl(tmp_path: Path) -> None:
+    server = start_server(tmp_path, config(ttl=2.0))
+    try:
+        model = open_session(server, "idle.ipynb")
+        kernel_id = model["kernel"]["id"]
+        pid = pid_of(server, kernel_id)
+        await wait_until(
+            lambda: server.json("/api/kernels") == [], timeout=15, what="the kernel to be culled"
+        )
+        await wait_until(lambda: not pid_alive(pid), what="the culled kernel to exit")
+        assert kernel_pool(server)["active_sessions"] == 0
+    finally:
+        server.stop()
+
+
+async def test_with_worker_reuse_a_kernel_is_reset_before_its_next_session(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a").mkdir()
+    server = start_server(tmp_path, config(worker_reuse=True, max_workers=WARM))
+    try:
+        model = open_session(server, "a/one.ipynb")
+        ws = await KernelWS.connect(server.base, model["kernel"]["id"], TOKEN)
+        try:
+            await ws.execute("secret = 42")
+            first = pid_of(server, model["kernel"]["id"])
+        finally:
+            await ws.close()
+        server.json(f"/api/sessions/{model['id']}", method="DELETE")
+        assert first in warm_pids(server)  # back in the pool, not killed
+        # Every kernel serves one session at a time; take both to get the reused one.
+        pids = {}
+        for name in ("b1.ipynb", "b2.ipynb"):
+            kid = open_session(server, name)["kernel"]["id"]
+            ws = await KernelWS.connect(server.base, kid, TOKEN)
+            try:
+                facts = await kernel_facts(ws)
+                pids[pid_of(server, kid)] = (facts, (await ws.execute("secret"))[0])
+            finally:
+                await ws.close()
+        facts, reply = pids[first]
+        assert reply["ename"] == "NameError"  # the previous session's variables are gone
+        assert facts["cwd"] == str(tmp_path)
+        assert facts["env"]["JPY_SESSION_NAME"].endswith(".ipynb")
+    finally:
+        server.stop()
+
+
+async def test_kernels_stop_with_the_server(tmp_path: Path) -> None:
+    server = start_server(tmp_path, config())
+    open_session(server, "one.ipynb")
+    wait_until_sync(lambda: kernel_pool(server)["available_workers"] == WARM, what="refill")
+    pids = {w["pid"] for w in kernel_pool(server)["workers"]}
+    assert len(pids) == WARM + 1
+    server.stop(signal.SIGTERM)
+    assert server.proc.returncode == 0
+    await wait_until(lambda: not any(pid_alive(p) for p in pids), what="kernels to exit")
+    assert tagged_processes(os.environ["HERD_TEST_TAG"]) == []
