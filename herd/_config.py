@@ -71,6 +71,9 @@ class PoolConfig:
         ``0``/``None``: wait until the caller's own timeout.
     :param idle_worker_timeout: seconds an unpinned worker above ``min_workers`` may
         sit idle before it is retired; ``0``/``None`` keeps surplus workers.
+    :param refill_delay: seconds after a spare was last taken before the pool
+        starts its replacement, so the spawn does not compete with the sessions
+        that just started for CPU; ``0``/``None``: at once.
     :param spawn_backoff: first delay after a failed spawn; doubles per failure.
     :param spawn_backoff_max: the longest delay between spawn attempts.
     """
@@ -83,6 +86,7 @@ class PoolConfig:
     worker_reuse: bool = True
     acquire_timeout: float | None = 30.0
     idle_worker_timeout: float | None = 60.0
+    refill_delay: float | None = None
     spawn_backoff: float = 0.5
     spawn_backoff_max: float = 30.0
 
@@ -100,7 +104,13 @@ class PoolConfig:
             )
         if not isinstance(self.worker_reuse, bool):
             raise TypeError(f"worker_reuse must be a bool, not {self.worker_reuse!r}")
-        for name in ("ttl", "health_interval", "acquire_timeout", "idle_worker_timeout"):
+        for name in (
+            "ttl",
+            "health_interval",
+            "acquire_timeout",
+            "idle_worker_timeout",
+            "refill_delay",
+        ):
             object.__setattr__(self, name, duration_seconds(name, getattr(self, name)))
         for name in ("spawn_backoff", "spawn_backoff_max"):
             object.__setattr__(

@@ -143,6 +143,9 @@ class Pool(Generic[C]):
     :param min_idle: idle workers kept ready on top of the pinned ones, so a new
         session takes a started worker instead of waiting for a spawn; the pool
         refills them in the background, one spawn at a time (within ``max_workers``).
+    :param refill_delay: seconds to wait after a spare was last taken before
+        starting its replacement, so a burst of new sessions does not share the
+        CPU with spawns; ``0``/``None`` refills at once.
     :param ttl: seconds a session may go unused (no open use) before it is ended;
         ``0``/``None`` never evicts.
     :param health_interval: seconds between health checks; ``0``/``None`` disables
@@ -183,6 +186,7 @@ class Pool(Generic[C]):
         registry: SessionRegistry | None = None,
         acquire_timeout: Duration = 30.0,
         idle_worker_timeout: Duration = 60.0,
+        refill_delay: Duration = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = PoolConfig(
@@ -194,6 +198,7 @@ class Pool(Generic[C]):
             worker_reuse=worker_reuse,
             acquire_timeout=duration_seconds("acquire_timeout", acquire_timeout),
             idle_worker_timeout=duration_seconds("idle_worker_timeout", idle_worker_timeout),
+            refill_delay=duration_seconds("refill_delay", refill_delay),
         )
         if on_crash is not None and not callable(on_crash):
             raise TypeError(f"on_crash must be callable, not {on_crash!r}")
@@ -220,6 +225,7 @@ class Pool(Generic[C]):
         self._closing: set[asyncio.Task[None]] = set()  # worker closes: awaited, never cancelled
         self._wake = asyncio.Event()
         self._refilling = False
+        self._last_take = 0.0  # loop time a spare was last taken (for refill_delay)
         self._closed = asyncio.Event()
         self._sampler: Sampler | None = None
         self._crashes: deque[CrashInfo] = deque(maxlen=20)
@@ -444,6 +450,7 @@ class Pool(Generic[C]):
             first = may_jump or not self._waiters
             if self._idle and first:
                 if self.config.min_idle:
+                    self._last_take = asyncio.get_running_loop().time()
                     self._wake.set()  # a spare was taken: refill now, not at the next tick
                 return self._idle.popleft()
             if self._capacity() > 0 and first:
@@ -631,6 +638,10 @@ class Pool(Generic[C]):
                 loop = asyncio.get_running_loop()
                 if loop.time() < self._backoff_until:
                     await asyncio.sleep(self._backoff_until - loop.time())
+                    continue
+                quiet_at = self._last_take + (self.config.refill_delay or 0.0)
+                if loop.time() < quiet_at:
+                    await asyncio.sleep(quiet_at - loop.time())  # sessions just started
                     continue
                 try:
                     slot = await self._spawn_slot()

@@ -133,6 +133,19 @@ async def test_min_idle_keeps_started_spares_ready_for_new_sessions() -> None:
             await session.release()
 
 
+async def test_refill_waits_for_refill_delay_after_the_last_take() -> None:
+    counting = CountingFactory(factory())
+    async with herd.Pool(
+        counting, min_workers=0, min_idle=1, max_workers=3, refill_delay=0.4
+    ) as pool:
+        a = await pool.acquire("a")
+        taken = time.monotonic()
+        await wait_until(lambda: counting.spawns == 2, what="the refill spawn")
+        assert time.monotonic() - taken >= 0.4  # not before the sessions had their turn
+        await wait_until(lambda: pool.stats().available_workers == 1, what="the spare")
+        await a.release()
+
+
 async def test_spares_above_min_idle_are_retired_after_idle_timeout() -> None:
     clock = FakeClock()
     async with herd.Pool(
@@ -521,6 +534,7 @@ def test_bad_pool_options_raise_value_error() -> None:
         {"min_workers": 3, "max_workers": 2},
         {"min_idle": -1},
         {"min_idle": 3, "max_workers": 2},
+        {"refill_delay": -1},
         {"ttl": -1},
         {"health_interval": float("nan")},
         {"acquire_timeout": float("inf")},
