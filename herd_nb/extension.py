@@ -32,6 +32,7 @@ from herd import proxy
 from .handlers import HerdProxyHandler, SessionHandler, SessionsHandler, StatsHandler
 from .kernelmanager import HerdKernelManager
 from .metrics import PoolCollector
+from .websocket import NoDelayWebsocketConnection
 
 __all__ = ["Herd"]
 
@@ -110,10 +111,13 @@ class Herd(ExtensionApp):
         super()._link_jupyter_server_extension(serverapp)
         # Before the server builds its kernel manager: make it herd's, unless
         # the user chose one (or a gateway serves the kernels).
-        chosen = "kernel_manager_class" in serverapp.config.get("ServerApp", {})
-        gateway = GatewayClient.instance(parent=serverapp).gateway_enabled
-        if self.warm_kernels and not chosen and not gateway:
+        chosen = serverapp.config.get("ServerApp", {})
+        if GatewayClient.instance(parent=serverapp).gateway_enabled:
+            return
+        if self.warm_kernels and "kernel_manager_class" not in chosen:
             serverapp.kernel_manager_class = HerdKernelManager
+        if "kernel_websocket_connection_class" not in chosen:
+            serverapp.kernel_websocket_connection_class = NoDelayWebsocketConnection
 
     def initialize_settings(self) -> None:
         """Build the pools from the config (checked here: bad values stop start-up)."""

@@ -130,6 +130,9 @@ class HerdKernelManager(AsyncMappingKernelManager):
             worker_reuse=worker_reuse,
             on_crash=self._herd_crashed,
             acquire_timeout=5.0,
+            # A kernel start costs ~0.5 s of CPU: let the sessions that just took
+            # warm kernels run their first cells before the refill starts.
+            refill_delay=1.0,
         )
         self.herd_pools[kernel_name] = pool
         self._herd_reuse = worker_reuse

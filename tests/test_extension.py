@@ -170,3 +170,39 @@ def test_installed_enabled_and_documented() -> None:
         "command",
     ):
         assert f"--Herd.{trait}" in helped, trait
+
+
+def test_the_extension_installs_its_kernel_manager_and_websocket_classes(tmp_path: Path) -> None:
+    from jupyter_server.serverapp import ServerApp
+
+    from herd_nb import HerdKernelManager
+    from herd_nb.websocket import NoDelayWebsocketConnection
+
+    def configured(*argv: str) -> ServerApp:
+        app = ServerApp()
+        app.initialize(
+            argv=[
+                "--ServerApp.jpserver_extensions=herd_nb=True",
+                f"--ServerApp.root_dir={tmp_path}",
+                f"--ServerApp.runtime_dir={tmp_path}",
+                *argv,
+            ],
+            new_httpserver=False,
+        )
+        return app
+
+    app = configured()
+    assert isinstance(app.kernel_manager, HerdKernelManager)
+    assert app.web_app.settings["kernel_websocket_connection_class"] is NoDelayWebsocketConnection
+    assert list(app.kernel_manager.herd_pools) == ["python3"]  # not started: no process
+    # The user's own choices win.
+    app = configured(
+        "--ServerApp.kernel_manager_class="
+        "jupyter_server.services.kernels.kernelmanager.AsyncMappingKernelManager",
+        "--ServerApp.kernel_websocket_connection_class="
+        "jupyter_server.services.kernels.connection.channels.ZMQChannelsWebsocketConnection",
+    )
+    assert type(app.kernel_manager).__name__ == "AsyncMappingKernelManager"
+    assert app.web_app.settings["kernel_websocket_connection_class"] is not (
+        NoDelayWebsocketConnection
+    )
