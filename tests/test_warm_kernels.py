@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -225,7 +227,11 @@ async def test_post_api_kernels_gets_a_warm_kernel_too(server: Server) -> None:
     pid = pid_of(server, kernel["id"])
     assert pid in warm
     assert facts["cwd"] == str(server.root)
-    server.json(f"/api/kernels/{kernel['id']}", method="DELETE")
+    # herd's own API lists the kernel's session and ends it like Jupyter would.
+    sessions = server.json("/herd/api/sessions")["sessions"]
+    assert {"id": kernel["id"], "pool": "kernels:python3"}.items() <= sessions[0].items()
+    server.json(f"/herd/api/sessions/{kernel['id']}", method="DELETE")
+    assert server.json("/api/kernels") == []
     assert not pid_alive(pid)
 
 
@@ -308,6 +314,15 @@ async def test_with_worker_reuse_a_kernel_is_reset_before_its_next_session(
         assert reply["ename"] == "NameError"  # the previous session's variables are gone
         assert facts["cwd"] == str(tmp_path)
         assert facts["env"]["JPY_SESSION_NAME"].endswith(".ipynb")
+        # Both kernels are taken and max_workers=2: a third kernel gets a clear refusal
+        # (503; Jupyter's sessions API turns every error into a 500, message kept).
+        status, error = server.request("/api/kernels", method="POST", body={})
+        assert status == 503
+        assert "all 2 kernels are in use (c.Herd.max_workers)" in json.loads(error)["message"]
+        body = {"path": "c.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
+        status, error = server.request("/api/sessions", method="POST", body=body)
+        assert status == 500
+        assert "c.Herd.max_workers" in json.loads(error)["message"]
     finally:
         server.stop()
 
@@ -322,3 +337,40 @@ async def test_kernels_stop_with_the_server(tmp_path: Path) -> None:
     assert server.proc.returncode == 0
     await wait_until(lambda: not any(pid_alive(p) for p in pids), what="kernels to exit")
     assert tagged_processes(os.environ["HERD_TEST_TAG"]) == []
+
+
+def readme_launch() -> tuple[str, list[str]]:
+    """The README's ``jupyter_server_config.py`` and its launch line, verbatim."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    config = re.search(r"```python\n(# jupyter_server_config\.py\n.*?)```", text, re.S)
+    line = re.search(r"```bash\n(jupyter server [^\n]*)\n```", text)
+    assert config is not None, "README lost its jupyter_server_config.py example"
+    assert line is not None, "README lost its launch line"
+    return config.group(1), shlex.split(line.group(1))
+
+
+async def test_the_readme_launch_command(tmp_path: Path) -> None:
+    config, command = readme_launch()
+    assert command[:2] == ["jupyter", "server"]
+    (tmp_path / "notes").mkdir()
+    server = Server(tmp_path, config, command=command)
+    try:
+        server.wait_ready(
+            lambda pools: pools["kernels:python3"]["available_workers"] == 2
+            and pools["process"]["available_workers"] >= 1
+        )
+        model = open_session(server, "notes/readme.ipynb")
+        ws = await KernelWS.connect(server.base, model["kernel"]["id"], TOKEN)
+        try:
+            facts = await kernel_facts(ws)
+        finally:
+            await ws.close()
+        assert facts["cwd"] == str(tmp_path / "notes")
+        status, listing = server.request("/herd/proxy/", **{"X-Session-ID": "readme"})
+        assert status == 200
+        assert b"notes/" in listing  # http.server, run in its own pool
+        pids = {w["pid"] for pool in server.stats().values() for w in pool["workers"]}
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0
+    await wait_until(lambda: not any(pid_alive(p) for p in pids), what="workers to exit")

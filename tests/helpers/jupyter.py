@@ -23,25 +23,38 @@ class Server:
     """``python -m jupyter_server`` with herd_nb, token auth and ``config`` (a
     ``jupyter_server_config.py`` text), rooted at ``tmp``."""
 
-    def __init__(self, tmp: Path, config: str, argv: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        config: str,
+        argv: Sequence[str] = (),
+        *,
+        command: Sequence[str] | None = None,
+    ) -> None:
+        """Start it; ``command`` replaces the launch form (``jupyter server ...``),
+        to which only the port, the token and ``--allow-root`` are added."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.root = tmp
         path = tmp / "jupyter_server_config.py"
         path.write_text(config)
+        if command is None:
+            command = [
+                sys.executable,
+                "-m",
+                "jupyter_server",
+                "--ServerApp.jpserver_extensions=herd_nb=True",
+                f"--ServerApp.root_dir={tmp}",
+                f"--config={path}",
+                *argv,
+            ]
         command = [
-            sys.executable,
-            "-m",
-            "jupyter_server",
+            *command,
             "--no-browser",
             "--ip=127.0.0.1",
             f"--port={self.port}",
             "--port-retries=0",
-            "--ServerApp.jpserver_extensions=herd_nb=True",
             f"--IdentityProvider.token={TOKEN}",
-            f"--ServerApp.root_dir={tmp}",
-            f"--config={path}",
-            *argv,
         ]
         if os.geteuid() == 0:
             command.append("--allow-root")
