@@ -356,8 +356,10 @@ async def test_the_readme_launch_command(tmp_path: Path) -> None:
     server = Server(tmp_path, config, command=command)
     try:
         server.wait_ready(
-            lambda pools: pools["kernels:python3"]["available_workers"] == 2
-            and pools["process"]["available_workers"] >= 1
+            lambda pools: (
+                pools["kernels:python3"]["available_workers"] == 2
+                and pools["process"]["available_workers"] >= 1
+            )
         )
         model = open_session(server, "notes/readme.ipynb")
         ws = await KernelWS.connect(server.base, model["kernel"]["id"], TOKEN)
