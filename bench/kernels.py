@@ -36,8 +36,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,17 +49,12 @@ from typing import Any
 
 from jupyter_client.jsonutil import json_default
 from jupyter_client.session import Session
+from proxy import free_port, running  # bench/proxy.py: the same process handling
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
 TOKEN = "herd-bench"
 WARM = 8
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -119,19 +112,8 @@ def jupyter_server(name: str, root: Path) -> Iterator[Server]:
         )
     if os.geteuid() == 0:
         argv.append("--allow-root")
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
+    with running(argv) as proc:
         yield Server(name, f"http://127.0.0.1:{port}", proc)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 async def ready(server: Server, timeout: float = 120) -> None:
