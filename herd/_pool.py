@@ -10,6 +10,8 @@ Data flow::
                         v
                _obtain_worker(): idle deque ──> spawn (below max_workers)
                         │                    ──> FIFO wait (at max_workers)
+                        │ (acquire(sid, spawn=f): _obtain_fresh(): f() below
+                        │  max_workers; at it an idle spare is retired for room)
                         v
                pin: _pins[sid] = _Pin(slot) ──> registry.put(sid, worker.id)
 
@@ -345,7 +347,13 @@ class Pool(Generic[C]):
 
     # -- acquire / release --------------------------------------------------------------
 
-    def acquire(self, session_id: str, *, timeout: Duration = _UNSET) -> AcquireContext[C]:
+    def acquire(
+        self,
+        session_id: str,
+        *,
+        timeout: Duration = _UNSET,
+        spawn: Callable[[], Awaitable[Worker[C]]] | None = None,
+    ) -> AcquireContext[C]:
         """Get a use of the session ``session_id``, pinning it to a worker if new.
 
         Await it (``session = await pool.acquire(sid)``, then ``await
@@ -356,6 +364,11 @@ class Pool(Generic[C]):
 
         :param timeout: seconds to wait for a worker (default ``acquire_timeout``;
             ``None`` waits as long as the caller does).
+        :param spawn: if the session is new, pin it to a worker started by this
+            coroutine function instead of an idle one (a worker made for the
+            session, say started in its directory). It counts against
+            ``max_workers``; at the cap an idle spare is retired to make room. An
+            existing session ignores it.
         :raises herd.InvalidSessionIdError: the ID is malformed.
         :raises herd.PoolExhaustedError: no worker became free within ``timeout``
             (also a :class:`TimeoutError`).
@@ -363,9 +376,14 @@ class Pool(Generic[C]):
             could not be (or spawning is backing off after failures).
         :raises herd.PoolClosedError: the pool is not running.
         """
-        return AcquireContext(lambda: self._acquire(session_id, timeout))
+        return AcquireContext(lambda: self._acquire(session_id, timeout, spawn))
 
-    async def _acquire(self, session_id: str, timeout: Duration) -> Session[C]:
+    async def _acquire(
+        self,
+        session_id: str,
+        timeout: Duration,
+        spawn: Callable[[], Awaitable[Worker[C]]] | None = None,
+    ) -> Session[C]:
         pin = self._pins.get(session_id)
         if pin is not None and self._state is PoolState.READY:
             pin.uses += 1  # fast path: a dict hit, no await, no validation needed
@@ -378,7 +396,7 @@ class Pool(Generic[C]):
             limit = duration_seconds("timeout", timeout)
         try:
             async with asyncio.timeout(limit):
-                return await self._acquire_slow(session_id)
+                return await self._acquire_slow(session_id, spawn)
         except TimeoutError:
             raise PoolExhaustedError(
                 f"no worker for session {session_id!r} within {limit:g}s: "
@@ -388,14 +406,16 @@ class Pool(Generic[C]):
                 timeout=limit,
             ) from None
 
-    async def _acquire_slow(self, session_id: str) -> Session[C]:
+    async def _acquire_slow(
+        self, session_id: str, spawn: Callable[[], Awaitable[Worker[C]]] | None
+    ) -> Session[C]:
         while True:
             self._check_open()
             pin = self._pins.get(session_id)
             if pin is None:
                 pending = self._pending.get(session_id)
                 if pending is None:
-                    pending = _Pending(self._background(self._pin_new(session_id)))
+                    pending = _Pending(self._background(self._pin_new(session_id, spawn)))
                     self._pending[session_id] = pending
                 pending.callers += 1
                 try:
@@ -419,9 +439,14 @@ class Pool(Generic[C]):
                 return Session(pin, self)
             # The pin ended (crash, release) between its making and our turn: retry.
 
-    async def _pin_new(self, session_id: str) -> _Pin[C]:
+    async def _pin_new(
+        self, session_id: str, spawn: Callable[[], Awaitable[Worker[C]]] | None = None
+    ) -> _Pin[C]:
         try:
-            slot = await self._obtain_worker()
+            if spawn is None:
+                slot = await self._obtain_worker()
+            else:
+                slot = await self._obtain_fresh(spawn)
             if self._state is not PoolState.READY and self._state is not PoolState.STARTING:
                 self._retire(slot, "pool closing")
                 raise PoolClosedError(f"pool is {self._state.value}", session_id=session_id)
@@ -455,26 +480,46 @@ class Pool(Generic[C]):
                 return self._idle.popleft()
             if self._capacity() > 0 and first:
                 return await self._spawn_slot()
-            waiter: asyncio.Future[_Slot[C] | None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                slot = await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                    handed = waiter.result()
-                    if handed is not None:
-                        self._make_idle(handed)  # pass it on to the next in line
-                    else:
-                        self._capacity_freed()
-                else:
-                    with contextlib.suppress(ValueError):
-                        self._waiters.remove(waiter)
-                raise
+            slot = await self._wait_in_line()
             if slot is not None and slot.state is WorkerState.IDLE:
                 return slot
             if slot is not None:  # it died between the hand-over and our turn
                 may_jump = True
                 continue
+            may_jump = True
+
+    async def _wait_in_line(self) -> _Slot[C] | None:
+        """Wait at the cap, in FIFO order, for a freed worker (or ``None``: room to spawn)."""
+        waiter: asyncio.Future[_Slot[C] | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                handed = waiter.result()
+                if handed is not None:
+                    self._make_idle(handed)  # pass it on to the next in line
+                else:
+                    self._capacity_freed()
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    async def _obtain_fresh(self, spawn: Callable[[], Awaitable[Worker[C]]]) -> _Slot[C]:
+        """A worker started by ``spawn`` for one session; at the cap an idle spare, or
+        the next worker freed, is retired to make room."""
+        may_jump = False
+        while True:
+            self._check_open()
+            first = may_jump or not self._waiters
+            if first and self._capacity() <= 0 and self._idle:
+                self._retire(self._idle[0], "made room for a worker started for a session")
+            if first and self._capacity() > 0:
+                return await self._spawn_slot(spawn)
+            handed = await self._wait_in_line()
+            if handed is not None:
+                self._retire(handed, "made room for a worker started for a session")
             may_jump = True
 
     def _capacity(self) -> int:
@@ -581,8 +626,11 @@ class Pool(Generic[C]):
 
     # -- spawning -------------------------------------------------------------------------
 
-    async def _spawn_slot(self) -> _Slot[C]:
-        """Start one worker and register it (state IDLE, in no deque yet)."""
+    async def _spawn_slot(
+        self, spawn: Callable[[], Awaitable[Worker[C]]] | None = None
+    ) -> _Slot[C]:
+        """Start one worker (with ``spawn``, else the factory) and register it (state
+        IDLE, in no deque yet)."""
         loop = asyncio.get_running_loop()
         if self._last_spawn_error is not None and loop.time() < self._backoff_until:
             wait = self._backoff_until - loop.time()
@@ -595,7 +643,7 @@ class Pool(Generic[C]):
             )
         self._spawning += 1  # before the first await: capacity is reserved
         try:
-            worker = await self.factory.spawn()
+            worker = await (spawn or self.factory.spawn)()
         except BaseException as exc:
             self._spawning -= 1
             self._capacity_freed()
@@ -813,6 +861,11 @@ class Pool(Generic[C]):
     def sessions(self) -> dict[str, str]:
         """Every pinned session ID with its worker ID (this node's view; no I/O)."""
         return {sid: pin.slot.worker.id for sid, pin in self._pins.items()}
+
+    @property
+    def idle_count(self) -> int:
+        """Workers idle and ready for a new session now (no I/O)."""
+        return len(self._idle)
 
     def workers(self) -> list[Worker[C]]:
         """The live workers, idle and pinned."""

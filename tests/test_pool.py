@@ -146,6 +146,33 @@ async def test_refill_waits_for_refill_delay_after_the_last_take() -> None:
         await a.release()
 
 
+async def test_acquire_with_spawn_pins_a_worker_made_for_the_session() -> None:
+    special = factory(env={"MADE_FOR": "its session"})
+    made: list[str] = []
+
+    async def start() -> herd.ProcessWorker:
+        worker = await special.spawn()
+        made.append(worker.id)
+        return worker
+
+    async with herd.Pool(factory(), min_workers=0, min_idle=1, max_workers=2) as pool:
+        (spare,) = (w.id for w in pool.workers())
+        a = await pool.acquire("a", spawn=start)
+        assert a.worker.id == made[0] != spare
+        reply = json.loads((await a.worker.client.get("/env/MADE_FOR")).body)
+        assert reply["value"] == "its session"
+        # At max_workers the idle spare gives way to the next session's own worker.
+        b = await pool.acquire("b", spawn=start)
+        assert b.worker.id == made[1]
+        assert {w.id for w in pool.workers()} == set(made)
+        # An existing session keeps its worker; spawn is not called.
+        again = await pool.acquire("a", spawn=start)
+        assert again.worker.id == a.worker.id
+        assert len(made) == 2
+        for session in (a, b, again):
+            await session.close()
+
+
 async def test_spares_above_min_idle_are_retired_after_idle_timeout() -> None:
     clock = FakeClock()
     async with herd.Pool(
