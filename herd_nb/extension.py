@@ -58,7 +58,8 @@ class Herd(ExtensionApp):
         2,
         config=True,
         help="Started kernels kept ready per kernelspec in kernel_names, handed to new "
-        "notebook and console sessions; 0 turns pre-warming off.",
+        "notebook and console sessions (every kernel runs in herd's pools, sandbox and "
+        "limits); 0 leaves kernels to Jupyter.",
     )
     kernel_names = List(
         Unicode(),
@@ -183,17 +184,18 @@ class Herd(ExtensionApp):
         for name in names:
             if name not in installed:
                 raise ValueError(f"kernel_names: no kernelspec {name!r} is installed")
-            self.pools[f"kernels:{name}"] = manager.add_warm_pool(
-                name,
-                warm=self.warm_kernels,
-                max_kernels=self.max_workers,
-                health_interval=self.health_interval,
-                worker_reuse=bool(self.worker_reuse),
-                sandbox=self.sandbox,
-                cpu_limit=self.cpu_limit,
-                memory_limit=self.memory_limit,
-                pids_limit=self.pids_limit,
-            )
+        manager.configure_herd(
+            self.pools,
+            kernel_names=names,
+            warm=self.warm_kernels,
+            max_kernels=self.max_workers,
+            health_interval=self.health_interval,
+            worker_reuse=bool(self.worker_reuse),
+            sandbox=self.sandbox,
+            cpu_limit=self.cpu_limit,
+            memory_limit=self.memory_limit,
+            pids_limit=self.pids_limit,
+        )
         if self.ttl and not manager.cull_idle_timeout:
             # Jupyter's culler knows what idle means for a kernel: not busy, and
             # (by default) no client connected.
@@ -215,8 +217,13 @@ class Herd(ExtensionApp):
             )
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
-        for name, pool in self.pools.items():
-            await pool.start()
+        for name, pool in list(self.pools.items()):
+            try:
+                await pool.start()
+            except herd.HerdError as exc:
+                fallback = "they start the stock way" if name.startswith("kernels:") else ""
+                self.log.error("herd: the %s pool could not start: %s. %s", name, exc, fallback)
+                continue
             self.log.info("herd: %s pool ready (sandbox %s)", name, pool.stats().sandbox)
 
     async def stop_extension(self) -> None:

@@ -6,6 +6,11 @@ kernel that is already running from a warm :class:`herd.Pool` of
 :class:`~herd_nb.KernelFactory` kernels and pin it to the new kernel ID; the pool
 refills its spares in the background, one start at a time.
 
+Every kernel of the server is a herd worker: a kernel that cannot be served warm
+is started for its session inside the same pool (its sandbox, limits, crash
+path and ``max_workers``); kernelspecs without warm kernels get a pool of their
+own on first use, with no spares.
+
 A handed-out kernel must look as if it had been started for its session:
 
 * **Retargeting.** The working directory becomes the notebook's directory and
@@ -14,7 +19,8 @@ A handed-out kernel must look as if it had been started for its session:
   execute, so only IPython kernels (``ipykernel``, any Python) can be retargeted.
   A kernel of another kind is handed out only when it needs no retargeting;
   otherwise, and whenever the requested environment differs in anything but the
-  session name, the kernel is started cold, never handed out in the wrong place.
+  session name, a kernel is started for the session, never one handed out in
+  the wrong place.
 * **Restarts** are cold starts of the kernel's own process, with the session's
   directory and environment, inside the same worker (same cgroup, same session).
 * **Crashes** take the pool's crash path: the kernel is reported dead to its
@@ -24,7 +30,9 @@ A handed-out kernel must look as if it had been started for its session:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -69,33 +77,36 @@ __import__("IPython").get_ipython().reset(new_session=True, aggressive=True)
 """
 
 
-def _retargetable(worker: KernelWorker) -> bool:
-    """Whether the kernel is IPython's (the retargeting code is Python + IPython)."""
-    spec = worker.manager.kernel_spec
+def _retargetable(spec: Any) -> bool:
+    """Whether kernels of ``spec`` are IPython's (the retargeting code is Python + IPython)."""
     if spec is None or not spec.language.lower().startswith("python"):
         return False
     return any("ipykernel" in str(arg) for arg in spec.argv)
 
 
 class HerdKernelManager(AsyncMappingKernelManager):
-    """Jupyter's kernel manager, with kernels taken from warm herd pools.
+    """Jupyter's kernel manager, with every kernel a herd worker, warm when it can be.
 
-    Kernels of a kernelspec without a warm pool, and requests a warm kernel cannot
-    serve, are started the stock way.
+    Until :meth:`configure_herd` is called (the herd_nb extension does), it is the
+    stock manager.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.herd_pools: dict[str, herd.Pool[Any]] = {}  # kernelspec name -> warm pool
+        self.herd_pools: dict[str, herd.Pool[Any]] = {}  # kernelspec name -> its pool
         self._herd_kernels: dict[str, herd.Pool[Any]] = {}  # kernel ID -> its pool
         self._herd_reuse = False
+        self._herd_options: dict[str, Any] | None = None
+        self._herd_registry: dict[str, herd.Pool[Any]] = {}
+        self._new_pool_lock = asyncio.Lock()
 
     # -- set-up (by the herd_nb extension) ----------------------------------------------
 
-    def add_warm_pool(
+    def configure_herd(
         self,
-        kernel_name: str,
+        registry: dict[str, herd.Pool[Any]],
         *,
+        kernel_names: list[str],
         warm: int,
         max_kernels: int,
         health_interval: float | None,
@@ -104,17 +115,35 @@ class HerdKernelManager(AsyncMappingKernelManager):
         cpu_limit: float | None,
         memory_limit: int | None,
         pids_limit: int | None,
-    ) -> herd.Pool[Any]:
-        """Keep ``warm`` started kernels of ``kernel_name`` ready; not started yet.
+    ) -> None:
+        """Build a pool keeping ``warm`` kernels ready for each of ``kernel_names``
+        (not started yet); other kernelspecs get a pool without spares when first
+        used. Every pool is added to ``registry`` as ``"kernels:<name>"``.
 
         :raises ValueError: a bad option (from :class:`herd.Pool` or the factory).
         """
+        self._herd_registry = registry
+        self._herd_reuse = worker_reuse
+        self._herd_options = {
+            "max_kernels": max_kernels,
+            "health_interval": health_interval,
+            "sandbox": sandbox,
+            "cpu_limit": cpu_limit,
+            "memory_limit": memory_limit,
+            "pids_limit": pids_limit,
+        }
+        for name in kernel_names:
+            self._new_pool(name, warm)
+
+    def _new_pool(self, kernel_name: str, warm: int) -> herd.Pool[Any]:
+        options = self._herd_options
+        assert options is not None
         factory = KernelFactory(
             kernel_name,
-            sandbox=sandbox,
-            cpu_limit=cpu_limit,
-            memory_limit=memory_limit,
-            pids_limit=pids_limit,
+            sandbox=options["sandbox"],
+            cpu_limit=options["cpu_limit"],
+            memory_limit=options["memory_limit"],
+            pids_limit=options["pids_limit"],
             kernel_spec_manager=self.kernel_spec_manager,
             manager_class=import_item(self.kernel_manager_class),
             manager_options={"parent": self, "log": self.log},
@@ -124,10 +153,10 @@ class HerdKernelManager(AsyncMappingKernelManager):
             factory,
             min_workers=0,
             min_idle=warm,
-            max_workers=max_kernels,
+            max_workers=options["max_kernels"],
             ttl=None,  # Jupyter's culler ends idle kernels (see c.Herd.ttl)
-            health_interval=health_interval,
-            worker_reuse=worker_reuse,
+            health_interval=options["health_interval"],
+            worker_reuse=self._herd_reuse,
             on_crash=self._herd_crashed,
             acquire_timeout=5.0,
             # A kernel start costs ~0.5 s of CPU: let the sessions that just took
@@ -135,7 +164,21 @@ class HerdKernelManager(AsyncMappingKernelManager):
             refill_delay=1.0,
         )
         self.herd_pools[kernel_name] = pool
-        self._herd_reuse = worker_reuse
+        self._herd_registry[f"kernels:{kernel_name}"] = pool
+        return pool
+
+    async def _pool_for(self, kernel_name: str) -> herd.Pool[Any] | None:
+        """The kernelspec's pool, made and started on first use; ``None``: stock."""
+        if self._herd_options is None:
+            return None
+        async with self._new_pool_lock:
+            pool = self.herd_pools.get(kernel_name)
+            if pool is None:
+                specs: Any = self.kernel_spec_manager
+                if kernel_name not in specs.find_kernel_specs():
+                    return None  # the stock path says "no such kernel"
+                pool = self._new_pool(kernel_name, warm=0)
+                await pool.start()  # no spares: nothing starts now
         return pool
 
     # -- start -------------------------------------------------------------------------
@@ -143,34 +186,35 @@ class HerdKernelManager(AsyncMappingKernelManager):
     async def start_kernel(  # type: ignore[override]
         self, *, kernel_id: str | None = None, path: Any = None, **kwargs: Any
     ) -> str:
-        """Start a kernel for a session: a warm one when it can serve, else cold."""
+        """Start a kernel for a session: a warm one when it can serve, else one started
+        for the session in the kernelspec's pool."""
         if kernel_id is not None and kernel_id in self:
             return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
         name = kwargs.get("kernel_name") or self.default_kernel_name
-        pool = self.herd_pools.get(name)
         extra = set(kwargs) - {"kernel_name", "env"}
-        if pool is None or pool.state is not herd.PoolState.READY or extra:
+        pool = None if extra else await self._pool_for(name)
+        if pool is None or pool.state is not herd.PoolState.READY:
             return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
         kernel_id = kernel_id or self.new_kernel_id()
         cwd = self.cwd_for_path(path, env=kwargs.get("env", {})) if path is not None else None
         env = dict(kwargs.get("env") or os.environ)
         worker = await self._take_warm(pool, kernel_id, cwd, env)
+        how = "warm"
         if worker is None:
-            return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
+            worker = await self._start_for_session(pool, kernel_id, cwd, env)
+            how = "started for it"
         self._adopt(kernel_id, pool, worker, cwd, env)
         await self._finish_kernel_start(kernel_id)
         KERNEL_CURRENTLY_RUNNING_TOTAL.labels(type=worker.kernel_name).inc()
-        self.log.info("Kernel started (warm, herd worker %s): %s", worker.id, kernel_id)
+        self.log.info("Kernel started (%s, herd worker %s): %s", how, worker.id, kernel_id)
         if not self._initialized_culler:
             self.initialize_culler()
         return kernel_id
 
-    async def _take_warm(
-        self, pool: herd.Pool[Any], kernel_id: str, cwd: str | None, env: dict[str, str]
-    ) -> KernelWorker | None:
-        """Pin a warm kernel to ``kernel_id`` and retarget it; ``None``: start cold."""
+    async def _acquire(self, pool: herd.Pool[Any], kernel_id: str, **options: Any) -> KernelWorker:
+        """Pin a kernel of ``pool`` to ``kernel_id``, with Jupyter's errors."""
         try:
-            session = await pool.acquire(kernel_id)
+            session = await pool.acquire(kernel_id, **options)
         except herd.PoolExhaustedError as exc:
             raise web.HTTPError(
                 503, f"herd: all {pool.config.max_workers} kernels are in use (c.Herd.max_workers)"
@@ -180,27 +224,59 @@ class HerdKernelManager(AsyncMappingKernelManager):
         worker = session.worker
         assert isinstance(worker, KernelWorker)
         await session.close()  # the pin stays; the kernel manager owns it from here
+        return worker
+
+    async def _start_for_session(
+        self, pool: herd.Pool[Any], kernel_id: str, cwd: str | None, env: dict[str, str]
+    ) -> KernelWorker:
+        """A kernel started for this session: its directory and environment, as a
+        cold start, but in the pool's sandbox and limits."""
+        factory = pool.factory
+        assert isinstance(factory, KernelFactory)
+        return await self._acquire(
+            pool, kernel_id, spawn=functools.partial(factory.spawn, cwd=cwd, environ=env)
+        )
+
+    def _retarget_code(
+        self, worker: KernelWorker, cwd: str | None, env: dict[str, str]
+    ) -> str | None:
+        """The code that makes ``worker`` this session's: ``""`` if it already is,
+        ``None`` if it cannot be made so."""
         warm_env = {k: v for k, v in worker.launch_env.items() if k != TAG_VARIABLE}
         changed = {k for k in env.keys() | warm_env.keys() if env.get(k) != warm_env.get(k)}
         here = os.getcwd() if cwd is None else cwd
         if not changed and here == worker.cwd:
+            return ""
+        if not changed <= _RETARGETABLE_ENV or not _retargetable(worker.manager.kernel_spec):
+            return None
+        return _RETARGET.format(
+            cwd=here,
+            unset=sorted((changed - env.keys()) | {TAG_VARIABLE}),
+            set={k: env[k] for k in sorted(changed & env.keys())},
+            session=env.get("JPY_SESSION_NAME", ""),
+        )
+
+    async def _take_warm(
+        self, pool: herd.Pool[Any], kernel_id: str, cwd: str | None, env: dict[str, str]
+    ) -> KernelWorker | None:
+        """Pin a spare kernel to ``kernel_id`` and retarget it; ``None``: no spare can
+        serve (none is idle, or they cannot be retargeted to this session)."""
+        if not pool.idle_count:
+            return None
+        factory = pool.factory
+        assert isinstance(factory, KernelFactory)
+        expected = {**os.environ, **factory.env}  # what spares were started with
+        changed = {k for k in env.keys() | expected.keys() if env.get(k) != expected.get(k)}
+        moved = cwd is not None and cwd != (factory.cwd or os.getcwd())
+        specs: Any = self.kernel_spec_manager
+        spec = specs.get_kernel_spec(factory.kernel_name)
+        if not changed <= _RETARGETABLE_ENV or ((changed or moved) and not _retargetable(spec)):
+            return None  # leave the spares for sessions they can serve
+        worker = await self._acquire(pool, kernel_id)
+        code = self._retarget_code(worker, cwd, env)
+        if code == "" or (code and await worker.run_silently(code, timeout=10)):
             return worker
-        if changed <= _RETARGETABLE_ENV and _retargetable(worker):
-            code = _RETARGET.format(
-                cwd=here,
-                unset=sorted((changed - env.keys()) | {TAG_VARIABLE}),
-                set={k: env[k] for k in sorted(changed & env.keys())},
-                session=env.get("JPY_SESSION_NAME", ""),
-            )
-            if await worker.run_silently(code, timeout=10):
-                return worker
-            self.log.warning("herd: retargeting kernel %s failed; starting cold", worker.id)
-        else:
-            self.log.debug(
-                "herd: kernel %s cannot be retargeted (env %s); starting cold",
-                worker.kernel_name,
-                sorted(changed),
-            )
+        self.log.warning("herd: kernel %s could not be retargeted; starting one", worker.id)
         await pool.release(kernel_id)
         return None
 
@@ -217,7 +293,8 @@ class HerdKernelManager(AsyncMappingKernelManager):
         km.kernel_id = kernel_id
         # Restarts are cold starts: of the session's directory and environment.
         km._launch_args["cwd"] = cwd
-        km._launch_args["env"] = {**env, TAG_VARIABLE: worker.tag}
+        tag = {TAG_VARIABLE: worker.tag} if TAG_VARIABLE in worker.launch_env else {}
+        km._launch_args["env"] = {**env, **tag}
         # `jupyter console --existing <kernel id>` looks for kernel-<id>.json.
         old = Path(km.connection_file)
         new = old.with_name(f"kernel-{kernel_id}.json")

@@ -409,12 +409,21 @@ class KernelFactory:
     def __repr__(self) -> str:
         return f"KernelFactory({self.kernel_name!r})"
 
-    async def spawn(self) -> KernelWorker:
+    async def spawn(
+        self,
+        *,
+        cwd: str | os.PathLike[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> KernelWorker:
         """Start one kernel and return it once it answers ``kernel_info``.
 
+        :param cwd: this kernel's working directory, instead of the factory's.
+        :param environ: this kernel's whole base environment, instead of
+            ``os.environ`` (the factory's ``env`` still applies on top).
         :raises herd.SpawnError: no such kernelspec, the kernel exited during
             start-up, or it was not ready within ``startup_timeout``.
         """
+        directory = os.fspath(cwd) if cwd is not None else self.cwd
         report = self._sandbox.check()
         tag = f"{os.getpid()}-k-{time.monotonic_ns()}"
         cgroup = self._sandbox.cgroup(tag)
@@ -432,10 +441,15 @@ class KernelFactory:
             )
         manager = _launch_class(self.manager_class)(**options)
         manager.herd_prefix = prefix  # type: ignore[attr-defined]
-        env = {**os.environ, **self.env, TAG_VARIABLE: tag}
+        base = os.environ if environ is None else environ
+        env = {**base, **self.env}
+        if not prefix:
+            # Without a PID namespace, a kernel's strays are found by this tag
+            # when it closes; in one, the kernel's environment stays as given.
+            env[TAG_VARIABLE] = tag
         try:
             await manager.start_kernel(
-                cwd=self.cwd,
+                cwd=directory,
                 env=env,
                 preexec_fn=preexec,
                 stdout=subprocess.PIPE,
@@ -467,7 +481,7 @@ class KernelFactory:
             cgroup=cgroup,
         )
         worker.launch_env = env
-        worker.cwd = self.cwd if self.cwd is not None else os.getcwd()
+        worker.cwd = directory if directory is not None else os.getcwd()
         try:
             await worker._until_ready(self.startup_timeout)
         except BaseException:

@@ -118,7 +118,7 @@ async def test_a_notebook_gets_a_warm_kernel_retargeted_to_its_directory(
 
 
 async def test_the_environment_is_what_a_cold_start_gives(server: Server, tmp_path: Path) -> None:
-    # A second kernelspec has no warm pool: its kernels start the stock way.
+    # A second kernelspec has no spares: its kernels are started for their session.
     spec_dir = tmp_path / "share" / "kernels" / "cold-python"
     spec_dir.mkdir(parents=True)
     (spec_dir / "kernel.json").write_text(
@@ -150,7 +150,10 @@ async def test_the_environment_is_what_a_cold_start_gives(server: Server, tmp_pa
         warm, cold = facts["python3"], facts["cold-python"]
         pinned = {w["session_id"] for w in kernel_pool(restarted)["workers"]}
         assert ids["python3"] in pinned
-        assert ids["cold-python"] not in pinned
+        # Still a herd worker: in a pool of its own, sandboxed like the warm ones.
+        own = restarted.stats()["kernels:cold-python"]
+        assert [w["session_id"] for w in own["workers"]] == [ids["cold-python"]]
+        assert own["sandbox"] == kernel_pool(restarted)["sandbox"] != "none"
         assert warm["cwd"] == cold["cwd"] == str(tmp_path)
         assert warm["session"] == warm["env"]["JPY_SESSION_NAME"] == "python3.ipynb"
         assert cold["session"] == cold["env"]["JPY_SESSION_NAME"] == "cold-python.ipynb"
@@ -162,6 +165,51 @@ async def test_the_environment_is_what_a_cold_start_gives(server: Server, tmp_pa
         assert restarted.json("/api/kernels") == []
     finally:
         restarted.stop()
+
+
+async def test_a_kernel_that_cannot_be_retargeted_is_started_for_its_session(
+    tmp_path: Path,
+) -> None:
+    # A Python kernel behind a launcher script: herd cannot tell it is IPython, so
+    # it never retargets it.
+    launcher = tmp_path / "launch.py"
+    launcher.write_text("from ipykernel import kernelapp\nkernelapp.launch_new_instance()\n")
+    spec_dir = tmp_path / "share" / "kernels" / "wrapped"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, str(launcher), "-f", "{connection_file}"],
+                "display_name": "wrapped",
+                "language": "python",
+            }
+        )
+    )
+    (tmp_path / "sub").mkdir()
+    os.environ["JUPYTER_PATH"] = str(tmp_path / "share")
+    try:
+        server = Server(tmp_path, config(warm_kernels=1, kernel_names=["wrapped"]))
+    finally:
+        del os.environ["JUPYTER_PATH"]
+    try:
+        server.wait_ready(lambda pools: pools["kernels:wrapped"]["available_workers"] == 1)
+        (spare,) = (w["pid"] for w in server.stats()["kernels:wrapped"]["workers"])
+        body = {"path": "sub/nb.ipynb", "type": "notebook", "kernel": {"name": "wrapped"}}
+        model = server.json("/api/sessions", method="POST", body=body)
+        ws = await KernelWS.connect(server.base, model["kernel"]["id"], TOKEN)
+        try:
+            facts = await kernel_facts(ws)
+        finally:
+            await ws.close()
+        assert facts["cwd"] == str(tmp_path / "sub")  # right, because started there
+        pool = server.stats()["kernels:wrapped"]
+        assert [w["pid"] for w in pool["workers"] if w["state"] == "idle"] == [spare]
+        # A request the spare can serve as it is (no directory, same environment) gets it.
+        kernel = server.json("/api/kernels", method="POST", body={"name": "wrapped"})
+        pool = server.stats()["kernels:wrapped"]
+        assert [w["pid"] for w in pool["workers"] if w["session_id"] == kernel["id"]] == [spare]
+    finally:
+        server.stop()
 
 
 async def test_reconnect_interrupt_restart_and_shutdown(server: Server, tmp_path: Path) -> None:
