@@ -99,6 +99,7 @@ class HerdKernelManager(AsyncMappingKernelManager):
         self._herd_options: dict[str, Any] | None = None
         self._herd_registry: dict[str, herd.Pool[Any]] = {}
         self._new_pool_lock = asyncio.Lock()
+        self._movable_specs: dict[str, bool] = {}
 
     # -- set-up (by the herd_nb extension) ----------------------------------------------
 
@@ -237,6 +238,14 @@ class HerdKernelManager(AsyncMappingKernelManager):
             pool, kernel_id, spawn=functools.partial(factory.spawn, cwd=cwd, environ=env)
         )
 
+    def _movable(self, factory: KernelFactory) -> bool:
+        """Whether the factory's kernels can be retargeted (read once per kernelspec)."""
+        name = factory.kernel_name
+        if name not in self._movable_specs:
+            specs: Any = self.kernel_spec_manager
+            self._movable_specs[name] = _retargetable(specs.get_kernel_spec(name))
+        return self._movable_specs[name]
+
     def _retarget_code(
         self, worker: KernelWorker, cwd: str | None, env: dict[str, str]
     ) -> str | None:
@@ -268,9 +277,7 @@ class HerdKernelManager(AsyncMappingKernelManager):
         expected = {**os.environ, **factory.env}  # what spares were started with
         changed = {k for k in env.keys() | expected.keys() if env.get(k) != expected.get(k)}
         moved = cwd is not None and cwd != (factory.cwd or os.getcwd())
-        specs: Any = self.kernel_spec_manager
-        spec = specs.get_kernel_spec(factory.kernel_name)
-        if not changed <= _RETARGETABLE_ENV or ((changed or moved) and not _retargetable(spec)):
+        if not changed <= _RETARGETABLE_ENV or ((changed or moved) and not self._movable(factory)):
             return None  # leave the spares for sessions they can serve
         worker = await self._acquire(pool, kernel_id)
         code = self._retarget_code(worker, cwd, env)
