@@ -220,6 +220,8 @@ class HerdKernelManager(AsyncMappingKernelManager):
             raise web.HTTPError(
                 503, f"herd: all {pool.config.max_workers} kernels are in use (c.Herd.max_workers)"
             ) from exc
+        except herd.InvalidSessionIdError as exc:
+            raise web.HTTPError(400, f"herd: kernel ID {kernel_id!r}: {exc}") from exc
         except herd.HerdError as exc:
             raise web.HTTPError(500, f"herd: cannot start a kernel: {exc}") from exc
         worker = session.worker
@@ -379,5 +381,5 @@ class HerdKernelManager(AsyncMappingKernelManager):
             self.remove_kernel(kernel_id)
 
     def herd_kernel_ids(self) -> Mapping[str, herd.Pool[Any]]:
-        """Kernel IDs served by warm pools, with their pool."""
+        """Kernel IDs served by herd's pools, with their pool."""
         return dict(self._herd_kernels)

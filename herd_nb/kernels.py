@@ -296,11 +296,21 @@ class KernelWorker(ProcessWorker):
         }
         msg = probe.session.msg("execute_request", content)
         probe.shell_channel.send(msg)
+        replied = asyncio.ensure_future(
+            probe._async_recv_reply(msg["header"]["msg_id"], timeout=timeout)
+        )
+        died = asyncio.ensure_future(self.wait())
         try:
-            reply = await probe._async_recv_reply(msg["header"]["msg_id"], timeout=timeout)
-        except Exception:
+            # A kernel that dies meanwhile will never answer: don't wait for the timeout.
+            await asyncio.wait([replied, died], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            died.cancel()
+            answered = replied.done()
+            if not answered:
+                replied.cancel()
+        if not answered or replied.exception() is not None:
             return False
-        return bool(reply.get("content", {}).get("status") == "ok")
+        return bool(replied.result().get("content", {}).get("status") == "ok")
 
     async def healthy(self) -> bool:
         """A ``kernel_info`` round trip within ``health_timeout``.

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,18 @@ async def test_a_busy_kernel_still_passes_health_checks() -> None:
             reply = await worker.client.get_iopub_msg(timeout=5)
         # The probe goes to the control channel: a long cell is not a dead kernel.
         assert await worker.healthy()
+    finally:
+        await worker.close()
+
+
+async def test_run_silently_returns_when_the_kernel_dies_instead_of_waiting() -> None:
+    worker = await herd_nb.KernelFactory().spawn()
+    try:
+        assert await worker.run_silently("x = 1", timeout=20)
+        started = time.monotonic()
+        assert not await worker.run_silently("import os; os._exit(3)", timeout=60)
+        assert time.monotonic() - started < 30  # the exit, not the 60 s timeout
+        assert not worker.alive
     finally:
         await worker.close()
 
