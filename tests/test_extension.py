@@ -168,6 +168,8 @@ def test_installed_enabled_and_documented() -> None:
         "sandbox",
         "session_header",
         "command",
+        "warm_kernels",
+        "kernel_names",
     ):
         assert f"--Herd.{trait}" in helped, trait
 
