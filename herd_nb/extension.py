@@ -1,9 +1,10 @@
 """The Jupyter server extension: herd pools that start and stop with the server.
 
 Configured with traitlets the Jupyter way (``c.Herd.max_workers = 8`` in
-``jupyter_server_config.py``, or ``--Herd.max_workers=8``; ``jupyter server
---help-all`` documents each). Values are checked when the server starts; a bad
-one stops start-up with a message naming it.
+``jupyter_server_config.py``, or ``--Herd.max_workers=8``). ``jupyter server
+--help-all`` prints its help before any extension is loaded, so the options are
+listed by ``Herd().print_help(True)``. Values are checked when the server
+starts; a bad one stops start-up with a message naming it.
 
 Notebook and console kernels come pre-warmed: the server's kernel manager
 becomes :class:`herd_nb.HerdKernelManager`, which keeps ``c.Herd.warm_kernels``
