@@ -83,6 +83,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.clock = FakeClock()
         self.pool: herd.Pool[Any] | None = None
         self.min_workers = 0
+        self.min_idle = 0
         self.max_workers = 2
         self.reuse = True
         self.pins: dict[str, Pin] = {}  # live pins, by session ID
@@ -92,6 +93,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.killed_from: dict[str, str] = {}  # sid -> the worker killed under it
         self.counters: dict[str, int] = {}  # worker ID -> its /state counter
         self.crash_reports: list[str] = []  # what on_crash was called with
+        self.own = factory()  # workers started for one session (acquire(spawn=...))
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -111,9 +113,11 @@ class PoolMachine(RuleBasedStateMachine):
 
         def settled() -> bool:
             stats = pool.stats()
-            return stats.starting_workers == 0 and stats.total_workers >= self.min_workers
+            busy = stats.total_workers - stats.available_workers
+            wanted = min(self.max_workers, max(self.min_workers, busy + self.min_idle))
+            return stats.starting_workers == 0 and stats.total_workers >= wanted
 
-        self.wait(settled, "the pool to refill to min_workers")
+        self.wait(settled, "the pool to refill to min_workers and its spares")
 
     @property
     def p(self) -> herd.Pool[Any]:
@@ -127,13 +131,16 @@ class PoolMachine(RuleBasedStateMachine):
         min_workers=st.integers(0, 1),
         max_workers=st.integers(2, 3),
         worker_reuse=st.booleans(),
+        min_idle=st.integers(0, 1),
     )
-    def start(self, min_workers: int, max_workers: int, worker_reuse: bool) -> None:
+    def start(self, min_workers: int, max_workers: int, worker_reuse: bool, min_idle: int) -> None:
         self.min_workers, self.max_workers, self.reuse = min_workers, max_workers, worker_reuse
+        self.min_idle = min_idle
         pool = herd.Pool(
             factory(),
             min_workers=min_workers,
             max_workers=max_workers,
+            min_idle=min_idle,
             ttl=TTL,
             health_interval=None,
             worker_reuse=worker_reuse,
@@ -144,7 +151,7 @@ class PoolMachine(RuleBasedStateMachine):
         )
         self.run(pool.start())
         self.pool = pool
-        assert pool.stats().total_workers == min_workers
+        assert pool.stats().total_workers == max(min_workers, min_idle)
 
     def teardown(self) -> None:
         try:
@@ -293,6 +300,26 @@ class PoolMachine(RuleBasedStateMachine):
             pin = self.pins[sid]
             if self.uses(pin) == 0:
                 pin.last_active = self.clock()
+        self.settle()
+
+    @rule(sid=st.sampled_from(SESSION_IDS))
+    def acquire_with_spawn(self, sid: str) -> None:
+        """A new session with its own worker: started for it, within max_workers (an
+        idle spare gives way at the cap)."""
+        if sid in self.pins or self.free() == 0:
+            return  # the same as a plain acquire: covered by that rule
+        started: list[str] = []
+
+        async def start() -> herd.ProcessWorker:
+            worker = await self.own.spawn()
+            started.append(worker.id)
+            return worker
+
+        session = self.run(self.p.acquire(sid, timeout=LONG, spawn=start))
+        assert [session.worker.id] == started, "spawn= was not what served the new session"
+        self.handles.append(Handle(session, self.acquired(sid, session)))
+        self.run(self.bump(session))
+        assert self.p.stats().total_workers <= self.max_workers
         self.settle()
 
     @rule(calls=st.lists(st.sampled_from(SESSION_IDS), min_size=2, max_size=4))
@@ -605,7 +632,7 @@ def test_pool_state_machine() -> None:
     run_state_machine_as_test(  # type: ignore[no-untyped-call]
         PoolMachine,
         settings=settings(
-            max_examples=15,
+            max_examples=int(os.environ.get("HERD_TEST_EXAMPLES", "15")),
             stateful_step_count=15,
             deadline=None,
             phases=PHASES,
