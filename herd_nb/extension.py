@@ -29,6 +29,7 @@ from traitlets import Enum as TEnum
 
 import herd
 from herd import proxy
+from herd._config import duration_seconds
 
 from .handlers import HerdProxyHandler, SessionHandler, SessionsHandler, StatsHandler
 from .kernelmanager import HerdKernelManager
@@ -50,10 +51,12 @@ class Herd(ExtensionApp):
         10, config=True, help="The most workers alive at once (per pool: per kernelspec)."
     )
     ttl = Float(
-        300.0,
+        None,
+        allow_none=True,
         config=True,
-        help="Seconds a session may go unused before it ends; 0 disables. For kernels: "
-        "idle with no client connected (sets Jupyter's culler, unless it is configured).",
+        help="Seconds a session may go unused before it ends; 0 disables. Default: 300 "
+        "for the process pool; 3600 for kernels, where unused means idle with no client "
+        "connected (it sets Jupyter's culler, unless that is configured).",
     )
     warm_kernels = Integer(
         2,
@@ -138,6 +141,7 @@ class Herd(ExtensionApp):
     def _build_pools(self) -> None:
         self.pools: dict[str, herd.Pool[Any]] = {}
         self.proxy_settings: proxy.ProxySettings | None = None
+        duration_seconds("ttl", self.ttl)  # checked here too: kernels use it without a pool
         self._build_kernel_pools()
         if self.command:
             factory = herd.ProcessFactory(
@@ -152,7 +156,7 @@ class Herd(ExtensionApp):
                 factory,
                 min_workers=self.min_workers,
                 max_workers=self.max_workers,
-                ttl=self.ttl,
+                ttl=300.0 if self.ttl is None else self.ttl,
                 health_interval=self.health_interval,
                 worker_reuse=True if self.worker_reuse is None else self.worker_reuse,
             )
@@ -197,11 +201,12 @@ class Herd(ExtensionApp):
             memory_limit=self.memory_limit,
             pids_limit=self.pids_limit,
         )
-        if self.ttl and not manager.cull_idle_timeout:
+        ttl = 3600.0 if self.ttl is None else self.ttl
+        if ttl and not manager.cull_idle_timeout:
             # Jupyter's culler knows what idle means for a kernel: not busy, and
             # (by default) no client connected.
-            manager.cull_idle_timeout = math.ceil(self.ttl)
-            manager.cull_interval = max(1, min(manager.cull_interval, math.ceil(self.ttl / 4)))
+            manager.cull_idle_timeout = math.ceil(ttl)
+            manager.cull_interval = max(1, min(manager.cull_interval, math.ceil(ttl / 4)))
 
     def initialize_handlers(self) -> None:
         """Routes under ``{base_url}herd/``."""

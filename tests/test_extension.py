@@ -103,6 +103,8 @@ def test_workers_stop_with_the_server(server: Server, how: str) -> None:
         ("--Herd.max_workers=0", "max_workers must be >= 1"),
         ("--Herd.pids_limit=0", "pids_limit must be >= 1 or -1"),
         ("--Herd.ttl=-5", "ttl must be a finite number of seconds >= 0"),
+        ("--Herd.warm_kernels=-1", "warm_kernels must be >= 0"),
+        ("--Herd.kernel_names=no-such-kernel", "no kernelspec 'no-such-kernel'"),
     ],
 )
 def test_bad_configuration_stops_start_up_with_a_clear_message(
