@@ -424,3 +424,17 @@ async def test_the_readme_launch_command(tmp_path: Path) -> None:
         server.stop()
     assert server.proc.returncode == 0
     await wait_until(lambda: not any(pid_alive(p) for p in pids), what="workers to exit")
+
+
+async def test_a_sigkilled_server_leaves_no_kernel(tmp_path: Path) -> None:
+    server = start_server(tmp_path, config())
+    try:
+        open_session(server, "one.ipynb")
+        wait_until_sync(lambda: kernel_pool(server)["available_workers"] == WARM, what="refill")
+        pids = {w["pid"] for w in kernel_pool(server)["workers"]}
+        server.proc.kill()  # no cleanup runs: the kernels' parent-death signal does it
+        server.proc.wait()
+        await wait_until(lambda: not any(pid_alive(p) for p in pids), what="kernels to die")
+        assert tagged_processes(os.environ["HERD_TEST_TAG"]) == []
+    finally:
+        server.stop()
