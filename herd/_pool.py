@@ -476,7 +476,7 @@ class Pool(Generic[C]):
             if self._idle and first:
                 if self.config.min_idle:
                     self._last_take = asyncio.get_running_loop().time()
-                    self._wake.set()  # a spare was taken: refill now, not at the next tick
+                    self._wake.set()  # a spare was taken: start its refill (after refill_delay)
                 return self._idle.popleft()
             if self._capacity() > 0 and first:
                 return await self._spawn_slot()
