@@ -77,6 +77,23 @@ __import__("IPython").get_ipython().reset(new_session=True, aggressive=True)
 """
 
 
+def _changed(one: Mapping[str, str], other: Mapping[str, str]) -> set[str]:
+    """Names whose values differ between two environments (herd's tag aside)."""
+    names = (one.keys() | other.keys()) - {TAG_VARIABLE}
+    return {name for name in names if one.get(name) != other.get(name)}
+
+
+def _move_code(cwd: str, changed: set[str], target: Mapping[str, str]) -> str:
+    """The code that moves a running IPython kernel to ``cwd`` and to the environment
+    ``target`` (``changed``: where its own environment differs from it)."""
+    return _RETARGET.format(
+        cwd=cwd,
+        unset=sorted((changed - target.keys()) | {TAG_VARIABLE}),
+        set={k: target[k] for k in sorted(changed & target.keys())},
+        session=target.get("JPY_SESSION_NAME", ""),
+    )
+
+
 def _retargetable(spec: Any) -> bool:
     """Whether kernels of ``spec`` are IPython's (the retargeting code is Python + IPython)."""
     if spec is None or not spec.language.lower().startswith("python"):
@@ -248,25 +265,6 @@ class HerdKernelManager(AsyncMappingKernelManager):
             self._movable_specs[name] = _retargetable(specs.get_kernel_spec(name))
         return self._movable_specs[name]
 
-    def _retarget_code(
-        self, worker: KernelWorker, cwd: str | None, env: dict[str, str]
-    ) -> str | None:
-        """The code that makes ``worker`` this session's: ``""`` if it already is,
-        ``None`` if it cannot be made so."""
-        warm_env = {k: v for k, v in worker.launch_env.items() if k != TAG_VARIABLE}
-        changed = {k for k in env.keys() | warm_env.keys() if env.get(k) != warm_env.get(k)}
-        here = os.getcwd() if cwd is None else cwd
-        if not changed and here == worker.cwd:
-            return ""
-        if not changed <= _RETARGETABLE_ENV or not _retargetable(worker.manager.kernel_spec):
-            return None
-        return _RETARGET.format(
-            cwd=here,
-            unset=sorted((changed - env.keys()) | {TAG_VARIABLE}),
-            set={k: env[k] for k in sorted(changed & env.keys())},
-            session=env.get("JPY_SESSION_NAME", ""),
-        )
-
     async def _take_warm(
         self, pool: herd.Pool[Any], kernel_id: str, cwd: str | None, env: dict[str, str]
     ) -> KernelWorker | None:
@@ -276,14 +274,19 @@ class HerdKernelManager(AsyncMappingKernelManager):
             return None
         factory = pool.factory
         assert isinstance(factory, KernelFactory)
-        expected = {**os.environ, **factory.env}  # what spares were started with
-        changed = {k for k in env.keys() | expected.keys() if env.get(k) != expected.get(k)}
-        moved = cwd is not None and cwd != (factory.cwd or os.getcwd())
+        # Judged first on what spares are started with, so that the spares are
+        # left for sessions they can serve; then on the spare actually taken.
+        changed = _changed({**os.environ, **factory.env}, env)
+        here = os.getcwd() if cwd is None else cwd
+        moved = here != (factory.cwd or os.getcwd())
         if not changed <= _RETARGETABLE_ENV or ((changed or moved) and not self._movable(factory)):
-            return None  # leave the spares for sessions they can serve
+            return None
         worker = await self._acquire(pool, kernel_id)
-        code = self._retarget_code(worker, cwd, env)
-        if code == "" or (code and await worker.run_silently(code, timeout=10)):
+        changed = _changed(worker.launch_env, env)
+        if not changed and here == worker.cwd:
+            return worker
+        movable = changed <= _RETARGETABLE_ENV and self._movable(factory)
+        if movable and await worker.run_silently(_move_code(here, changed, env), timeout=10):
             return worker
         self.log.warning("herd: kernel %s could not be retargeted; starting one", worker.id)
         await pool.release(kernel_id)
@@ -350,17 +353,12 @@ class HerdKernelManager(AsyncMappingKernelManager):
     shutdown_kernel = _async_shutdown_kernel  # type: ignore[assignment]
 
     async def _unretarget(self, worker: KernelWorker) -> bool:
-        """Put a reset kernel back where the warm pool started it."""
+        """Put a reset kernel back where it was started."""
         km: Any = worker.manager
+        changed = _changed(km._launch_args["env"], worker.launch_env)
         km._launch_args["cwd"] = worker.cwd
         km._launch_args["env"] = dict(worker.launch_env)
-        warm_env = {k: v for k, v in worker.launch_env.items() if k != TAG_VARIABLE}
-        code = _RETARGET.format(
-            cwd=worker.cwd,
-            unset=["JPY_SESSION_NAME"] if "JPY_SESSION_NAME" not in warm_env else [],
-            set={k: warm_env[k] for k in _RETARGETABLE_ENV & warm_env.keys()},
-            session=warm_env.get("JPY_SESSION_NAME", ""),
-        )
+        code = _move_code(worker.cwd, changed, worker.launch_env)
         return await worker.run_silently(code, timeout=10)
 
     async def _herd_crashed(self, kernel_id: str) -> None:
