@@ -117,7 +117,9 @@ async def test_a_notebook_gets_a_warm_kernel_retargeted_to_its_directory(
     wait_until_sync(lambda: kernel_pool(server)["available_workers"] == WARM, what="refill")
 
 
-async def test_the_environment_is_what_a_cold_start_gives(server: Server, tmp_path: Path) -> None:
+async def test_the_environment_is_what_a_cold_start_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A second kernelspec has no spares: its kernels are started for their session.
     spec_dir = tmp_path / "share" / "kernels" / "cold-python"
     spec_dir.mkdir(parents=True)
@@ -130,45 +132,41 @@ async def test_the_environment_is_what_a_cold_start_gives(server: Server, tmp_pa
             }
         )
     )
-    server.stop()
-    os.environ["JUPYTER_PATH"] = str(tmp_path / "share")
-    try:
-        restarted = start_server(tmp_path, config())
-    finally:
-        del os.environ["JUPYTER_PATH"]
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share"))  # the server's kernelspecs
+    server = start_server(tmp_path, config())
     try:
         facts, ids = {}, {}
         for name in ("python3", "cold-python"):
             body = {"path": f"{name}.ipynb", "type": "notebook", "kernel": {"name": name}}
-            model = restarted.json("/api/sessions", method="POST", body=body)
+            model = server.json("/api/sessions", method="POST", body=body)
             ids[name] = model["kernel"]["id"]
-            ws = await KernelWS.connect(restarted.base, ids[name], TOKEN)
+            ws = await KernelWS.connect(server.base, ids[name], TOKEN)
             try:
                 facts[name] = await kernel_facts(ws)
             finally:
                 await ws.close()
         warm, cold = facts["python3"], facts["cold-python"]
-        pinned = {w["session_id"] for w in kernel_pool(restarted)["workers"]}
+        pinned = {w["session_id"] for w in kernel_pool(server)["workers"]}
         assert ids["python3"] in pinned
         # Still a herd worker: in a pool of its own, sandboxed like the warm ones.
-        own = restarted.stats()["kernels:cold-python"]
+        own = server.stats()["kernels:cold-python"]
         assert [w["session_id"] for w in own["workers"]] == [ids["cold-python"]]
-        assert own["sandbox"] == kernel_pool(restarted)["sandbox"] != "none"
+        assert own["sandbox"] == kernel_pool(server)["sandbox"] != "none"
         assert warm["cwd"] == cold["cwd"] == str(tmp_path)
         assert warm["session"] == warm["env"]["JPY_SESSION_NAME"] == "python3.ipynb"
         assert cold["session"] == cold["env"]["JPY_SESSION_NAME"] == "cold-python.ipynb"
         del warm["env"]["JPY_SESSION_NAME"], cold["env"]["JPY_SESSION_NAME"]
         assert warm["env"] == cold["env"]
         # Shutting the sessions down ends both kernels.
-        for model in restarted.json("/api/sessions"):
-            restarted.json(f"/api/sessions/{model['id']}", method="DELETE")
-        assert restarted.json("/api/kernels") == []
+        for model in server.json("/api/sessions"):
+            server.json(f"/api/sessions/{model['id']}", method="DELETE")
+        assert server.json("/api/kernels") == []
     finally:
-        restarted.stop()
+        server.stop()
 
 
 async def test_a_kernel_that_cannot_be_retargeted_is_started_for_its_session(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A Python kernel behind a launcher script: herd cannot tell it is IPython, so
     # it never retargets it.
@@ -186,11 +184,8 @@ async def test_a_kernel_that_cannot_be_retargeted_is_started_for_its_session(
         )
     )
     (tmp_path / "sub").mkdir()
-    os.environ["JUPYTER_PATH"] = str(tmp_path / "share")
-    try:
-        server = Server(tmp_path, config(warm_kernels=1, kernel_names=["wrapped"]))
-    finally:
-        del os.environ["JUPYTER_PATH"]
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share"))
+    server = Server(tmp_path, config(warm_kernels=1, kernel_names=["wrapped"]))
     try:
         server.wait_ready(lambda pools: pools["kernels:wrapped"]["available_workers"] == 1)
         (spare,) = (w["pid"] for w in server.stats()["kernels:wrapped"]["workers"])
@@ -377,11 +372,13 @@ async def test_with_worker_reuse_a_kernel_is_reset_before_its_next_session(
 
 async def test_kernels_stop_with_the_server(tmp_path: Path) -> None:
     server = start_server(tmp_path, config())
-    open_session(server, "one.ipynb")
-    wait_until_sync(lambda: kernel_pool(server)["available_workers"] == WARM, what="refill")
-    pids = {w["pid"] for w in kernel_pool(server)["workers"]}
-    assert len(pids) == WARM + 1
-    server.stop(signal.SIGTERM)
+    try:
+        open_session(server, "one.ipynb")
+        wait_until_sync(lambda: kernel_pool(server)["available_workers"] == WARM, what="refill")
+        pids = {w["pid"] for w in kernel_pool(server)["workers"]}
+        assert len(pids) == WARM + 1
+    finally:
+        server.stop(signal.SIGTERM)
     assert server.proc.returncode == 0
     await wait_until(lambda: not any(pid_alive(p) for p in pids), what="kernels to exit")
     tag = os.environ["HERD_TEST_TAG"]
