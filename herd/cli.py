@@ -39,7 +39,7 @@ from .proxy import (
     from_query,
 )
 
-__all__ = ["main", "parse_duration", "parse_size"]
+__all__ = ["add_limit_arguments", "add_pool_arguments", "main", "parse_duration", "parse_size"]
 
 log = logging.getLogger("herd.serve")
 
@@ -94,6 +94,79 @@ def _env(text: str) -> tuple[str, str]:
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {text!r}")
     return name, value
+
+
+def add_pool_arguments(
+    group: argparse._ActionsContainer, *, min_workers: int = 1, ttl: float = 300.0
+) -> None:
+    """Add the pool flags (``--min --max --ttl --health-interval
+    --idle-worker-timeout --no-reuse``) that ``herd serve`` and ``%herd start``
+    share; they land as :class:`herd.Pool` keyword names (``min_workers``...).
+    """
+    group.add_argument(
+        "--min", type=int, default=min_workers, dest="min_workers", help="workers kept running"
+    )
+    group.add_argument(
+        "--max", type=int, default=10, dest="max_workers", help="most workers at once"
+    )
+    group.add_argument(
+        "--ttl",
+        type=_arg(parse_duration),
+        default=ttl,
+        metavar="DURATION",
+        help="end sessions idle this long (0 = never)",
+    )
+    group.add_argument(
+        "--health-interval",
+        type=_arg(parse_duration),
+        default=5.0,
+        metavar="DURATION",
+        help="health check period (0 = off)",
+    )
+    group.add_argument(
+        "--idle-worker-timeout",
+        type=_arg(parse_duration),
+        default=60.0,
+        metavar="DURATION",
+        help="retire idle workers above --min after this",
+    )
+    group.add_argument(
+        "--no-reuse",
+        action="store_true",
+        help="kill a worker when its session ends instead of reusing it",
+    )
+
+
+def add_limit_arguments(group: argparse._ActionsContainer) -> None:
+    """Add the sandbox flags (``--cpu --memory --pids --no-sandbox``) that
+    ``herd serve`` and ``%herd start`` share."""
+    group.add_argument(
+        "--cpu",
+        type=float,
+        default=None,
+        metavar="CORES",
+        help="CPU limit per worker, in cores (e.g. 0.5)",
+    )
+    group.add_argument(
+        "--memory",
+        type=_arg(parse_size),
+        default=None,
+        metavar="SIZE",
+        help="memory limit per worker (e.g. 512M); past it the worker is "
+        "killed and its session's next request gets a fresh one",
+    )
+    group.add_argument(
+        "--pids",
+        type=int,
+        default=None,
+        metavar="N",
+        help="process/thread limit per worker (-1: none)",
+    )
+    group.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="run workers without namespaces (the Go WithInsecureSandbox)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,37 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest WebSocket message",
     )
 
-    pool = serve.add_argument_group("pool")
-    pool.add_argument("--min", type=int, default=1, dest="min_workers", help="workers kept running")
-    pool.add_argument(
-        "--max", type=int, default=10, dest="max_workers", help="most workers at once"
-    )
-    pool.add_argument(
-        "--ttl",
-        type=_arg(parse_duration),
-        default=300.0,
-        metavar="DURATION",
-        help="end sessions idle this long (0 = never)",
-    )
-    pool.add_argument(
-        "--health-interval",
-        type=_arg(parse_duration),
-        default=5.0,
-        metavar="DURATION",
-        help="health check period (0 = off)",
-    )
-    pool.add_argument(
-        "--idle-worker-timeout",
-        type=_arg(parse_duration),
-        default=60.0,
-        metavar="DURATION",
-        help="retire idle workers above --min after this",
-    )
-    pool.add_argument(
-        "--no-reuse",
-        action="store_true",
-        help="kill a worker when its session ends instead of reusing it",
-    )
+    add_pool_arguments(serve.add_argument_group("pool"))
 
     worker = serve.add_argument_group("workers")
     worker.add_argument(
@@ -221,33 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="environment variable for workers ({port} works); repeatable",
     )
     worker.add_argument("--cwd", default=None, help="working directory of workers")
-    worker.add_argument(
-        "--cpu",
-        type=float,
-        default=None,
-        metavar="CORES",
-        help="CPU limit per worker, in cores (e.g. 0.5)",
-    )
-    worker.add_argument(
-        "--memory",
-        type=_arg(parse_size),
-        default=None,
-        metavar="SIZE",
-        help="memory limit per worker (e.g. 512M); past it the worker is "
-        "killed and its session's next request gets a fresh one",
-    )
-    worker.add_argument(
-        "--pids",
-        type=int,
-        default=None,
-        metavar="N",
-        help="process/thread limit per worker (-1: none)",
-    )
-    worker.add_argument(
-        "--no-sandbox",
-        action="store_true",
-        help="run workers without namespaces (the Go WithInsecureSandbox)",
-    )
+    add_limit_arguments(worker)
     serve.add_argument(
         "--loop",
         default="auto",

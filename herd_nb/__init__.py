@@ -8,8 +8,11 @@
 - :class:`HerdKernelManager`: the server's kernel manager under the extension;
   notebook and console sessions get pre-warmed kernels.
 
-The ``%herd`` magics and the ipywidgets dashboard build on this. ``herd`` (the
-core) never imports this package.
+- ``%load_ext herd_nb``: the ``%herd`` / ``%%herd`` magics (:mod:`herd_nb.magics`);
+- :class:`Dashboard`: a live ipywidgets panel of pools (:mod:`herd_nb.dashboard`).
+
+``herd`` (the core) never imports this package; this package imports IPython,
+ipywidgets and jupyter_server only in the modules that need them.
 """
 
 from __future__ import annotations
@@ -19,16 +22,41 @@ from typing import Any
 from .kernels import KernelFactory as KernelFactory
 from .kernels import KernelWorker as KernelWorker
 
-__all__ = ["HerdKernelManager", "KernelFactory", "KernelWorker"]
+__all__ = [
+    "Dashboard",
+    "HerdKernelManager",
+    "KernelFactory",
+    "KernelWorker",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+]
 
 
 def __getattr__(name: str) -> Any:
-    # The kernel manager needs jupyter_server; import it only when asked for.
+    # jupyter_server and ipywidgets are imported only when asked for.
     if name == "HerdKernelManager":
         from .kernelmanager import HerdKernelManager
 
         return HerdKernelManager
+    if name == "Dashboard":
+        from .dashboard import Dashboard
+
+        return Dashboard
     raise AttributeError(f"module 'herd_nb' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext herd_nb``: the ``%herd`` and ``%%herd`` magics."""
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext herd_nb``."""
+    from .magics import unload_ipython_extension as unload
+
+    unload(ipython)
 
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:
