@@ -36,7 +36,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 
-__all__ = ["OUTPUT_TYPES", "Event", "KernelDiedError", "run_cell"]
+__all__ = ["OUTPUT_TYPES", "Event", "InterruptIgnoredError", "KernelDiedError", "run_cell"]
 
 Event = dict[str, Any]
 
@@ -52,7 +52,12 @@ _INTERRUPT_GRACE = 10.0
 
 
 class KernelDiedError(RuntimeError):
-    """The kernel died while the cell ran."""
+    """The kernel died while the cell ran (or its client's channels were closed)."""
+
+
+class InterruptIgnoredError(RuntimeError):
+    """The cell went on after an interrupt (it caught ``KeyboardInterrupt``); it is
+    still running in the kernel, and its output is no longer passed on."""
 
 
 async def run_cell(
@@ -78,6 +83,7 @@ async def run_cell(
     :param alive: whether the kernel still runs (checked while it is silent).
     :returns: the ``done`` event.
     :raises KernelDiedError: the kernel died before the cell ended.
+    :raises InterruptIgnoredError: the cell went on after an interrupt.
     """
     started = time.perf_counter()
     msg_id = client.execute(
@@ -93,6 +99,11 @@ async def run_cell(
         # Shielded: a cancel interrupts the kernel instead of abandoning the cell.
         reply = await asyncio.shield(task)
     except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if task.cancelled() and (current is None or not current.cancelling()):
+            # Not our cancel: the read was cancelled under us, when the worker
+            # closed the client's sockets (the pool saw the kernel exit).
+            raise KernelDiedError("the kernel's channels were closed") from None
         if interrupt is None or task.done():
             task.cancel()
             raise
@@ -105,10 +116,11 @@ async def run_cell(
             async with asyncio.timeout(_INTERRUPT_GRACE):
                 reply = await asyncio.shield(task)
         except TimeoutError:
-            raise KernelDiedError("the kernel did not stop after an interrupt") from None
+            raise InterruptIgnoredError(
+                f"the cell did not stop within {_INTERRUPT_GRACE:g}s of an interrupt"
+            ) from None
         finally:
             task.cancel()
-        current = asyncio.current_task()
         if current is not None:
             current.uncancel()  # handled: the session's task goes on
     done: Event = {

@@ -31,7 +31,16 @@ import herd
 from herd import proxy
 from herd._config import duration_seconds
 
-from .handlers import HerdProxyHandler, SessionHandler, SessionsHandler, StatsHandler
+from .handlers import (
+    ExecuteHandler,
+    ExecuteSessions,
+    HerdProxyHandler,
+    InputHandler,
+    InterruptHandler,
+    SessionHandler,
+    SessionsHandler,
+    StatsHandler,
+)
 from .kernelmanager import HerdKernelManager
 from .metrics import PoolCollector
 from .websocket import NoDelayWebsocketConnection
@@ -43,6 +52,9 @@ class Herd(ExtensionApp):
     """herd inside a Jupyter server."""
 
     name = "herd_nb"
+
+    #: The sessions of the execute route (set with the routes).
+    executions: ExecuteSessions | None = None
 
     min_workers = Integer(
         1, config=True, help="Process workers kept running, even with no session."
@@ -210,17 +222,40 @@ class Herd(ExtensionApp):
 
     def initialize_handlers(self) -> None:
         """Routes under ``{base_url}herd/``."""
+        self.executions = self._execute_sessions()
+        cells = {"sessions": self.executions}
         self.handlers.extend(
             [
                 (r"/herd/api/stats", StatsHandler),
                 (r"/herd/api/sessions", SessionsHandler),
-                (r"/herd/api/sessions/([^/]+)", SessionHandler),
+                (r"/herd/api/sessions/([^/]+)", SessionHandler, cells),
+                (r"/herd/api/sessions/([^/]+)/execute", ExecuteHandler, cells),
+                (r"/herd/api/sessions/([^/]+)/interrupt", InterruptHandler, cells),
+                (r"/herd/api/sessions/([^/]+)/input", InputHandler, cells),
             ]
         )
         if self.proxy_settings is not None:
             self.handlers.append(
                 (r"/herd/proxy(/.*)?", HerdProxyHandler, {"settings": self.proxy_settings})
             )
+
+    def _execute_sessions(self) -> ExecuteSessions:
+        """The execute route's sessions, in the kernel pools if herd runs the kernels."""
+        assert self.serverapp is not None
+        manager = self.serverapp.kernel_manager
+        ttl = 3600.0 if self.ttl is None else self.ttl  # as for notebook kernels
+        if isinstance(manager, HerdKernelManager) and manager.herd_pools:
+            return ExecuteSessions(manager, ttl=ttl)
+        if GatewayClient.instance(parent=self.serverapp).gateway_enabled:
+            why = "its kernels run on a gateway (GatewayClient.url)"
+        elif not self.warm_kernels:
+            why = "c.Herd.warm_kernels = 0 leaves the server's kernels to Jupyter"
+        else:
+            why = (
+                f"the kernel manager is {type(manager).__name__}, not "
+                "herd_nb.HerdKernelManager (ServerApp.kernel_manager_class)"
+            )
+        return ExecuteSessions(None, unavailable=why)
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         for name, pool in list(self.pools.items()):
@@ -234,6 +269,8 @@ class Herd(ExtensionApp):
 
     async def stop_extension(self) -> None:
         """Stop every pool: no worker outlives the server."""
+        if self.executions is not None:
+            await self.executions.aclose()
         if self.proxy_settings is not None:
             self.proxy_settings.upstreams.close()
         for pool in self.pools.values():

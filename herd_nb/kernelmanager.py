@@ -185,6 +185,20 @@ class HerdKernelManager(AsyncMappingKernelManager):
         self._herd_registry[f"kernels:{kernel_name}"] = pool
         return pool
 
+    async def herd_pool(self, kernel_name: str | None = None) -> herd.Pool[Any] | None:
+        """The pool that runs kernels of ``kernel_name`` (default: the default kernelspec),
+        made and started on first use.
+
+        For sessions that are not kernels of this manager (``POST
+        {base_url}herd/api/sessions/{id}/execute``); end them with
+        :meth:`end_herd_session`.
+
+        :returns: ``None`` if herd does not run this manager's kernels
+            (:meth:`configure_herd` was not called: ``c.Herd.warm_kernels = 0``) or
+            no such kernelspec is installed.
+        """
+        return await self._pool_for(kernel_name or self.default_kernel_name)
+
     async def _pool_for(self, kernel_name: str) -> herd.Pool[Any] | None:
         """The kernelspec's pool, made and started on first use; ``None``: stock."""
         if self._herd_options is None:
@@ -208,6 +222,11 @@ class HerdKernelManager(AsyncMappingKernelManager):
         for the session in the kernelspec's pool."""
         if kernel_id is not None and kernel_id in self:
             return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
+        pools = self.herd_pools.values()
+        if kernel_id is not None and any(kernel_id in pool.sessions() for pool in pools):
+            # A client-chosen ID (POST /api/kernels {"kernel_id": ...}) naming a session
+            # of herd's own routes: adopting its kernel would give it two owners.
+            raise web.HTTPError(409, f"herd: {kernel_id!r} is a session of herd's kernel pool")
         name = kwargs.get("kernel_name") or self.default_kernel_name
         extra = set(kwargs) - {"kernel_name", "env"}
         pool = None if extra else await self._pool_for(name)
@@ -342,15 +361,45 @@ class HerdKernelManager(AsyncMappingKernelManager):
         self._kernel_connections.pop(kernel_id, None)
         self._kernel_ports.pop(kernel_id, None)
         worker: KernelWorker | None = getattr(km, "herd_worker", None)
+        await self._end_session(pool, kernel_id, worker)
+
+    shutdown_kernel = _async_shutdown_kernel  # type: ignore[assignment]
+
+    async def _end_session(
+        self, pool: herd.Pool[Any], session_id: str, worker: KernelWorker | None
+    ) -> None:
+        """Unpin ``session_id``: its kernel is reset and goes back to the pool (with
+        ``worker_reuse``), or is shut down; returns once it is gone."""
         if self._herd_reuse and worker is not None and worker.alive:
             if await worker.run_silently(_RESET, timeout=10) and await self._unretarget(worker):
-                await pool.release(kernel_id)  # back to the warm pool
+                await pool.release(session_id)  # back to the warm pool
                 return
-        await pool.release(kernel_id)
+        await pool.release(session_id)
         if worker is not None:
             await worker.close()  # the pool's own close of it: return once it is gone
 
-    shutdown_kernel = _async_shutdown_kernel  # type: ignore[assignment]
+    async def end_herd_session(self, session_id: str) -> bool:
+        """End a session of herd's kernel pools that is not a kernel of this manager
+        (one made through :meth:`herd_pool`), as :meth:`shutdown_kernel` ends a kernel:
+        its kernel is reset for reuse (``c.Herd.worker_reuse``) or shut down.
+
+        Close the session's open uses first: the kernel is shut down (or reset)
+        at once, under any cell still running in it.
+
+        :returns: whether a pool had the session.
+        :raises ValueError: ``session_id`` is one of this manager's kernels.
+        """
+        if session_id in self._herd_kernels:
+            raise ValueError(f"{session_id!r} is a kernel: end it with shutdown_kernel")
+        for pool in self.herd_pools.values():
+            worker_id = pool.sessions().get(session_id)
+            if worker_id is None:
+                continue
+            found = [w for w in pool.workers() if w.id == worker_id]
+            worker = found[0] if found and isinstance(found[0], KernelWorker) else None
+            await self._end_session(pool, session_id, worker)
+            return True
+        return False
 
     async def _unretarget(self, worker: KernelWorker) -> bool:
         """Put a reset kernel back where it was started."""

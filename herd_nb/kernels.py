@@ -211,6 +211,23 @@ class KernelWorker(ProcessWorker):
                 self._restart = None
                 done.set_result(None)
 
+    async def renew_client(self, timeout: float = 10.0) -> AsyncKernelClient:
+        """The session's client with its channels running: a new one if it was stopped.
+
+        A kernel that served a notebook had its client stopped (the server talks
+        to it over its own sockets), and a stopped client cannot start again. The
+        new client is ready for output (IOPub has joined) and is stopped when the
+        worker closes.
+
+        :raises TimeoutError: the kernel did not answer within ``timeout``.
+        """
+        if self._kernel_client.channels_running:
+            return self._kernel_client
+        self._kernel_client = self.manager.client()
+        self._kernel_client.start_channels()
+        await self._nudge(timeout)
+        return self._kernel_client
+
     async def _until_ready(self, timeout: float) -> None:
         self._kernel_client.start_channels()
         self._probe.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=True)
