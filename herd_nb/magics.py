@@ -50,7 +50,7 @@ import signal
 import sys
 import threading
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -61,7 +61,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 import herd
 from herd.cli import add_limit_arguments, add_pool_arguments, parse_duration
 
-from ._execute import Event, KernelDiedError, run_cell
+from ._execute import Event, InterruptIgnoredError, KernelDiedError, run_cell
 from .sources import PoolSource, ServerSource, Source, SourceError
 
 __all__ = ["HerdMagics", "RemoteError", "load_ipython_extension", "unload_ipython_extension"]
@@ -78,13 +78,17 @@ USAGE = """\
 %herd dashboard [--interval 1s]  a live dashboard (ipywidgets)
 %herd pool                    the local herd.Pool (pool = %herd pool)
 %herd stop                    stop the local pool (or forget the server)
-%herd help                    this text"""
+%herd help                    this text
+
+$name in a %herd line is replaced by the value of that variable; {port} is
+left for herd to fill in."""
 
 # How long a kernel shutting down waits for its pool to stop cleanly.
 _STOP_TIMEOUT = 10.0
 
 _MODULE = "__import__('herd_nb.magics', fromlist=['_'])"
-_LINE = re.compile(r"^%herd(?:[ \t](?P<args>.*))?$")
+_LINE = re.compile(r"^(?P<target>[A-Za-z_][\w.]*\s*=\s*)?%herd(?:[ \t](?P<args>.*))?$")
+_VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}")
 
 
 class RemoteError(Exception):
@@ -189,6 +193,11 @@ class _LocalBackend:
                 raise UsageError(
                     f"session {session_id!r}: its kernel died ({self._why(worker.id)}); "
                     "the next %%herd cell of the session starts a new one"
+                ) from None
+            except InterruptIgnoredError as exc:
+                raise UsageError(
+                    f"session {session_id!r}: {exc}; it runs on in its kernel "
+                    f"(%herd release {session_id} ends the session)"
                 ) from None
 
     def _why(self, worker_id: str) -> str:
@@ -374,13 +383,60 @@ class _Herd:
         self.shell = shell
         self.backend: _Backend | None = None
         self._unhook: Callable[[], None] | None = None
+        self._deferred: asyncio.Task[Any] | None = None  # see defer()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a deferred command is still running (see :meth:`defer`)."""
+        return self._deferred is not None
+
+    def answers_now(self, command: str) -> bool:
+        """Whether ``command`` completes without waiting (local pool, nothing deferred)."""
+        local = isinstance(self.backend, _LocalBackend) and self._deferred is None
+        return local and command in ("stats", "sessions", "dashboard")
+
+    def defer(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a command that cannot be awaited where it was called as a task;
+        its error is printed, and the next command waits for it."""
+        previous = self._deferred
+
+        async def run() -> None:
+            if previous is not None:
+                await asyncio.wait([previous])
+            try:
+                result = await coro
+            except UsageError as exc:
+                print(f"UsageError: {exc}", file=sys.stderr)
+            except Exception as exc:
+                print(f"herd: {type(exc).__name__}: {exc}", file=sys.stderr)
+            else:
+                if result is not None:
+                    from IPython.display import display
+
+                    display(result)
+            finally:
+                if self._deferred is task:
+                    self._deferred = None
+
+        task = asyncio.ensure_future(run())
+        self._deferred = task
+
+    async def _settle(self) -> None:
+        """Wait for a deferred command (see :meth:`defer`)."""
+        if self._deferred is not None:
+            await asyncio.wait([self._deferred])
 
     # -- commands ----------------------------------------------------------------------
 
-    async def line(self, line: str) -> Any:
-        """Run a ``%herd`` line."""
+    async def line(self, line: str, *, settle: bool = True) -> Any:
+        """Run a ``%herd`` line (``$name`` is replaced by that variable's value).
+
+        :param settle: wait for a deferred command first (see :meth:`defer`).
+        """
+        if settle:
+            await self._settle()
         try:
-            words = shlex.split(line)
+            words = shlex.split(self._expand(line))
         except ValueError as exc:
             raise UsageError(f"%herd {line}: {exc}") from None
         if not words:
@@ -391,9 +447,22 @@ class _Herd:
             raise UsageError(f"%herd: no command {command!r}\n\n{USAGE}")
         return await handler(self, args)
 
-    async def cell(self, line: str, code: str) -> Any:
-        """Run a ``%%herd SESSION`` cell in that session's kernel."""
-        words = shlex.split(line)
+    def _expand(self, line: str) -> str:
+        # As IPython expands $name in magics; {...} is left alone: {port} is herd's.
+        namespace = getattr(self.shell, "user_ns", {})
+
+        def value(match: re.Match[str]) -> str:
+            name = match[1] or match[2]
+            return shlex.quote(str(namespace[name])) if name in namespace else match[0]
+
+        return _VARIABLE.sub(value, line)
+
+    async def cell(self, line: str, code: str, *, settle: bool = True) -> Any:
+        """Run a ``%%herd SESSION`` cell in that session's kernel (``settle``: as
+        for :meth:`line`)."""
+        if settle:
+            await self._settle()
+        words = shlex.split(self._expand(line))
         if len(words) != 1:
             raise UsageError("usage: %%herd SESSION (then the cell's code)")
         try:
@@ -803,8 +872,8 @@ async def run_cell_magic(line: str, cell: str) -> Any:
 
 def transform(lines: list[str]) -> list[str]:
     """IPython input transformer: ``%%herd`` cells and top-level ``%herd`` lines
-    become awaits of :func:`run_cell_magic` / :func:`run_line`, so they run on
-    the kernel's loop as the cell's coroutine."""
+    (``pool = %herd pool`` too) become awaits of :func:`run_cell_magic` /
+    :func:`run_line`, so they run on the kernel's loop as the cell's coroutine."""
     if not lines:
         return lines
     first = lines[0].rstrip("\r\n")
@@ -817,7 +886,9 @@ def transform(lines: list[str]) -> list[str]:
         if match is None:
             out.append(line)
         else:
-            out.append(f"await {_MODULE}.run_line({(match['args'] or '').strip()!r})\n")
+            target = match["target"] or ""
+            args = (match["args"] or "").strip()
+            out.append(f"{target}await {_MODULE}.run_line({args!r})\n")
     return out
 
 
@@ -829,28 +900,40 @@ class HerdMagics(Magics):
     @line_cell_magic  # type: ignore[untyped-decorator]  # IPython's decorators are untyped
     def herd(self, line: str, cell: str | None = None) -> Any:
         """herd pools from a notebook; ``%herd help`` lists the commands."""
+        state = _herd(self.shell)
         words = line.split()
         command = words[0] if words else "help"
-        state = _herd(self.shell)
-        if cell is None and command in ("pool", "help"):
-            return _run_now(state.line(line))
-        if cell is None and command in ("stats", "sessions", "dashboard") and state.backend:
-            if isinstance(state.backend, _LocalBackend):
-                return _run_now(state.line(line))
-        raise UsageError(
-            f"%herd {command} waits for the pool: put it on a line of its own "
-            "(or use `await herd_nb.magics.run_line(...)`)"
-        )
+        # Deferred commands wait for each other in defer(), never in _settle();
+        # the others below run only when nothing is deferred.
+        if cell is None:
+            coro = state.line(line, settle=False)
+        else:
+            coro = state.cell(line, cell, settle=False)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            # A terminal IPython between cells: run it on IPython's own loop.
+            shell: Any = self.shell
+            return shell.loop_runner(coro)
+        if cell is None and command == "pool" and state.busy:
+            coro.close()
+            raise UsageError("%herd pool: the pool is still starting; ask in the next cell")
+        if cell is None and (command in ("pool", "help") or state.answers_now(command)):
+            return _run_now(coro)
+        # Inside a running loop, as in the cell that ran %load_ext herd_nb before
+        # the transformer existed: the command runs as a task of this cell (its
+        # output lands here), and the next %herd command waits for it.
+        state.defer(coro)
+        return None
 
 
-def _run_now(coro: Awaitable[Any]) -> Any:
-    """Run a coroutine that never awaits anything (local commands) to its end."""
-    gen = coro.__await__()
+def _run_now(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine that never suspends (a local command) to its end."""
     try:
-        gen.send(None)
+        coro.send(None)
     except StopIteration as stop:
         return stop.value
-    gen.close()
+    coro.close()
     raise UsageError("%herd: this command must run on a line of its own")
 
 

@@ -206,8 +206,23 @@ def test_the_transformer_turns_magics_into_awaits() -> None:
     [code] = transform(lines)
     assert code.startswith("await ")
     assert "run_cell_magic('alice', 'x = 1\\nprint(x)\\n')" in code
-    out = transform(["%herd start --max 2\n", "y = 2\n", "  %herd stats\n", "%herdsman\n"])
+    out = transform(
+        ["%herd start --max 2\n", "y = 2\n", "  %herd stats\n", "%herdsman\n", "p = %herd pool\n"]
+    )
     assert out[0].startswith("await ")
     assert "run_line('start --max 2')" in out[0]
-    assert out[1:] == ["y = 2\n", "  %herd stats\n", "%herdsman\n"]
+    assert out[1:4] == ["y = 2\n", "  %herd stats\n", "%herdsman\n"]
+    assert out[4].startswith("p = await ")
     assert transform([]) == []
+
+
+def test_commands_in_the_cell_that_loads_the_extension(tmp_path: Path) -> None:
+    # The transformer does not exist yet when such a cell is transformed: the
+    # commands run as tasks, and the next %herd command waits for them.
+    host = HostKernel(tmp_path)
+    try:
+        host.ok("%load_ext herd_nb\n%herd start --warm 1\n%herd bogus")
+        assert host.ok("pool = %herd pool\nprint(pool.state.value)").stream() == "ready\n"
+        assert host.ok("%%herd alice\nprint(1 + 1)").stream() == "2\n"
+    finally:
+        host.shutdown()

@@ -109,7 +109,11 @@ class HostKernel:
                 break
             if kind not in ("status", "execute_input"):
                 outputs.append(Output(time.monotonic() - start, kind, msg["content"]))
-        reply = client.get_shell_msg(timeout=10)["content"]
+        while True:  # the reply to this request (a timed-out earlier one may be queued)
+            message = client.get_shell_msg(timeout=30)
+            if message["parent_header"].get("msg_id") == msg_id:
+                break
+        reply = message["content"]
         return Cell(reply["status"], reply, outputs, prompts)
 
     def ok(self, code: str, **options: Any) -> Cell:
