@@ -644,7 +644,11 @@ class _Herd:
         source = self._backend().source
         from .dashboard import Dashboard
 
-        return Dashboard(source, interval=interval)
+        dashboard = Dashboard(source, interval=interval)
+        # A first reading now, so that the text shown where widgets cannot
+        # render (nbconvert, a terminal) has figures, not "waiting".
+        await dashboard.refresh()
+        return dashboard
 
     async def pool_command(self, args: list[str]) -> herd.Pool[Any]:
         backend = self._backend()

@@ -26,7 +26,7 @@ def kernel(tmp_path: Path) -> Iterator[HostKernel]:
 
 
 def worker_pids(kernel: HostKernel) -> list[int]:
-    cell = kernel.ok("print([w.pid for w in (%herd pool).workers()])")
+    cell = kernel.ok("_pool = %herd pool\nprint([w.pid for w in _pool.workers()])")
     return [int(pid) for pid in re.findall(r"\d+", cell.stream())]
 
 
@@ -152,7 +152,7 @@ def test_sessions_stats_release_and_stop(kernel: HostKernel) -> None:
     text = kernel.ok("%herd sessions").of("display_data")[0].content["data"]["text/plain"]
     assert "alice" in text
     assert "bob" not in text
-    assert "not" in kernel.run("%herd release bob").stream("stderr")  # no such session
+    assert "no session 'bob'" in kernel.run("%herd release bob").stream("stderr")
 
     kernel.ok("%herd stop")
     wait_until_sync(lambda: not any(pid_alive(pid) for pid in pids), what="kernels to stop")
