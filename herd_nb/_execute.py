@@ -45,8 +45,9 @@ OUTPUT_TYPES = frozenset(
     {"stream", "display_data", "update_display_data", "clear_output", "execute_result", "error"}
 )
 
-# How often a silent kernel is checked for being alive (seconds).
-_ALIVE_EVERY = 0.5
+# How often a silent kernel is checked for being alive (seconds); also the
+# longest a stop button waits in a kernel whose signal landed on another thread.
+_ALIVE_EVERY = 0.1
 # How long an interrupted cell may take to end before it is abandoned.
 _INTERRUPT_GRACE = 10.0
 
@@ -97,6 +98,8 @@ async def run_cell(
     task = asyncio.ensure_future(cell.run())
     try:
         # Shielded: a cancel interrupts the kernel instead of abandoning the cell.
+        # (The read below wakes the loop every _ALIVE_EVERY, which is also what
+        # lets ipykernel's SIGINT handler, the stop button, run promptly.)
         reply = await asyncio.shield(task)
     except asyncio.CancelledError:
         current = asyncio.current_task()

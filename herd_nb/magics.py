@@ -83,6 +83,8 @@ USAGE = """\
 $name in a %herd line is replaced by the value of that variable; {port} is
 left for herd to fill in."""
 
+# How often the loop wakes while a cell waits on the server (see _awake).
+_WAKE_EVERY = 0.1
 # How long a kernel shutting down waits for its pool to stop cleanly.
 _STOP_TIMEOUT = 10.0
 
@@ -282,13 +284,13 @@ class _ServerBackend:
         fetch = asyncio.ensure_future(AsyncHTTPClient().fetch(request, raise_error=False))
         try:
             try:
-                response = await asyncio.shield(fetch)
+                response = await _awake(fetch)
             except asyncio.CancelledError:
                 # The stop button: interrupt the remote cell and let it end.
                 for task in prompts:
                     task.cancel()
                 await self._post(f"{base}/interrupt", {})
-                response = await asyncio.shield(fetch)
+                response = await _awake(fetch)
                 current = asyncio.current_task()
                 if current is not None:
                     current.uncancel()
@@ -302,6 +304,19 @@ class _ServerBackend:
 
     async def close(self) -> None:
         pass
+
+
+async def _awake(future: asyncio.Future[Any]) -> Any:
+    """Await ``future`` (not cancelled with the caller), waking the loop often.
+
+    The stop button is a SIGINT whose handler (ipykernel's) is Python code: it
+    runs when the main thread next runs Python, and a signal that lands on
+    another of the kernel's threads does not wake a loop asleep in epoll. A
+    loop woken every 0.1 s runs it within 0.1 s.
+    """
+    while not future.done():
+        await asyncio.wait([future], timeout=_WAKE_EVERY)
+    return future.result()
 
 
 def _message(body: bytes) -> str:

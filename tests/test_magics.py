@@ -13,6 +13,7 @@ import pytest
 from herd_nb.magics import transform
 from tests.helpers import WORKER, pid_alive, wait_until_sync
 from tests.helpers.host_kernel import HostKernel
+from tests.helpers.jupyter import Server
 
 
 @pytest.fixture
@@ -226,3 +227,50 @@ def test_commands_in_the_cell_that_loads_the_extension(tmp_path: Path) -> None:
         assert host.ok("%%herd alice\nprint(1 + 1)").stream() == "2\n"
     finally:
         host.shutdown()
+
+
+@pytest.mark.timeout(180)
+def test_connected_cells_run_in_the_servers_kernel_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # %herd connect finds the server by its runtime file (the only one here).
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    server = Server(tmp_path, "c.Herd.warm_kernels = 1\n")
+    host = None
+    try:
+        server.wait_ready(lambda pools: pools["kernels:python3"]["available_workers"] >= 1)
+        host = HostKernel(tmp_path)
+        host.ok("%load_ext herd_nb")
+        assert f"connected to {server.base}/" in host.ok("%herd connect").stream()
+        cell = host.ok("%%herd alice\nimport os\nx = 6 * 7\nprint('pid', os.getpid())\nx")
+        assert cell.of("execute_result")[0].content["data"]["text/plain"] == "42"
+        assert host.ok("%%herd alice\nprint(x)").stream() == "42\n"
+        assert [s["id"] for s in server.json("/herd/api/sessions")["sessions"]] == ["alice"]
+
+        # input() and the stop button reach the server's kernel too.
+        cell = host.ok("%%herd alice\nprint('hi', input('who? '))", stdin=["zoe"])
+        assert cell.prompts[0]["prompt"] == "who? "
+        assert cell.stream() == "hi zoe\n"
+        cell = host.run("%%herd alice\nimport time\ntime.sleep(60)", interrupt_after=1.5)
+        assert cell.reply["ename"] == "KeyboardInterrupt"
+        assert host.ok("%%herd alice\nprint(x)").stream() == "42\n"
+        cell = host.run("%%herd alice\n1/0")
+        assert cell.reply["ename"] == "ZeroDivisionError"
+
+        host.ok("%herd release alice")
+        assert server.json("/herd/api/sessions")["sessions"] == []
+    finally:
+        if host is not None:
+            host.shutdown()
+        server.stop()
+
+
+def test_connect_says_when_no_server_runs(
+    kernel: HostKernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cell = kernel.run(f"import os\nos.environ['JUPYTER_RUNTIME_DIR'] = {str(tmp_path / 'none')!r}")
+    assert cell.status == "ok"
+    shown = kernel.run("%herd connect").stream("stderr")
+    assert "no running Jupyter server found" in shown
+    shown = kernel.run("%herd connect http://127.0.0.1:9/ --token x").stream("stderr")
+    assert "cannot be reached" in shown

@@ -1,0 +1,181 @@
+"""The main job in a real browser: JupyterLab with herd_nb, quickstart.ipynb run from the
+menu, and the live dashboard rendered by ipywidgets in chromium.
+
+The server is started as the README says (``jupyter lab notebooks/quickstart.ipynb``),
+with only what a test needs added: a free port, a token, ``--no-browser`` (and
+``--allow-root`` as root). herd_nb is not named: it must load because installing herd
+enabled it. Jupyter's user directories are the test's own, so nothing a developer set
+up changes what the test sees.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Locator
+
+from tests.helpers.browser import ARTIFACTS, JupyterLab, chromium, open_tab, write_user_settings
+from tests.helpers.jupyter import TOKEN, Server
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+# Browser problems this test accepts, each with the reason it may.
+IGNORED: dict[str, str] = {}
+
+# The dashboard as a reader sees it: the title line, the totals table (a dict per
+# pool, by column), the worker rows (a dict per worker, by column, with its button).
+_READ_DASHBOARD = """dash => {
+    const text = el => (el ? el.textContent.trim() : '');
+    const table = dash.querySelector('table');
+    const columns = table ? [...table.querySelectorAll('thead th')].map(text) : [];
+    const totals = table ? [...table.querySelectorAll('tbody tr')].map(
+        tr => Object.fromEntries([...tr.children].map((td, i) => [columns[i], text(td)]))) : [];
+    const head = dash.querySelector('.herd-dash-grid.herd-dash-head');
+    const fields = head ? [...head.children].map(text) : [];
+    const workers = [...dash.querySelectorAll('.herd-dash-grid:not(.herd-dash-head)')].map(row => {
+        const worker = Object.fromEntries([...row.children].map((c, i) => [fields[i], text(c)]));
+        const button = row.closest('.widget-hbox')?.querySelector('button');
+        worker.button = button ? {text: text(button), disabled: button.disabled} : null;
+        return worker;
+    });
+    return {title: text(dash.children[0]), totals, workers, text: dash.innerText};
+}"""
+
+# Sessions counted in the totals, and a row for each of alice's and bob's kernels.
+_DASHBOARD_READY = f"""dash => {{
+    const s = ({_READ_DASHBOARD})(dash);
+    return s.totals.some(t => Number(t.sessions) > 0)
+        && ['alice', 'bob'].every(id => s.workers.some(w => w.session === id)) && s;
+}}"""
+
+# A refresh reached the browser: the figures (ages, CPU, RSS) moved.
+_DASHBOARD_MOVED = """([dash, before]) => dash.innerText !== before"""
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """Chromium; the test is skipped if it cannot start here. Started before the
+    server, so a skip costs no JupyterLab."""
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture
+def lab_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    """``jupyter lab notebooks/quickstart.ipynb`` in a copy of the repository's notebooks
+    (JupyterLab saves what runs in it), stopped with SIGTERM after the test."""
+    shutil.copytree(NOTEBOOKS, tmp_path / "notebooks")
+    for name in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    # Where a developer may point Jupyter elsewhere; the installed defaults apply instead
+    # (herd_nb is enabled by the config that installing herd put in sys.prefix).
+    for name in (
+        "JUPYTER_CONFIG_PATH",
+        "JUPYTER_PATH",
+        "JUPYTERLAB_DIR",
+        "JUPYTERLAB_SETTINGS_DIR",
+        "JUPYTERLAB_WORKSPACES_DIR",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    # JupyterLab's first start asks in a toast whether to fetch Jupyter's news; the toast
+    # would cover part of the screenshot, and the answer is not what this test is about.
+    write_user_settings(
+        tmp_path / "jupyter_config_dir",
+        "@jupyterlab/apputils-extension:notification",
+        {"fetchNews": "false"},
+    )
+    # `jupyter lab` as the README runs it, through this interpreter (no venv needed);
+    # it loads no jupyter_server_config.py from its directory, so Server's is unused.
+    command = [sys.executable, "-m", "jupyterlab", "notebooks/quickstart.ipynb"]
+    server = Server(tmp_path, "", command=command)
+    try:
+        # The file's directory is the server's root; herd_nb answers: it was enabled by
+        # installing herd, nothing here names it.
+        server.wait_ready(lambda pools: "kernels:python3" in pools)
+        yield server
+    finally:
+        server.stop()
+
+
+def stop(server: Server) -> str:
+    """Stop the server as Ctrl-C's second press or a service manager would (SIGTERM);
+    return its log, also saved as an artifact."""
+    server.proc.send_signal(signal.SIGTERM)
+    _, log = server.proc.communicate(timeout=30)  # reads the log while waiting: no stall
+    path = ARTIFACTS / "quickstart-server.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(log)
+    return str(log)
+
+
+def read_dashboard(dashboard: Locator, *, timeout: float) -> dict[str, Any]:
+    """Wait until the dashboard counts sessions and shows alice's and bob's kernels; read it."""
+    handle = dashboard.element_handle(timeout=timeout * 1000)
+    ready = dashboard.page.wait_for_function(
+        _DASHBOARD_READY, arg=handle, polling=250, timeout=timeout * 1000
+    )
+    state: dict[str, Any] = ready.json_value()
+    return state
+
+
+def wait_for_refresh(dashboard: Locator, before: str, *, timeout: float) -> None:
+    """Wait until the dashboard's text is no longer ``before``: it is live in the page."""
+    handle = dashboard.element_handle(timeout=timeout * 1000)
+    dashboard.page.wait_for_function(
+        _DASHBOARD_MOVED, arg=[handle, before], polling=250, timeout=timeout * 1000
+    )
+
+
+@pytest.mark.timeout(300)
+def test_quickstart_dashboard_in_jupyterlab(browser: Browser, lab_server: Server) -> None:
+    with open_tab(browser, "quickstart") as tab:
+        lab = JupyterLab(tab, lab_server.base, TOKEN)
+        lab.open("quickstart.ipynb")
+        lab.wait_for_kernel_idle(timeout=90)
+        lab.run_all_cells()
+        lab.wait_for_cells_done(timeout=180)
+        assert lab.stderr_outputs() == []  # no traceback, no warning
+        lab.wait_for_output("alice runs in process")
+        lab.wait_for_output("no secret here")  # bob's kernel is not alice's
+
+        # The last cell's output is the widget itself (.herd-dash is the VBox's class),
+        # not the text/html snapshot shown where widgets cannot render.
+        dashboard = lab.outputs().locator(".herd-dash")
+        state = read_dashboard(dashboard, timeout=60)
+        # Refreshed every second over the widget's comm: a few more readings also
+        # give the history chart some points for the screenshot.
+        for _ in range(3):
+            wait_for_refresh(dashboard, dashboard.inner_text(), timeout=15)
+        dashboard.scroll_into_view_if_needed()
+        tab.screenshot("quickstart")
+
+    context = f"the dashboard showed:\n{state['text']}"
+    assert "live" in state["title"], context
+    assert len(state["totals"]) == 1, context  # the notebook's own pool
+    totals = state["totals"][0]
+    assert totals["state"] == "ready", context
+    assert totals["sessions"] == "2", context
+    assert int(totals["workers"]) >= 2, context
+    assert "CPU" in state["text"], context
+    assert "RAM" in state["text"], context
+    pinned = {w["session"]: w for w in state["workers"] if w["session"] != "-"}
+    assert sorted(pinned) == ["alice", "bob"], context
+    for worker in pinned.values():
+        assert worker["state"] == "pinned", context
+        assert worker["pid"].isdigit(), context
+        # The button that ends the row's session, live while it has one.
+        assert worker["button"] == {"text": "end", "disabled": False}, context
+    assert pinned["alice"]["pid"] != pinned["bob"]["pid"], context
+
+    tab.assert_no_errors(IGNORED)
+
+    log = stop(lab_server)
+    assert lab_server.proc.returncode == 0, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("[E ") or "Traceback" in line]
+    assert not errors, log[-3000:]
