@@ -365,7 +365,8 @@ def _sparkline(points: Sequence[tuple[float, float]], top: float, color: str) ->
     """An inline SVG polyline of (x in 0..1, value in 0..top) points."""
     width, height = 160, 28
     coords = " ".join(
-        f"{x * width:.1f},{height - 1 - min(max(v / top, 0.0), 1.0) * (height - 2):.1f}"
+        # 3 px inside the box, so that a line at 0 or at the top stays visible
+        f"{x * width:.1f},{height - 3 - min(max(v / top, 0.0), 1.0) * (height - 6):.1f}"
         for x, v in points
     )
     return (
@@ -390,7 +391,8 @@ def _chart_html(history: Iterable[_Sample], window: float) -> str:
         return [(1 - (end - s.at) / span if span else 1.0, value(s)) for s in shown]
 
     last = samples[-1]
-    top_sessions = max(max(s.sessions for s in samples), 1)
+    # Headroom: a steady count draws below the top edge, not along it.
+    top_sessions = max(max(s.sessions for s in samples), 1) * 1.25
     blocks = [
         ("sessions", str(last.sessions), series(lambda s: s.sessions), top_sessions, "#1f77b4"),
         ("CPU", f"{last.cpu_busy:.0f}%", series(lambda s: s.cpu_busy), 100.0, "#ff7f0e"),

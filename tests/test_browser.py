@@ -106,12 +106,12 @@ def lab_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serv
 def stop(server: Server) -> str:
     """Stop the server as Ctrl-C's second press or a service manager would (SIGTERM);
     return its log, also saved as an artifact."""
-    server.proc.send_signal(signal.SIGTERM)
-    _, log = server.proc.communicate(timeout=30)  # reads the log while waiting: no stall
+    server.stop(signal.SIGTERM)
+    log = server.log()
     path = ARTIFACTS / "quickstart-server.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(log)
-    return str(log)
+    return log
 
 
 def read_dashboard(dashboard: Locator, *, timeout: float) -> dict[str, Any]:

@@ -58,9 +58,11 @@ class Server:
         ]
         if os.geteuid() == 0:
             command.append("--allow-root")
-        self.proc = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp
-        )
+        # The log goes to a file, not a pipe nobody reads until the end: a server
+        # that logs more than a pipe holds (64 KiB) would block on its next line.
+        self.log_path = tmp / "jupyter-server.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, cwd=tmp)
 
     def request(
         self,
@@ -101,8 +103,7 @@ class Server:
 
         def check() -> bool:
             if self.proc.poll() is not None:
-                assert self.proc.stderr is not None
-                raise AssertionError(self.proc.stderr.read()[-3000:])
+                raise AssertionError(self.log()[-3000:])
             try:
                 status, body = self.request("/herd/api/stats")
             except OSError:
@@ -111,8 +112,12 @@ class Server:
 
         wait_until_sync(check, timeout=60, what="jupyter server with herd_nb")
 
+    def log(self) -> str:
+        """Everything the server has logged so far."""
+        return self.log_path.read_text(errors="replace")
+
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        """Stop the server (``sig``; SIGKILL after 20 s) and close its log pipe."""
+        """Stop the server (``sig``; SIGKILL after 20 s)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -120,5 +125,3 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
