@@ -191,6 +191,16 @@ def test_the_pool_stops_with_its_kernel(tmp_path: Path) -> None:
     assert not any(path is not None and path.exists() for path in cgroups)
 
 
+def test_the_pool_stops_when_its_kernel_restarts(kernel: HostKernel) -> None:
+    kernel.ok("%herd start --warm 1")
+    kernel.ok("%%herd alice\npass")
+    pids = worker_pids(kernel)
+    kernel.manager.restart_kernel(now=False)
+    wait_until_sync(lambda: not any(pid_alive(pid) for pid in pids), what="workers to stop")
+    kernel.client.wait_for_ready(timeout=30)
+    assert kernel.ok("print(1)").stream() == "1\n"  # a fresh kernel, and no worker left
+
+
 def _memory_cgroup(pid: int) -> Path | None:
     with open(f"/proc/{pid}/cgroup") as f:
         for line in f:
