@@ -916,7 +916,7 @@ class HerdMagics(Magics):
     """``%herd``/``%%herd`` where they are not rewritten into awaits (inside an
     expression, or called with ``run_line_magic``)."""
 
-    @line_cell_magic  # type: ignore[untyped-decorator]  # IPython's decorators are untyped
+    @line_cell_magic  # type: ignore[untyped-decorator, unused-ignore]  # untyped before IPython 9
     def herd(self, line: str, cell: str | None = None) -> Any:
         """herd pools from a notebook; ``%herd help`` lists the commands."""
         state = _herd(self.shell)
