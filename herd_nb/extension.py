@@ -30,6 +30,7 @@ from traitlets import Enum as TEnum
 import herd
 from herd import proxy
 from herd._config import duration_seconds
+from herd._sandbox import Sandbox
 
 from .handlers import (
     ExecuteHandler,
@@ -55,20 +56,33 @@ class Herd(ExtensionApp):
 
     #: The sessions of the execute route (set with the routes).
     executions: ExecuteSessions | None = None
+    # Set with the pools: the kernelspecs kept warm (None: herd does not run the
+    # server's kernels), and whether c.Herd.ttl turned Jupyter's culler on.
+    _warm_names: list[str] | None = None
+    _culls_by_ttl = False
 
     min_workers = Integer(
-        1, config=True, help="Process workers kept running, even with no session."
+        1,
+        config=True,
+        help="Process workers kept running, even with no session (the process pool; "
+        "kernels: see warm_kernels).",
     )
     max_workers = Integer(
-        10, config=True, help="The most workers alive at once (per pool: per kernelspec)."
+        None,
+        allow_none=True,
+        config=True,
+        help="The most workers alive at once, per pool. Default: 10 for the process pool; "
+        "no cap for kernels, as in stock Jupyter (set, it caps each kernelspec's kernels, "
+        "spares included, and a kernel past it is refused).",
     )
     ttl = Float(
         None,
         allow_none=True,
         config=True,
         help="Seconds a session may go unused before it ends; 0 disables. Default: 300 "
-        "for the process pool; 3600 for kernels, where unused means idle with no client "
-        "connected (it sets Jupyter's culler, unless that is configured).",
+        "for the process pool; for notebook kernels none, as in stock Jupyter: set, it "
+        "culls kernels idle that long with no client connected (it sets Jupyter's "
+        "culler, unless that is configured); 3600 for sessions of the execute route.",
     )
     warm_kernels = Integer(
         2,
@@ -83,7 +97,11 @@ class Herd(ExtensionApp):
         help="Kernelspecs to keep warm; empty: the server's default kernel.",
     )
     health_interval = Float(
-        5.0, config=True, help="Seconds between worker health checks; 0 disables."
+        5.0,
+        config=True,
+        help="Seconds between worker health checks; 0 disables. A kernel passes while its "
+        "process runs (a busy kernel is never killed); a process worker must answer "
+        "health_path.",
     )
     worker_reuse = Bool(
         None,
@@ -167,7 +185,7 @@ class Herd(ExtensionApp):
             pool: herd.Pool[Any] = herd.Pool(
                 factory,
                 min_workers=self.min_workers,
-                max_workers=self.max_workers,
+                max_workers=10 if self.max_workers is None else self.max_workers,
                 ttl=300.0 if self.ttl is None else self.ttl,
                 health_interval=self.health_interval,
                 worker_reuse=True if self.worker_reuse is None else self.worker_reuse,
@@ -182,6 +200,7 @@ class Herd(ExtensionApp):
             )
 
     def _build_kernel_pools(self) -> None:
+        self._warm_names = None
         if self.warm_kernels < 0:
             raise ValueError(f"warm_kernels must be >= 0, not {self.warm_kernels}")
         if not self.warm_kernels:
@@ -195,12 +214,25 @@ class Herd(ExtensionApp):
                 type(manager).__name__,
             )
             return
-        names = list(self.kernel_names) or [manager.default_kernel_name]
         specs = self.serverapp.kernel_spec_manager
         installed = specs.find_kernel_specs() if specs is not None else {}
+        names = list(self.kernel_names)
         for name in names:
             if name not in installed:
                 raise ValueError(f"kernel_names: no kernelspec {name!r} is installed")
+        default = manager.default_kernel_name
+        if not names and default in installed:
+            names = [default]
+        elif not names:
+            # Not the user's c.Herd.* but the server's default, which stock starts
+            # without: serve on, as stock does (a start without a name fails there).
+            self.log.warning(
+                "herd_nb: no warm kernels: the default kernelspec %r is not installed "
+                "(MappingKernelManager.default_kernel_name); kernels of installed "
+                "kernelspecs still start in herd's pools",
+                default,
+            )
+        self._warm_names = names
         manager.configure_herd(
             self.pools,
             kernel_names=names,
@@ -213,12 +245,15 @@ class Herd(ExtensionApp):
             memory_limit=self.memory_limit,
             pids_limit=self.pids_limit,
         )
-        ttl = 3600.0 if self.ttl is None else self.ttl
-        if ttl and not manager.cull_idle_timeout:
+        # Stock Jupyter culls nothing unless told, and neither does herd: only a
+        # c.Herd.ttl the user set turns the culler on (if they did not configure it).
+        self._culls_by_ttl = bool(self.ttl) and not manager.cull_idle_timeout
+        if self._culls_by_ttl:
+            assert self.ttl is not None
             # Jupyter's culler knows what idle means for a kernel: not busy, and
             # (by default) no client connected.
-            manager.cull_idle_timeout = math.ceil(ttl)
-            manager.cull_interval = max(1, min(manager.cull_interval, math.ceil(ttl / 4)))
+            manager.cull_idle_timeout = math.ceil(self.ttl)
+            manager.cull_interval = max(1, min(manager.cull_interval, math.ceil(self.ttl / 4)))
 
     def initialize_handlers(self) -> None:
         """Routes under ``{base_url}herd/``."""
@@ -243,8 +278,9 @@ class Herd(ExtensionApp):
         """The execute route's sessions, in the kernel pools if herd runs the kernels."""
         assert self.serverapp is not None
         manager = self.serverapp.kernel_manager
-        ttl = 3600.0 if self.ttl is None else self.ttl  # as for notebook kernels
-        if isinstance(manager, HerdKernelManager) and manager.herd_pools:
+        # Sessions of herd's own route, which stock has not: ended after an hour unused.
+        ttl = 3600.0 if self.ttl is None else self.ttl
+        if isinstance(manager, HerdKernelManager) and self._warm_names is not None:
             return ExecuteSessions(manager, ttl=ttl)
         if GatewayClient.instance(parent=self.serverapp).gateway_enabled:
             why = "its kernels run on a gateway (GatewayClient.url)"
@@ -265,7 +301,60 @@ class Herd(ExtensionApp):
                 fallback = "they start the stock way" if name.startswith("kernels:") else ""
                 self.log.error("herd: the %s pool could not start: %s. %s", name, exc, fallback)
                 continue
-            self.log.info("herd: %s pool ready (sandbox %s)", name, pool.stats().sandbox)
+            if name == "process":
+                self.log.info("herd: %s pool ready (sandbox %s)", name, pool.stats().sandbox)
+        if self._warm_names is not None:
+            self.log.info("%s", self._kernel_changes(self._warm_names))
+
+    def _kernel_changes(self, names: list[str]) -> str:
+        """What herd changes about the server's kernels compared with stock Jupyter, in
+        one line for the log at start."""
+        assert self.serverapp is not None
+        manager: Any = self.serverapp.kernel_manager
+        ready = [n for n in names if self.pools[f"kernels:{n}"].state is herd.PoolState.READY]
+        spares = (
+            f"{self.warm_kernels} warm spare{'s' * (self.warm_kernels != 1)} kept per "
+            f"kernelspec ({', '.join(ready)})"
+            if ready
+            else "no warm spares"
+        )
+        if ready:
+            stats = self.pools[f"kernels:{ready[0]}"].stats()
+            level, reason = stats.sandbox, stats.sandbox_reason
+        else:  # no pool yet: the first kernel makes one, with this sandbox
+            report = Sandbox(
+                self.sandbox,
+                cpu_limit=self.cpu_limit,
+                memory_limit=self.memory_limit,
+                pids_limit=self.pids_limit,
+            ).report
+            level, reason = report.level, report.reason
+        sandbox = level if level == "full" else f"{level}: {reason}"
+        limits = [
+            f"{label} {value}"
+            for label, value in (
+                ("cpu", None if self.cpu_limit is None else f"{self.cpu_limit:g}"),
+                ("memory", _size(self.memory_limit)),
+                ("pids", self.pids_limit if self.pids_limit != -1 else None),
+            )
+            if value is not None
+        ]
+        cap = (
+            "no cap on kernels"
+            if self.max_workers is None
+            else f"at most {self.max_workers} kernels per kernelspec (c.Herd.max_workers)"
+        )
+        timeout = manager.cull_idle_timeout
+        if not timeout:
+            culling = "no culling"
+        elif self._culls_by_ttl:
+            culling = f"idle kernels culled after {timeout}s (c.Herd.ttl)"
+        else:
+            culling = f"idle kernels culled after {timeout}s (Jupyter's culler, as configured)"
+        return (
+            f"herd_nb: kernels: {spares}; sandbox {sandbox}; limits per kernel: "
+            f"{', '.join(limits) or 'none'}; {cap}, {culling}"
+        )
 
     async def stop_extension(self) -> None:
         """Stop every pool: no worker outlives the server."""
@@ -277,3 +366,13 @@ class Herd(ExtensionApp):
             await pool.shutdown()
         with contextlib.suppress(KeyError):
             REGISTRY.unregister(self.collector)
+
+
+def _size(count: int | None) -> str | None:
+    """``count`` bytes, the way a person would write it (``2 GiB``)."""
+    if count is None:
+        return None
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift and count % (1 << shift) == 0:
+            return f"{count >> shift} {unit}"
+    return f"{count} bytes"

@@ -16,16 +16,22 @@ A handed-out kernel must look as if it had been started for its session:
 * **Retargeting.** The working directory becomes the notebook's directory and
   the environment becomes what a cold start would get (``JPY_SESSION_NAME`` and
   IPython's ``__session__`` included). This is done in the kernel by a silent
-  execute, so only IPython kernels (``ipykernel``, any Python) can be retargeted.
-  A kernel of another kind is handed out only when it needs no retargeting;
-  otherwise, and whenever the requested environment differs in anything but the
-  session name, a kernel is started for the session, never one handed out in
-  the wrong place.
+  execute in a namespace of its own (no name, history entry or execution count
+  is left for the user to see), so only IPython kernels (``ipykernel``, any
+  Python) can be retargeted. A kernel of another kind is handed out only when it
+  needs no retargeting; otherwise, and whenever the requested environment
+  differs in anything but the session name, a kernel is started for the
+  session, never one handed out in the wrong place. The log says why spares are
+  passed over, once per kernelspec and reason.
 * **Restarts** are cold starts of the kernel's own process, with the session's
   directory and environment, inside the same worker (same cgroup, same session).
 * **Crashes** take the pool's crash path: the kernel is reported dead to its
   clients and removed, as when Jupyter's auto-restart gives up.
-* **Culling** is Jupyter's culler, set from ``c.Herd.ttl``.
+* **Culling** is Jupyter's culler, set from ``c.Herd.ttl`` only if the user set
+  that: as on stock Jupyter, nothing is culled and no kernel is refused (no cap)
+  unless configured.
+* **Busy is alive.** A kernel is never probed for answers (a cell holding the GIL
+  cannot answer): it dies when its process exits.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,7 +63,8 @@ __all__ = ["HerdKernelManager"]
 # LD_*, thread counts...), so a difference there means a cold start.
 _RETARGETABLE_ENV = frozenset({"JPY_SESSION_NAME"})
 
-# Runs in the kernel, in a namespace of its own: nothing lands in the user's.
+# Runs in the kernel through _isolated(): every name it binds stays out of the
+# user's namespace.
 _RETARGET = """
 import importlib, os, pathlib
 os.chdir({cwd!r})
@@ -66,15 +74,38 @@ os.environ.update({set!r})
 importlib.invalidate_caches()
 shell = __import__("IPython").get_ipython()
 shell.history_manager.dir_hist[:] = [pathlib.Path.cwd()]
+# As ipykernel sets it at start-up, before IPython hides the initial names.
 if {session!r}:
-    shell.user_ns["__session__"] = {session!r}
+    shell.user_ns["__session__"] = shell.user_ns_hidden["__session__"] = {session!r}
 else:
     shell.user_ns.pop("__session__", None)
+    shell.user_ns_hidden.pop("__session__", None)
 """
 
+# %reset leaves less than a fresh kernel has; the rest is put back as IPython
+# sets it at start-up, so that the next session sees a stock kernel's namespace.
 _RESET = """
-__import__("IPython").get_ipython().reset(new_session=True, aggressive=True)
+shell = __import__("IPython").get_ipython()
+module = ("__doc__", "__loader__", "__package__", "__spec__")  # of the __main__ module
+kept = {name: shell.user_ns[name] for name in module if name in shell.user_ns}
+shell.reset(new_session=True, aggressive=True)
+shell.user_ns.update(kept)
+if shell.displayhook.do_full_cache:
+    shell.displayhook.flush()  # `_`, `__`, `___`: reset() drops them after its own flush
+shell.user_ns_hidden.update(shell.user_ns)  # a fresh kernel's names are hidden from %who
 """
+
+
+def _isolated(code: str) -> str:
+    """``code`` made to run in a fresh namespace of its own in an IPython kernel.
+
+    IPython runs every execute, silent ones included, in the user's namespace:
+    what herd's code binds there (``os``, loop variables) would show in ``%who``
+    and ``dir()`` and work without an import, unlike on a stock kernel. The
+    wrapper binds nothing itself, and takes ``exec`` from ``builtins`` so that a
+    user's own ``exec`` cannot shadow it.
+    """
+    return f"__import__('builtins').exec({code!r}, {{}})\n"
 
 
 def _changed(one: Mapping[str, str], other: Mapping[str, str]) -> set[str]:
@@ -86,12 +117,13 @@ def _changed(one: Mapping[str, str], other: Mapping[str, str]) -> set[str]:
 def _move_code(cwd: str, changed: set[str], target: Mapping[str, str]) -> str:
     """The code that moves a running IPython kernel to ``cwd`` and to the environment
     ``target`` (``changed``: where its own environment differs from it)."""
-    return _RETARGET.format(
+    code = _RETARGET.format(
         cwd=cwd,
         unset=sorted((changed - target.keys()) | {TAG_VARIABLE}),
         set={k: target[k] for k in sorted(changed & target.keys())},
         session=target.get("JPY_SESSION_NAME", ""),
     )
+    return _isolated(code)
 
 
 def _retargetable(spec: Any) -> bool:
@@ -117,6 +149,9 @@ class HerdKernelManager(AsyncMappingKernelManager):
         self._herd_registry: dict[str, herd.Pool[Any]] = {}
         self._new_pool_lock = asyncio.Lock()
         self._movable_specs: dict[str, bool] = {}
+        # Why spares were passed over, as logged: each reason once per kernelspec,
+        # not once per kernel (a drifted environment would make it every start).
+        self._skip_reasons: set[tuple[str, str]] = set()
 
     # -- set-up (by the herd_nb extension) ----------------------------------------------
 
@@ -126,7 +161,7 @@ class HerdKernelManager(AsyncMappingKernelManager):
         *,
         kernel_names: list[str],
         warm: int,
-        max_kernels: int,
+        max_kernels: int | None,
         health_interval: float | None,
         worker_reuse: bool,
         sandbox: Any,
@@ -137,6 +172,9 @@ class HerdKernelManager(AsyncMappingKernelManager):
         """Build a pool keeping ``warm`` kernels ready for each of ``kernel_names``
         (not started yet); other kernelspecs get a pool without spares when first
         used. Every pool is added to ``registry`` as ``"kernels:<name>"``.
+
+        ``max_kernels`` caps each pool (spares included); ``None``: no cap, as stock
+        Jupyter has none.
 
         :raises ValueError: a bad option (from :class:`herd.Pool` or the factory).
         """
@@ -171,7 +209,8 @@ class HerdKernelManager(AsyncMappingKernelManager):
             factory,
             min_workers=0,
             min_idle=warm,
-            max_workers=options["max_kernels"],
+            # No cap unless the user set one: stock Jupyter never refuses a kernel.
+            max_workers=sys.maxsize if options["max_kernels"] is None else options["max_kernels"],
             ttl=None,  # Jupyter's culler ends idle kernels (see c.Herd.ttl)
             health_interval=options["health_interval"],
             worker_reuse=self._herd_reuse,
@@ -229,6 +268,12 @@ class HerdKernelManager(AsyncMappingKernelManager):
             raise web.HTTPError(409, f"herd: {kernel_id!r} is a session of herd's kernel pool")
         name = kwargs.get("kernel_name") or self.default_kernel_name
         extra = set(kwargs) - {"kernel_name", "env"}
+        if extra and self._herd_options is not None:
+            self._skipping(
+                name,
+                f"a start with options herd does not handle ({', '.join(sorted(extra))}) "
+                "is a stock start, outside herd's pool",
+            )
         pool = None if extra else await self._pool_for(name)
         if pool is None or pool.state is not herd.PoolState.READY:
             return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
@@ -236,14 +281,15 @@ class HerdKernelManager(AsyncMappingKernelManager):
         cwd = self.cwd_for_path(path, env=kwargs.get("env", {})) if path is not None else None
         env = dict(kwargs.get("env") or os.environ)
         worker = await self._take_warm(pool, kernel_id, cwd, env)
-        how = "warm"
+        how = "a warm spare"
         if worker is None:
             worker = await self._start_for_session(pool, kernel_id, cwd, env)
-            how = "started for it"
+            how = "started for its session"
         self._adopt(kernel_id, pool, worker, cwd, env)
         await self._finish_kernel_start(kernel_id)
         KERNEL_CURRENTLY_RUNNING_TOTAL.labels(type=worker.kernel_name).inc()
-        self.log.info("Kernel started (%s, herd worker %s): %s", how, worker.id, kernel_id)
+        # Stock's line first (log readers grep for it), then herd's own words.
+        self.log.info("Kernel started: %s (herd: %s, worker %s)", kernel_id, how, worker.id)
         if not self._initialized_culler:
             self.initialize_culler()
         return kernel_id
@@ -284,31 +330,70 @@ class HerdKernelManager(AsyncMappingKernelManager):
             self._movable_specs[name] = _retargetable(specs.get_kernel_spec(name))
         return self._movable_specs[name]
 
+    def _skipping(self, kernel_name: str, why: str) -> None:
+        """Log why a ``kernel_name`` kernel is not a warm spare: once per kernelspec and
+        reason, not once per kernel (a drifted environment would make it every start)."""
+        if (kernel_name, why) in self._skip_reasons:
+            return
+        self._skip_reasons.add((kernel_name, why))
+        self.log.info("herd: %s: %s (logged once)", kernel_name, why)
+
     async def _take_warm(
         self, pool: herd.Pool[Any], kernel_id: str, cwd: str | None, env: dict[str, str]
     ) -> KernelWorker | None:
         """Pin a spare kernel to ``kernel_id`` and retarget it; ``None``: no spare can
         serve (none is idle, or they cannot be retargeted to this session)."""
-        if not pool.idle_count:
-            return None
         factory = pool.factory
         assert isinstance(factory, KernelFactory)
+        name = factory.kernel_name
+        cold = "kernels are started for their sessions"
+        if not pool.idle_count:
+            if pool.config.min_idle:
+                self._skipping(name, f"no spare was ready (all taken, refilling): {cold}")
+            return None  # a kernelspec without spares (not in c.Herd.kernel_names)
         # Judged first on what spares are started with, so that the spares are
         # left for sessions they can serve; then on the spare actually taken.
         changed = _changed({**os.environ, **factory.env}, env)
         here = os.getcwd() if cwd is None else cwd
         moved = here != (factory.cwd or os.getcwd())
-        if not changed <= _RETARGETABLE_ENV or ((changed or moved) and not self._movable(factory)):
+        foreign = (
+            "not an IPython kernel (only those can be moved to a session's directory and "
+            f"environment): {cold} unless a spare already matches"
+        )
+        if not changed <= _RETARGETABLE_ENV:
+            names = ", ".join(sorted(changed - _RETARGETABLE_ENV))
+            self._skipping(
+                name,
+                f"requests ask for an environment that differs from the spares' in {names} "
+                f"(a running kernel can only take a new JPY_SESSION_NAME): {cold}",
+            )
+            return None
+        if (changed or moved) and not self._movable(factory):
+            self._skipping(name, foreign)
             return None
         worker = await self._acquire(pool, kernel_id)
         changed = _changed(worker.launch_env, env)
         if not changed and here == worker.cwd:
             return worker
-        movable = changed <= _RETARGETABLE_ENV and self._movable(factory)
-        if movable and await worker.run_silently(_move_code(here, changed, env), timeout=10):
+        if not changed <= _RETARGETABLE_ENV:
+            names = ", ".join(sorted(changed - _RETARGETABLE_ENV))
+            self._skipping(
+                name,
+                f"the server's environment changed after the spares started ({names}): "
+                f"{cold}, and spares are replaced as they are taken",
+            )
+        elif not self._movable(factory):
+            self._skipping(name, foreign)
+            await pool.release(kernel_id)  # fine as it is for a session it can serve
+            return None
+        elif await worker.run_silently(_move_code(here, changed, env), timeout=10):
             return worker
-        self.log.warning("herd: kernel %s could not be retargeted; starting one", worker.id)
+        else:
+            self.log.warning("herd: kernel %s could not be retargeted; starting one", worker.id)
+        # Closed, not put back (even with worker_reuse): the refill starts a spare in
+        # the environment of now.
         await pool.release(kernel_id)
+        await worker.close()
         return None
 
     def _adopt(
@@ -352,6 +437,7 @@ class HerdKernelManager(AsyncMappingKernelManager):
             await super()._async_shutdown_kernel(kernel_id, now=now, restart=restart)
             return
         self._check_kernel_id(kernel_id)
+        self.log.info("Kernel shutdown: %s", kernel_id)  # stock's line (jupyter_client)
         km = self._kernels[kernel_id]
         KERNEL_CURRENTLY_RUNNING_TOTAL.labels(type=km.kernel_name).dec()
         self.stop_watching_activity(kernel_id)
@@ -371,7 +457,8 @@ class HerdKernelManager(AsyncMappingKernelManager):
         """Unpin ``session_id``: its kernel is reset and goes back to the pool (with
         ``worker_reuse``), or is shut down; returns once it is gone."""
         if self._herd_reuse and worker is not None and worker.alive:
-            if await worker.run_silently(_RESET, timeout=10) and await self._unretarget(worker):
+            reset = _isolated(_RESET)
+            if await worker.run_silently(reset, timeout=10) and await self._unretarget(worker):
                 await pool.release(session_id)  # back to the warm pool
                 return
         await pool.release(session_id)

@@ -13,8 +13,12 @@ as any :class:`herd.ProcessFactory` worker (its own PID namespace, parent-death
 signal, cgroup limits joined before exec), and everything else a process worker
 does comes with it: the exit watch, bounded logs, whole-tree kill on close.
 
-Health is a ``kernel_info`` round trip on a second client of its own, so a
-probe never consumes replies meant for the session's client.
+A kernel is healthy while its process runs: it is never probed for answers,
+because a cell that holds the GIL keeps it from answering on any channel for
+as long as it runs, and a busy kernel is not a dead one (stock Jupyter lets the
+cell finish). Its death is its process's exit, which the exit watch sees at once.
+Herd's own silent executes (retargeting, reset) go over a second client, so they
+never consume replies meant for the session's client.
 """
 
 from __future__ import annotations
@@ -139,13 +143,10 @@ class KernelWorker(ProcessWorker):
         self.kernel_name: str = manager.kernel_name
         self._kernel_address = f"{info['ip']}:{info['shell_port']}"
         self._kernel_client: AsyncKernelClient = manager.client()
-        # A shell socket's ZMQ identity is its session ID: a probe sharing the
-        # session's would have its replies routed to the session's client.
+        # A shell socket's ZMQ identity is its session ID: herd's own executes on a
+        # client sharing the session's would have their replies routed to it.
         own = Session(key=manager.session.key, signature_scheme=manager.session.signature_scheme)
         self._probe: AsyncKernelClient = manager.client(session=own)
-        # Probes go to the control channel, which ipykernel answers while a cell
-        # runs; a kernel that does not answer there is probed on shell.
-        self._probe_channel = "control"
         self._restart: asyncio.Future[None] | None = None
         #: The environment the kernel was started with (before the kernelspec's own).
         self.launch_env: dict[str, str] = {}
@@ -230,7 +231,7 @@ class KernelWorker(ProcessWorker):
 
     async def _until_ready(self, timeout: float) -> None:
         self._kernel_client.start_channels()
-        self._probe.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=True)
+        self._probe.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
         ready = asyncio.ensure_future(self._kernel_client.wait_for_ready(timeout=timeout))
         died = asyncio.ensure_future(self.wait())
         done, _ = await asyncio.wait([ready, died], return_when=asyncio.FIRST_COMPLETED)
@@ -247,8 +248,6 @@ class KernelWorker(ProcessWorker):
         try:
             ready.result()
             await self._nudge(timeout)
-            if not await self._kernel_info(min(self._health_timeout, timeout)):
-                self._probe_channel = "shell"
         except (RuntimeError, TimeoutError) as exc:
             raise SpawnError(
                 f"kernel {self.kernel_name!r} not ready after {timeout:g}s: {exc}",
@@ -279,20 +278,6 @@ class KernelWorker(ProcessWorker):
             with contextlib.suppress(queue.Empty):  # what the nudges left behind
                 while True:
                     await channel.get_msg(timeout=0.05)
-
-    async def _kernel_info(self, timeout: float) -> bool:
-        """One ``kernel_info`` round trip on the probe's channel."""
-        probe = self._probe
-        msg = probe.session.msg("kernel_info_request")
-        channel = probe.control_channel if self._probe_channel == "control" else probe.shell_channel
-        channel.send(msg)
-        try:
-            reply = await probe._async_recv_reply(
-                msg["header"]["msg_id"], timeout=timeout, channel=self._probe_channel
-            )
-        except Exception:
-            return False
-        return bool(reply.get("content", {}).get("status") == "ok")
 
     async def run_silently(self, code: str, timeout: float) -> bool:
         """Execute ``code`` without output, history or an execution count.
@@ -330,17 +315,14 @@ class KernelWorker(ProcessWorker):
         return bool(replied.result().get("content", {}).get("status") == "ok")
 
     async def healthy(self) -> bool:
-        """A ``kernel_info`` round trip within ``health_timeout``.
+        """Whether the kernel's process is running (or restarting in place).
 
-        On the control channel where the kernel answers there (ipykernel does, even
-        while a cell runs), else on shell. A kernel restarting in place counts as
-        healthy.
+        The kernel is not asked anything: a cell holding the GIL (a long
+        ``list.sort()``, a C extension) keeps even ipykernel's control thread from
+        answering until it ends, and a kernel is never killed for being busy.
+        Only its process's exit is its death.
         """
-        if self._restart is not None:
-            return True
-        if not self.alive:
-            return False
-        return await self._kernel_info(self._health_timeout)
+        return self.alive
 
     async def _close(self) -> None:
         """Ask the kernel to shut down, then kill whatever is left, remove its files."""
@@ -372,7 +354,8 @@ class KernelFactory:
     :param cwd: the kernels' working directory.
     :param env: extra environment variables for the kernels.
     :param startup_timeout: seconds until the kernel answers ``kernel_info``.
-    :param health_timeout: seconds one ``kernel_info`` health probe may take.
+    :param health_timeout: unused by kernels, which are never probed (a busy kernel
+        is alive: see :meth:`KernelWorker.healthy`); kept for the signature.
     :param stop_timeout: seconds between SIGTERM and SIGKILL on close.
     :param sandbox: as for :class:`herd.ProcessFactory`.
     :param cpu_limit: cores per kernel.

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -210,3 +211,37 @@ def test_the_extension_installs_its_kernel_manager_and_websocket_classes(tmp_pat
     assert app.web_app.settings["kernel_websocket_connection_class"] is not (
         NoDelayWebsocketConnection
     )
+
+
+def test_kernels_get_no_cap_and_no_culling_unless_configured(tmp_path: Path) -> None:
+    from jupyter_server.serverapp import ServerApp
+
+    def pools(*argv: str) -> tuple[Any, dict[str, Any]]:
+        """A server app configured by ``argv`` (not started: no process), and its pools."""
+        app = ServerApp()
+        command = f"--Herd.command=[{sys.executable!r}, {WEB_WORKER!r}, '{{port}}']"
+        app.initialize(
+            argv=[
+                "--ServerApp.jpserver_extensions=herd_nb=True",
+                f"--ServerApp.root_dir={tmp_path}",
+                f"--ServerApp.runtime_dir={tmp_path}",
+                command,
+                *argv,
+            ],
+            new_httpserver=False,
+        )
+        return app.kernel_manager, app.web_app.settings["herd_pools"]
+
+    # Nothing configured: kernels as stock (no cap, no culling); the process pool
+    # keeps its documented defaults.
+    manager, made = pools()
+    assert made["kernels:python3"].config.max_workers == sys.maxsize
+    assert manager.cull_idle_timeout == 0
+    assert (made["process"].config.max_workers, made["process"].config.ttl) == (10, 300.0)
+    # Set by the user: c.Herd.max_workers caps both, c.Herd.ttl culls idle kernels.
+    manager, made = pools("--Herd.max_workers=3", "--Herd.ttl=60")
+    assert made["kernels:python3"].config.max_workers == made["process"].config.max_workers == 3
+    assert manager.cull_idle_timeout == 60
+    # Jupyter's own culler, configured, wins over c.Herd.ttl.
+    manager, _ = pools("--Herd.ttl=60", "--MappingKernelManager.cull_idle_timeout=600")
+    assert manager.cull_idle_timeout == 600

@@ -199,6 +199,15 @@ async def test_a_kernel_that_cannot_be_retargeted_is_started_for_its_session(
         assert facts["cwd"] == str(tmp_path / "sub")  # right, because started there
         pool = server.stats()["kernels:wrapped"]
         assert [w["pid"] for w in pool["workers"] if w["state"] == "idle"] == [spare]
+        # The log says why, once (not once per kernel).
+        body = {"path": "nb2.ipynb", "type": "notebook", "kernel": {"name": "wrapped"}}
+        server.json("/api/sessions", method="POST", body=body)
+        why = re.findall(r"herd: wrapped: not an IPython kernel.*", server.log())
+        assert why == [
+            "herd: wrapped: not an IPython kernel (only those can be moved to a session's "
+            "directory and environment): kernels are started for their sessions unless a "
+            "spare already matches (logged once)"
+        ]
         # A request the spare can serve as it is (no directory, same environment) gets it.
         kernel = server.json("/api/kernels", method="POST", body={"name": "wrapped"})
         pool = server.stats()["kernels:wrapped"]
