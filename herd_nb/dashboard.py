@@ -56,6 +56,7 @@ import enum
 import html
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -185,13 +186,18 @@ def _node(stats: Mapping[str, herd.PoolStats]) -> herd.NodeStats | None:
     return None
 
 
+def _cap(max_workers: int) -> str:
+    # herd_nb's kernel pools have no cap unless one is configured: sys.maxsize.
+    return "none" if max_workers >= sys.maxsize else str(max_workers)
+
+
 def _totals_rows(stats: Mapping[str, herd.PoolStats]) -> list[tuple[str, ...]]:
     return [
         (
             name,
             s.state,
             str(s.total_workers),
-            str(s.max_workers),
+            _cap(s.max_workers),
             str(s.available_workers),
             str(_pinned(s)),
             str(s.starting_workers),

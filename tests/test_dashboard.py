@@ -625,6 +625,12 @@ def test_render_text_of_one_pool() -> None:
     )
 
 
+def test_a_pool_without_a_cap_says_so() -> None:
+    # herd_nb's kernel pools have no cap unless one is configured (sys.maxsize).
+    first = render_text({"kernels:python3": pool_stats(max_workers=sys.maxsize)}).splitlines()[1]
+    assert first.split()[3] == "none"
+
+
 def test_render_text_of_several_pools_with_crashes_and_failing_spawns() -> None:
     at = time.mktime((2024, 5, 1, 12, 3, 4, 0, 0, -1))
     crash = herd.CrashInfo(
