@@ -8,23 +8,41 @@ Two measurements per mode, interleaved so that machine noise hits all alike:
 - ``spawn``: ``ProcessFactory.spawn()`` of a tiny HTTP worker until it is healthy
   (Python's own start-up dominates this; the differences are what count);
 - ``launch``: fork + exec of ``/bin/true`` through herd's launcher (namespaces,
-  parent-death signal, joining the cgroups) until it exits: the bare overhead.
+  herd's init, parent-death signal, joining the cgroups) until it exits: the
+  bare overhead, as wall time and as the CPU time of the whole process tree
+  (user + system, from ``RUSAGE_CHILDREN``): the latter hardly moves when other
+  work shares the machine.
 
-Modes: no sandbox (``sandbox=False``), namespaces (``sandbox=True``), namespaces
-plus cgroup limits (``cpu_limit``, ``memory_limit``, ``pids_limit``).
+Modes: no sandbox (``sandbox=False``); namespaces without herd's init (the
+launcher before the init: the worker is PID 1 of its namespace); namespaces
+(``sandbox=True``: the init is PID 1); namespaces plus cgroup limits
+(``cpu_limit``, ``memory_limit``, ``pids_limit``). A bare start of the
+init's interpreter (``python -I -S -c pass``) in a namespace is timed alongside:
+the floor of what an init in Python can cost.
+
+Then the memory the init takes per worker: its two processes (PID 1 and its
+fork, the worker's parent), as RSS, PSS (shared pages split among the processes
+that map them) and USS (pages no other process maps).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+
+import psutil
 
 import herd
 from herd import _cgroups
+from herd._procfs import children
+from herd._sandbox import init_command
 
 WORKER = r"""
 import http.server, sys
@@ -36,15 +54,32 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
 
 LIMITS = {"cpu_limit": 1.0, "memory_limit": 256 << 20, "pids_limit": 64}
+NO_INIT = "namespaces, no init"
 MODES = {
     "no sandbox": {"sandbox": False},
+    NO_INIT: {"sandbox": True},
     "namespaces": {"sandbox": True},
     "namespaces + cgroups": {"sandbox": True, **LIMITS},
 }
+PYTHON_FLOOR = [sys.executable, "-I", "-S", "-c", "pass"]
 
 
 def factory(options: dict[str, object]) -> herd.ProcessFactory:
     return herd.ProcessFactory([sys.executable, "-c", WORKER, "{port}"], health_path="/", **options)  # type: ignore[arg-type]
+
+
+def without_init(spawner: herd.ProcessFactory) -> herd.ProcessFactory:
+    """The launcher as it was before the init: the same prefix, less the init."""
+    init = init_command()
+    plan = spawner._sandbox.launch_plan
+
+    def launch_plan(cgroup: object) -> tuple[tuple[str, ...], Callable[[], None]]:
+        prefix, preexec = plan(cgroup)  # type: ignore[arg-type]
+        assert prefix[-len(init) :] == init, prefix
+        return prefix[: -len(init)], preexec
+
+    spawner._sandbox.launch_plan = launch_plan  # type: ignore[method-assign]
+    return spawner
 
 
 async def spawn_ms(spawner: herd.ProcessFactory) -> float:
@@ -55,49 +90,117 @@ async def spawn_ms(spawner: herd.ProcessFactory) -> float:
     return elapsed
 
 
-def launch_ms(spawner: herd.ProcessFactory) -> float:
-    """fork+exec of /bin/true the way spawn() starts a worker, until it exits."""
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def launch_ms(spawner: herd.ProcessFactory) -> tuple[float, float]:
+    """fork+exec of /bin/true the way spawn() starts a worker, until it exits:
+    wall and CPU milliseconds."""
     cgroup = spawner._sandbox.cgroup(f"bench-{time.monotonic_ns()}")
     prefix, preexec = spawner._sandbox.launch_plan(cgroup)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     subprocess.run([*prefix, "true"], preexec_fn=preexec, start_new_session=True, check=True)
-    elapsed = (time.perf_counter() - started) * 1000
+    elapsed, cpu = (time.perf_counter() - started) * 1000, (cpu_seconds() - cpu) * 1000
     if cgroup is not None:
         cgroup.remove()
-    return elapsed
+    return elapsed, cpu
 
 
-async def run(reps: int) -> dict[str, dict[str, float]]:
+def floor_ms(spawner: herd.ProcessFactory) -> tuple[float, float]:
+    """A bare start of the init's interpreter where the init runs: in a namespace."""
+    prefix, preexec = spawner._sandbox.launch_plan(None)
+    started, cpu = time.perf_counter(), cpu_seconds()
+    subprocess.run([*prefix, *PYTHON_FLOOR], preexec_fn=preexec, start_new_session=True, check=True)
+    return (time.perf_counter() - started) * 1000, (cpu_seconds() - cpu) * 1000
+
+
+async def init_memory(spawner: herd.ProcessFactory, workers: int = 5) -> dict[str, float]:
+    """Medians over ``workers`` live workers of the init's two processes, in MiB."""
+    samples: dict[str, list[float]] = {"rss": [], "pss": [], "uss": []}
+    started = [await spawner.spawn() for _ in range(workers)]
+    try:
+        await asyncio.sleep(0.5)  # let them settle
+        for worker in started:
+            init = children(worker.pid)
+            pair = [psutil.Process(pid) for pid in [*init, *children(init[0])]]
+            infos = [p.memory_full_info() for p in pair]
+            for key in samples:
+                samples[key].append(sum(getattr(i, key) for i in infos) / 2**20)
+    finally:
+        await asyncio.gather(*(w.close() for w in started))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+Row = dict[str, float]
+
+
+async def run(reps: int) -> tuple[dict[str, Row], Row, Row]:
     spawners = {name: factory(options) for name, options in MODES.items()}
-    samples: dict[str, dict[str, list[float]]] = {n: {"spawn": [], "launch": []} for n in MODES}
+    without_init(spawners[NO_INIT])
+    kinds = ("spawn", "launch", "cpu")
+    samples = {n: {k: list[float]() for k in kinds} for n in MODES}
+    floor: dict[str, list[float]] = {"launch": [], "cpu": []}
     for spawner in spawners.values():  # warm up: detection, imports, page cache
         await spawn_ms(spawner)
         launch_ms(spawner)
+    floor_ms(spawners[NO_INIT])
     for _ in range(reps):
         for name, spawner in spawners.items():
             samples[name]["spawn"].append(await spawn_ms(spawner))
-            samples[name]["launch"].append(launch_ms(spawner))
-    return {n: {k: statistics.median(v) for k, v in s.items()} for n, s in samples.items()}
+            wall, cpu = launch_ms(spawner)
+            samples[name]["launch"].append(wall)
+            samples[name]["cpu"].append(cpu)
+        wall, cpu = floor_ms(spawners[NO_INIT])
+        floor["launch"].append(wall)
+        floor["cpu"].append(cpu)
+    medians = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in samples.items()}
+    memory = await init_memory(spawners["namespaces"])
+    return medians, {k: statistics.median(v) for k, v in floor.items()}, memory
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    results = asyncio.run(run(10 if args.quick else 40))
+    load = os.getloadavg()[0]
+    results, floor, memory = asyncio.run(run(10 if args.quick else 40))
     report = factory(MODES["namespaces + cgroups"]).sandbox_report
     print(f"herd sandbox spawn cost; sandbox here: {report.level} ({report.reason})")
-    print(f"{'mode':24} {'spawn ms':>10} {'+ vs none':>10} {'launch ms':>10} {'+ vs none':>10}")
+    print(f"load average at the start: {load:.2f}, at the end: {os.getloadavg()[0]:.2f}")
+    header = ["spawn ms", "+ vs none", "launch ms", "+ vs none", "CPU ms", "+ vs none"]
+    print(f"{'mode':24}" + "".join(f"{h:>11}" for h in header))
     base = results["no sandbox"]
     for name, row in results.items():
-        print(
-            f"{name:24} {row['spawn']:10.2f} {row['spawn'] - base['spawn']:+10.2f} "
-            f"{row['launch']:10.2f} {row['launch'] - base['launch']:+10.2f}"
-        )
-    extra = results["namespaces + cgroups"]["launch"] - base["launch"]
+        cells = []
+        for kind in ("spawn", "launch", "cpu"):
+            cells += [f"{row[kind]:11.2f}", f"{row[kind] - base[kind]:+11.2f}"]
+        print(f"{name:24}" + "".join(cells))
+    print(
+        f"{'ns + python -I -S -c pass':24}{'':22}{floor['launch']:11.2f}{'':11}{floor['cpu']:11.2f}"
+    )
+    before, with_init = results[NO_INIT], results["namespaces"]
+    added = {k: with_init[k] - before[k] for k in ("spawn", "launch", "cpu")}
+    # The floor is the same launcher running a bare interpreter instead of
+    # `true`: the init's CPU less that is its own work (forks, its code).
+    python = floor["cpu"] - before["cpu"]
+    own = added["cpu"] - python
+    print(
+        f"\nthe init adds {added['launch']:+.2f} ms to a launch and {added['spawn']:+.2f} ms "
+        f"to a spawn; CPU {added['cpu']:+.2f} ms = Python's start {python:.2f} + its own work "
+        f"{own:.2f};\nper worker RSS {memory['rss']:.1f} MiB, PSS {memory['pss']:.1f} MiB, "
+        f"USS {memory['uss']:.1f} MiB (PID 1 and its fork)"
+    )
+    extra = results["namespaces + cgroups"]["launch"] - base["launch"] - added["launch"]
     verdict = "ok" if extra <= 5 else "MISS"
     print(
-        f"\ntarget: the full sandbox adds at most a few ms to a launch: +{extra:.2f} ms "
+        f"target: namespaces and cgroups add at most a few ms to a launch: +{extra:.2f} ms "
+        f"(≤ 5 ms) {verdict}"
+    )
+    verdict = "ok" if own <= 5 else "MISS"
+    print(
+        f"target: the init costs one bare Python start and little more: {own:+.2f} ms CPU "
         f"(≤ 5 ms) {verdict}"
     )
     if _cgroups.detect().version is None:

@@ -38,8 +38,9 @@ from ._cgroups import WorkerCgroup
 from ._client import HTTPWorkerClient, probe
 from ._config import Duration, duration_seconds
 from ._exceptions import SpawnError
-from ._procfs import catches, children, descendants, with_environ
-from ._sandbox import Sandbox, SandboxMode, SandboxReport
+from ._procfs import descendants, with_environ
+from ._sandbox import Sandbox, SandboxMode, SandboxReport, init_ready
+from ._sandbox import returncode as sandbox_returncode
 
 __all__ = ["OutputLog", "ProcessFactory", "ProcessWorker"]
 
@@ -255,6 +256,10 @@ class ProcessWorker:
     async def close(self) -> None:
         """SIGTERM the worker's process group, SIGKILL after ``stop_timeout``. Idempotent.
 
+        In a sandbox the SIGTERM goes to the launcher's group and the init
+        forwards it to the worker's; the SIGKILL takes the init, and with it
+        the whole PID namespace.
+
         The kill runs to completion even if the awaiting task is cancelled.
         """
         if self._close_task is None:
@@ -303,18 +308,11 @@ class ProcessWorker:
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
-        returncode = self._proc.wait()  # the pidfd is readable: the child has exited
+        launcher = self._proc.wait()  # the pidfd is readable: the child has exited
         self._drain_output()
         if self._owns_port:
             _PORTS.release(self.port)
-        if (
-            self.sandbox.prefix
-            and returncode == 1
-            and any("sigprocmask unblock failed" in line for line in self._output.tail(3))
-        ):
-            # unshare re-raises the signal that killed its child, except SIGKILL,
-            # which it cannot unblock: it says so and exits 1.
-            returncode = -signal.SIGKILL
+        returncode = sandbox_returncode(self.sandbox, launcher, self._output.tail(3))
         self.exit_code = returncode
         reason = "closed" if self._closed_by_us else describe_exit(returncode)
         breach = self.limit_breach()
@@ -335,13 +333,11 @@ class ProcessWorker:
     def _stops_on_sigterm(self) -> bool:
         """Whether SIGTERM can stop the worker, so a grace period makes sense.
 
-        In a PID namespace the worker is PID 1, which the kernel protects from
-        every signal it has no handler for, and ``unshare`` itself only waits for
-        it: without a SIGTERM handler there is nothing to wait for.
+        In a PID namespace, the init forwards the SIGTERM to the worker (whose
+        default action is to die), but only once it is up: until then the
+        kernel drops signals to PID 1, and ``unshare`` itself only waits.
         """
-        if not self.sandbox.prefix:
-            return True
-        return any(catches(pid, signal.SIGTERM) for pid in children(self._proc.pid))
+        return not self.sandbox.prefix or init_ready(self._proc.pid)
 
     async def _close(self) -> None:
         self._closed_by_us = True

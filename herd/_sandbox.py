@@ -8,17 +8,31 @@ Every worker, sandboxed or not, gets
 
 A parent-death signal covers only the direct child. A worker that double-forks
 a daemon would leave the daemon behind, so with ``sandbox=True`` the worker also
-runs as PID 1 of its own PID namespace (util-linux ``unshare --pid --fork
---kill-child``): when PID 1 dies the kernel kills every process of the
-namespace, and ``--kill-child`` ties PID 1 to the ``unshare`` process that
-carries the parent-death signal. So::
+runs in a PID namespace of its own (util-linux ``unshare --pid --fork
+--kill-child``): when the namespace's PID 1 dies the kernel kills every process
+in it, and ``--kill-child`` ties PID 1 to the ``unshare`` process that carries
+the parent-death signal. PID 1 is herd's init (:mod:`herd._init`), not the
+worker: PID 1 is special (the kernel drops signals it has no handler for, and
+orphans become its children to reap), and a worker should not have to know how
+to be one. So::
 
-    pool process --(PDEATHSIG)--> unshare --(--kill-child)--> worker = PID 1 of its namespace
-                                                                 \\-- anything it forks, daemons too
+    pool process --(PDEATHSIG)--> unshare --(--kill-child)--> init = PID 1
+                                                                 \\-- parent = PID 2
+                                                                       \\-- worker = PID 3
+                                                                             \\-- what it forks
 
-As root the worker also gets a mount namespace with its own ``/proc``, so it
-cannot see other workers' processes. Without root the namespaces come from an
-unprivileged user namespace where the kernel allows it.
+The init reaps orphans, forwards the signals sent to the launcher's process
+group (interrupts, a close's SIGTERM) to the worker's, and exits with the
+worker's exit code (128+N for death by signal N, which :func:`returncode`
+turns back into ``-N``). The worker runs in a session of its own, so it gets
+each such signal once, from the init. Its parent is the init's fork, PID 2,
+not PID 1: a process whose parent is PID 1 has lost its parent, and some act
+on that (ipykernel exits). All of them run inside the worker's cgroups, joined
+before ``unshare`` is exec'd.
+
+As root the namespace also gets a mount namespace with its own ``/proc``, so a
+worker cannot see other workers' processes. Without root the namespaces come
+from an unprivileged user namespace where the kernel allows it.
 
 The detected level is ``full`` (PID + mount namespaces), ``partial`` (a PID
 namespace through a user namespace) or ``none`` (process group and parent-death
@@ -35,8 +49,11 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
+
+from ._procfs import children
 
 if TYPE_CHECKING:
     from ._cgroups import WorkerCgroup
@@ -47,8 +64,11 @@ __all__ = [
     "SandboxMode",
     "SandboxReport",
     "detect",
+    "init_command",
+    "init_ready",
     "launcher",
     "namespaces",
+    "returncode",
 ]
 
 log = logging.getLogger("herd.sandbox")
@@ -57,6 +77,8 @@ SandboxMode = bool | Literal["required"]
 SandboxLevel = Literal["full", "partial", "none"]
 
 _PR_SET_PDEATHSIG = 1
+# The init exits with 128+N when signal N killed the worker: 129 up to this.
+_LAST_EXIT_BY_SIGNAL = 128 + int(signal.SIGRTMAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +87,8 @@ class SandboxReport:
 
     :param level: ``"full"``, ``"partial"`` or ``"none"``.
     :param reason: a sentence a user can act on.
-    :param prefix: the argv prefix that puts a worker into its namespaces.
+    :param prefix: the argv prefix that puts a worker into its namespaces,
+        under herd's init (empty without namespaces).
     """
 
     level: SandboxLevel
@@ -86,28 +109,78 @@ def _probe(prefix: list[str]) -> str | None:
     return None
 
 
+def init_command() -> tuple[str, ...]:
+    """The argv prefix that runs a command under herd's init (:mod:`herd._init`).
+
+    The init runs on this very interpreter, isolated (``-I``: no ``PYTHON*``
+    variables, no user site) and without ``site`` (``-S``): it needs nothing
+    but built-in modules, and every import would be paid at every spawn (so
+    would an import of the init itself: run as a script, it starts sooner).
+    Empty if this interpreter cannot be started again (no ``sys.executable``).
+    """
+    if not sys.executable:
+        return ()
+    here = os.path.dirname(os.path.abspath(__file__))
+    return (sys.executable, "-I", "-S", os.path.join(here, "_init.py"))
+
+
 @functools.cache
 def detect() -> SandboxReport:
     """Find out once which namespaces this process can give its workers."""
     unshare = shutil.which("unshare")
     if unshare is None:
         return SandboxReport("none", "util-linux 'unshare' is not installed")
+    init = init_command()
+    if not init:
+        return SandboxReport("none", "no Python interpreter to run the init (sys.executable)")
     base = [unshare, "--pid", "--fork", "--kill-child"]
     if os.geteuid() == 0:
-        full = [*base, "--mount-proc"]
+        full = [*base, "--mount-proc", *init]
         why = _probe(full)
         if why is None:
             return SandboxReport("full", "PID and mount namespaces (root)", tuple(full))
         root_why = f"PID namespace refused as root: {why}"
     else:
         root_why = "not root"
-    user = [*base, "--user", "--map-root-user", "--mount-proc"]
+    user = [*base, "--user", "--map-root-user", "--mount-proc", *init]
     why = _probe(user)
     if why is None:
         return SandboxReport(
             "partial", f"{root_why}; PID namespace through a user namespace", tuple(user)
         )
     return SandboxReport("none", f"{root_why}; user namespaces refused: {why}")
+
+
+def returncode(report: SandboxReport, launcher: int, output: Sequence[str] = ()) -> int:
+    """The worker's exit code (negative: killed by that signal) from its launcher's.
+
+    :param report: the sandbox the worker was started in.
+    :param launcher: the launcher's return code, as :class:`subprocess.Popen` has it.
+    :param output: the last lines the launcher wrote (``unshare`` explains itself there).
+    """
+    if not report.prefix:
+        return launcher
+    if launcher == 1 and any("sigprocmask unblock failed" in line for line in output):
+        # unshare re-raises the signal that killed PID 1, except SIGKILL, which
+        # it cannot unblock: it says so and exits 1.
+        return -signal.SIGKILL
+    if 128 < launcher <= _LAST_EXIT_BY_SIGNAL:
+        # The init's "killed by signal N" (PID 1 cannot die of a signal of its
+        # own). A worker that exits with such a code itself reads the same, as
+        # in a shell's $?.
+        return 128 - launcher
+    return launcher
+
+
+def init_ready(launcher: int) -> bool:
+    """Whether the init under ``launcher`` is up, so that a signal to the
+    launcher's process group reaches the worker.
+
+    The init blocks the signals it forwards before it forks, so a child of the
+    init is the sign: from then on they are queued. (Until then the kernel
+    drops signals that PID 1 has no handler for.)
+    """
+    return any(children(init) for init in children(launcher))
 
 
 @functools.cache

@@ -17,7 +17,7 @@ import time
 
 import psutil
 
-from ._procfs import children
+from ._procfs import descendants
 
 __all__ = ["CrashInfo", "NodeStats", "PoolStats", "Sampler", "WorkerStats"]
 
@@ -159,7 +159,8 @@ class Sampler:
         return self._node[1]
 
     def tree(self, pid: int | None) -> tuple[int | None, float | None]:
-        """RSS bytes and CPU percent of ``pid`` and its direct children."""
+        """RSS bytes and CPU percent of ``pid`` and every process below it (in a
+        sandbox the worker is the launcher's great-grandchild, under the init)."""
         if pid is None:
             return None, None
         now = time.monotonic()
@@ -167,7 +168,7 @@ class Sampler:
         if cached is not None and now - cached[0] <= self.max_age:
             return cached[1], cached[2]
         rss, cpu = 0, 0.0
-        pids = [pid, *children(pid)]
+        pids = [pid, *descendants(pid)]
         for gone in set(self._members.get(pid, ())) - set(pids):
             self._procs.pop(gone, None)
         self._members[pid] = pids

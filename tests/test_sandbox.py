@@ -1,4 +1,5 @@
-"""Sandbox limits over real processes: memory, PIDs, CPU, visibility, cleanup.
+"""Sandbox over real processes: limits (memory, PIDs, CPU), cleanup, and the init
+that is PID 1 of each worker's namespace (reaping, signals, exit status).
 
 These need a writable cgroup hierarchy (root on the build machines: cgroup v1
 memory, cpu and pids). Where there is none they are skipped, saying why.
@@ -16,11 +17,14 @@ import textwrap
 import time
 from typing import Any
 
+import psutil
 import pytest
 from tornado.httpclient import HTTPClientError
 
 import herd
 from herd import _cgroups
+from herd import _sandbox as herd_sandbox
+from herd._procfs import descendants
 from tests.helpers import WORKER, factory, wait_until, wait_until_sync
 
 GROUPS = _cgroups.detect()
@@ -333,3 +337,292 @@ def run_as_nobody(tmp_path: Any, python: str) -> None:
     warnings = [line for line in done.stderr.splitlines() if "WARNING herd.sandbox" in line]
     assert len(warnings) == 1, done.stderr
     assert "not root" in warnings[0]
+
+
+# -- the init: PID 1 of the namespace is herd's, not the worker ---------------------------
+
+NAMESPACES = herd_sandbox.detect()
+needs_namespaces = pytest.mark.skipif(
+    NAMESPACES.level == "none", reason=f"no PID namespace here: {NAMESPACES.reason}"
+)
+
+
+async def get(worker: herd.ProcessWorker, path: str) -> Any:
+    return json.loads((await worker.client.get(path, timeout=10)).body)
+
+
+def worker_process(worker: herd.ProcessWorker) -> psutil.Process:
+    """The worker's own process on the host: below the launcher, the init and its parent."""
+    for pid in descendants(worker.pid):
+        process = psutil.Process(pid)
+        if WORKER in process.cmdline()[1:2]:
+            return process
+    raise AssertionError(f"no worker process under {worker.pid}")
+
+
+@needs_namespaces
+async def test_the_worker_is_neither_pid_1_nor_an_orphan() -> None:
+    worker = await factory().spawn()
+    try:
+        ids = await get(worker, "/ids")
+        # Its parent is the init's fork: alive, and not PID 1, which would tell
+        # programs such as ipykernel that their parent has died.
+        assert ids["pid"] not in (0, 1)
+        assert ids["ppid"] not in (0, 1)
+        # A session of its own, as Jupyter starts a kernel: signals to the
+        # launcher's group reach it through the init only.
+        assert ids["sid"] == ids["pgid"] == ids["pid"]
+        host = worker_process(worker)
+        assert os.getpgid(host.pid) != os.getpgid(worker.pid)
+        assert host.parent().parent().parent().pid == worker.pid  # type: ignore[union-attr]
+    finally:
+        await worker.close()
+
+
+@needs_namespaces
+async def test_orphans_of_the_worker_are_reaped() -> None:
+    worker = await factory().spawn()
+    try:
+        # The issue's case: `subprocess.run('sleep 0.2 &', shell=True)` three times.
+        orphans = set((await get(worker, "/orphans/3"))["pids"])
+        assert len(orphans) == 3
+        pids: list[int] = []
+
+        async def visible() -> set[int]:
+            pids[:] = (await get(worker, "/ps"))["pids"]
+            return orphans & set(pids)
+
+        deadline = time.monotonic() + 10
+        while await visible():  # a zombie stays in /proc until it is reaped
+            assert time.monotonic() < deadline, f"orphans not reaped: {pids}"
+            await asyncio.sleep(0.05)
+    finally:
+        await worker.close()
+
+
+@needs_namespaces
+async def test_a_worker_that_sends_itself_sigterm_dies_of_it() -> None:
+    crashed: list[str] = []
+    async with herd.Pool(factory(), min_workers=0, max_workers=1, on_crash=crashed.append) as pool:
+        session = await pool.acquire("self")
+        await session.worker.client.get("/raise/SIGTERM")
+        await wait_until(lambda: crashed == ["self"], timeout=10, what="crash path")
+        assert pool.stats().recent_crashes[-1].reason == "killed by SIGTERM"
+        assert session.worker.returncode == -signal.SIGTERM  # type: ignore[attr-defined]
+        await session.close()
+
+
+@needs_namespaces
+@pytest.mark.parametrize(
+    ("how", "reason", "code"),
+    [
+        ("/exit/7", "exited with code 7", 7),
+        ("/exit/0", "exited with code 0", 0),
+        ("sigkill", "killed by SIGKILL", -signal.SIGKILL),
+        ("/raise/SIGSEGV", "killed by SIGSEGV", -signal.SIGSEGV),
+    ],
+)
+async def test_the_workers_exit_status_comes_through_the_init(
+    how: str, reason: str, code: int
+) -> None:
+    worker = await factory().spawn()
+    try:
+        if how == "sigkill":
+            worker_process(worker).kill()  # the worker itself, not the init
+        else:
+            await worker.client.get(how)
+        assert await asyncio.wait_for(worker.wait(), 10) == reason
+        assert worker.returncode == code
+    finally:
+        await worker.close()
+
+
+COUNTING_WORKER = """
+import http.server, json, os, signal, sys
+counts = {"SIGINT": 0, "SIGTERM": 0}
+def count(signum, frame):
+    counts[signal.Signals(signum).name] += 1
+signal.signal(signal.SIGINT, count)
+signal.signal(signal.SIGTERM, count)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps(counts).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+@needs_namespaces
+async def test_a_signal_to_the_launchers_group_reaches_the_worker_once() -> None:
+    worker = await herd.ProcessFactory(
+        [sys.executable, "-c", COUNTING_WORKER, "{port}"], health_path="/"
+    ).spawn()
+    try:
+        for round in range(1, 4):
+            # As herd and jupyter_client interrupt: SIGINT to the launcher's group.
+            os.killpg(worker.pid, signal.SIGINT)
+            # A marker after it (SIGTERM: unshare, in that group too, dies of the
+            # signals it does not block). The init forwards in order, and Python
+            # runs the handlers of signals that came together in signal-number
+            # order: once the marker is counted, every copy of the SIGINT is too.
+            os.killpg(worker.pid, signal.SIGTERM)
+            counts: dict[str, int] = {}
+            deadline = time.monotonic() + 10
+            while counts.get("SIGTERM") != round:
+                assert time.monotonic() < deadline, counts
+                counts = await get(worker, "/")
+            assert counts["SIGINT"] == round
+    finally:
+        await worker.close()
+
+
+@needs_namespaces
+@pytest.mark.parametrize(
+    ("prelude", "code", "line"),
+    [
+        ("", -signal.SIGTERM, None),  # the default action: dies of SIGTERM at once
+        (
+            "signal.signal(signal.SIGTERM, lambda *a: (print('graceful'), os._exit(0)))",
+            0,
+            "graceful",
+        ),
+    ],
+)
+async def test_close_stops_a_worker_with_sigterm_with_or_without_a_handler(
+    prelude: str, code: int, line: str | None
+) -> None:
+    from tests.test_process import inline_worker
+
+    worker = await herd.ProcessFactory(inline_worker(prelude), stop_timeout=10).spawn()
+    started = time.monotonic()
+    await worker.close()
+    assert time.monotonic() - started < 5  # not the stop_timeout: SIGTERM did it
+    assert worker.returncode == code
+    if line is not None:
+        assert line in worker.logs()
+
+
+@needs_namespaces
+async def test_close_kills_a_worker_that_ignores_sigterm_after_stop_timeout() -> None:
+    from tests.test_process import inline_worker
+
+    stubborn = "signal.signal(signal.SIGTERM, lambda *a: print('ignored'))"
+    worker = await herd.ProcessFactory(inline_worker(stubborn), stop_timeout=0.5).spawn()
+    started = time.monotonic()
+    await worker.close()
+    assert time.monotonic() - started >= 0.5
+    assert worker.returncode == -signal.SIGKILL
+    assert worker.logs() == ["ignored"]  # the SIGTERM came through, once
+
+
+async def exec_state(command: list[str], sandbox: bool) -> list[str]:
+    """What ``command`` prints when herd starts it (it exits at once: a failed spawn)."""
+    spawner = herd.ProcessFactory(command, sandbox=sandbox, inherit_env=False, env={"A": "1"})
+    with pytest.raises(herd.SpawnError, match="exited with code 0") as caught:
+        await spawner.spawn()
+    return caught.value.output_tail
+
+
+@needs_namespaces
+async def test_the_worker_is_execd_with_the_signals_and_environment_it_would_have_had() -> None:
+    """As without the init in between: nothing blocked or ignored, the same variables."""
+    signals = ["grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"]
+    assert await exec_state(signals, True) == await exec_state(signals, False)
+    blocked, ignored = await exec_state(signals, True)
+    assert blocked.split() == ["SigBlk:", "0000000000000000"]
+    assert ignored.split() == ["SigIgn:", "0000000000000000"]
+    # No LC_CTYPE either (Python's start-up adds it to the init's own environment
+    # when it coerces a C locale).
+    names = sorted(line.split("=")[0] for line in await exec_state(["env"], True))
+    assert names == ["A", "HERD_WORKER_TAG", "PORT"]
+    assert len(await exec_state(["env"], False)) == 3
+
+
+@needs_namespaces
+@needs_cgroups
+async def test_the_init_and_the_worker_run_in_the_workers_cgroup() -> None:
+    worker = await factory(memory_limit=128 << 20).spawn()
+    try:
+        assert worker.cgroup is not None
+        members = {int(p) for p in read(worker.cgroup.paths["memory"], "cgroup.procs").split()}
+        tree = [worker.pid, *descendants(worker.pid)]
+        assert len(tree) >= 4  # unshare, the init, its fork, the worker
+        assert set(tree) <= members
+    finally:
+        await worker.close()
+
+
+@needs_namespaces
+async def test_stats_count_the_workers_own_memory() -> None:
+    async with herd.Pool(factory(), min_workers=0, max_workers=1) as pool:
+        async with pool.acquire("big") as session:
+            await session.worker.client.get("/alloc/64", timeout=20)
+            await asyncio.sleep(1.1)  # past the sampler's cache
+            rss = pool.stats().workers[0].rss_bytes
+            assert rss is not None
+            assert rss >= 64 << 20
+
+
+KERNEL_CELL = """
+import time
+caught = 0
+print("running", flush=True)
+end = time.monotonic() + 20
+while time.monotonic() < end:
+    try:
+        time.sleep(0.01)
+    except KeyboardInterrupt:
+        caught += 1
+        end = min(end, time.monotonic() + 1.0)  # time for a second one to come
+print("caught", caught)
+"""
+
+
+@needs_namespaces
+async def test_a_kernel_interrupt_raises_one_keyboard_interrupt() -> None:
+    herd_nb = pytest.importorskip("herd_nb")
+    pytest.importorskip("ipykernel")
+    worker = await herd_nb.KernelFactory("python3").spawn()
+    try:
+        ids = "import os; print(os.getpid() != 1, os.getppid() not in (0, 1))"
+        printed: list[str] = []
+
+        def hook(msg: dict[str, Any]) -> None:
+            if msg["msg_type"] == "stream":
+                printed.append(msg["content"]["text"])
+
+        await worker.client.execute_interactive(ids, output_hook=hook, timeout=20)
+        assert printed == ["True True\n"]
+        printed.clear()
+        cell = asyncio.ensure_future(
+            worker.client.execute_interactive(KERNEL_CELL, output_hook=hook, timeout=30)
+        )
+        await wait_until(lambda: printed, timeout=20, what="the cell to run")
+        await worker.manager.interrupt_kernel()  # SIGINT to the launcher's group
+        reply = await cell
+        assert reply["content"]["status"] == "ok"
+        assert "".join(printed).split() == ["running", "caught", "1"]
+    finally:
+        await worker.close()
+
+
+@needs_namespaces
+def test_init_ready_tells_when_signals_to_the_launchers_group_get_through() -> None:
+    """Until the init has blocked the signals it forwards, the kernel drops those
+    that PID 1 has no handler for: a close then goes straight to SIGKILL."""
+    prefix, _, _ = herd_sandbox.launcher(True)
+    launched = subprocess.Popen([*prefix, "sleep", "30"], start_new_session=True)
+    try:
+        assert not herd_sandbox.init_ready(launched.pid)  # Python is still starting
+        wait_until_sync(lambda: herd_sandbox.init_ready(launched.pid), what="the init")
+        os.killpg(launched.pid, signal.SIGTERM)
+        assert launched.wait(10) == 128 + signal.SIGTERM  # forwarded, and sleep died of it
+        assert herd_sandbox.returncode(NAMESPACES, 128 + signal.SIGTERM) == -signal.SIGTERM
+    finally:
+        if launched.poll() is None:
+            os.killpg(launched.pid, signal.SIGKILL)
+            launched.wait()

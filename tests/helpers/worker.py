@@ -6,7 +6,10 @@ Routes: /health, /pid (this process's PID as seen by the host... and inside),
 double-forked grandchild it started at boot, if WORKER_DOUBLE_FORK=1), /alloc/MIB
 (hold that much more memory), /forkbomb/MOST[/hold] (fork sleepers until refused; hold: keep the
 request's thread too, so that no PID slot is left),
-/spin/SECONDS (busy-loop).
+/spin/SECONDS (busy-loop), /ids (its PID, parent PID, process group and session),
+/orphans/N (start N shell background jobs that outlive their shell, as
+``subprocess.run("sleep 0.2 &", shell=True)`` does; their PIDs),
+/raise/SIGNAME (answer, then send itself that signal).
 
 Start-up behaviour:
   WORKER_EXIT_AT_START=CODE   print a line to stderr and exit with CODE at once
@@ -20,6 +23,8 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -131,6 +136,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
             while time.monotonic() < deadline:
                 pass
             self.reply(200, {"spun": float(parts[1])})
+        elif route == "ids":
+            pid = os.getpid()
+            ids = {"pid": pid, "ppid": os.getppid(), "pgid": os.getpgid(0), "sid": os.getsid(0)}
+            self.reply(200, ids)
+        elif route == "orphans":
+            orphans = []
+            for _ in range(int(parts[1])):
+                shell = "sleep 0.2 >/dev/null 2>&1 & echo $!"
+                done = subprocess.run(shell, shell=True, capture_output=True, text=True)
+                orphans.append(int(done.stdout))
+            self.reply(200, {"pids": orphans})
+        elif route == "raise":
+            self.reply(200, {"raising": parts[1]})
+            self.wfile.flush()
+            os.kill(os.getpid(), signal.Signals[parts[1]])
         else:
             self.reply(404, {"error": "no such route"})
 
