@@ -311,7 +311,9 @@ async def test_server_sent_events_arrive_as_they_are_produced(make_gateway: Any)
 
 
 async def test_pool_exhausted_is_503_with_retry_after(make_gateway: Any) -> None:
-    gw = await make_gateway(pool_options={"min_workers": 0, "max_workers": 1}, acquire_timeout=0.3)
+    # The only worker is started with the pool: a cold spawn under load can take
+    # longer than the short acquire timeout, which is for the second session only.
+    gw = await make_gateway(pool_options={"min_workers": 1, "max_workers": 1}, acquire_timeout=0.3)
     holding = await gw.ws(session="holder")  # an open use keeps the only worker
     response = await gw.fetch("/echo", session="other")
     assert response.code == 503
