@@ -34,18 +34,6 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def catches(pid: int, signum: int) -> bool:
-    """Whether ``pid`` has a handler installed for ``signum`` (``SigCgt`` in its status)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    except (OSError, ValueError):
-        pass
-    return False
-
-
 def with_environ(entry: str) -> list[int]:
     """PIDs of processes whose environment holds ``entry`` (``"NAME=value"``).
 

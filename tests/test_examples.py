@@ -76,7 +76,7 @@ def test_echo_gateway() -> None:
         assert isinstance(again, dict)
         assert isinstance(other, dict)
         # Same process for alice (its counter went on), another for bob (PIDs are
-        # all 1: each worker is PID 1 of its own namespace).
+        # alike: each worker has a PID namespace of its own).
         assert (first["served"], again["served"], again["body"]) == (1, 2, "hi")
         assert other["served"] == 1
     finally:

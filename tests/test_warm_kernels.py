@@ -39,7 +39,8 @@ def warm_pids(server: Server) -> set[int]:
 
 
 def pid_of(server: Server, kernel_id: str) -> int:
-    """The host PID of the kernel's worker (in its sandbox the kernel is PID 1)."""
+    """The host PID of the kernel's worker (its launcher; inside its sandbox the
+    kernel has a PID of its namespace)."""
     workers = kernel_pool(server)["workers"]
     pids = [w["pid"] for w in workers if w["session_id"] == kernel_id]
     assert len(pids) == 1, workers
