@@ -25,7 +25,15 @@ A handed-out kernel must look as if it had been started for its session:
   passed over, once per kernelspec and reason.
 * **Restarts** are cold starts of the kernel's own process, with the session's
   directory and environment, inside the same worker (same cgroup, same session).
-* **Crashes** take the pool's crash path: the kernel is reported dead to its
+* **Crashes** are restarted in place, as Jupyter's auto-restart does: same kernel
+  ID, session, worker (cgroup, limits), directory and environment; the clients get
+  status ``restarting`` from the server's own restart callbacks, and first, on
+  IOPub, a ``stream`` to stderr saying why the kernel died where herd knows
+  (``killed: memory limit 2 GiB``, ``at its PID limit (512)``, the signal or exit
+  code). The restart runs inside :meth:`KernelWorker.wait`, before the pool sees
+  an exit: the pin, and the session, never drop. After ``restart_limit``
+  (``c.KernelRestarter``) deaths in a row, each within ``stable_start_time`` of the
+  last restart, the kernel takes the pool's crash path: reported ``dead`` to its
   clients and removed, as when Jupyter's auto-restart gives up.
 * **Culling** is Jupyter's culler, set from ``c.Herd.ttl`` only if the user set
   that: as on stock Jupyter, nothing is culled and no kernel is refused (no cap)
@@ -39,12 +47,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jupyter_client.jsonutil import json_default
+from jupyter_client.restarter import KernelRestarter
 from jupyter_server._tz import utcnow
 from jupyter_server.prometheus.metrics import KERNEL_CURRENTLY_RUNNING_TOTAL
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
@@ -152,6 +164,8 @@ class HerdKernelManager(AsyncMappingKernelManager):
         # Why spares were passed over, as logged: each reason once per kernelspec,
         # not once per kernel (a drifted environment would make it every start).
         self._skip_reasons: set[tuple[str, str]] = set()
+        # Kernel ID -> (auto-restarts in a row, monotonic time of the last one).
+        self._herd_restarts: dict[str, tuple[int, float]] = {}
 
     # -- set-up (by the herd_nb extension) ----------------------------------------------
 
@@ -426,6 +440,7 @@ class HerdKernelManager(AsyncMappingKernelManager):
         self._kernels[kernel_id] = km
         self._kernel_connections[kernel_id] = 0
         self._herd_kernels[kernel_id] = pool
+        worker.on_exit = functools.partial(self._herd_restart, kernel_id, worker)
 
     # -- end ---------------------------------------------------------------------------
 
@@ -446,7 +461,10 @@ class HerdKernelManager(AsyncMappingKernelManager):
         self.remove_kernel(kernel_id)
         self._kernel_connections.pop(kernel_id, None)
         self._kernel_ports.pop(kernel_id, None)
+        self._herd_restarts.pop(kernel_id, None)
         worker: KernelWorker | None = getattr(km, "herd_worker", None)
+        if worker is not None:
+            worker.on_exit = None  # shut down by its user: no auto-restart
         await self._end_session(pool, kernel_id, worker)
 
     shutdown_kernel = _async_shutdown_kernel  # type: ignore[assignment]
@@ -497,14 +515,134 @@ class HerdKernelManager(AsyncMappingKernelManager):
         code = _move_code(worker.cwd, changed, worker.launch_env)
         return await worker.run_silently(code, timeout=10)
 
+    async def _herd_restart(self, kernel_id: str, worker: KernelWorker, reason: str) -> None:
+        """``worker``'s kernel exited on its own (:attr:`KernelWorker.on_exit`):
+        restart it in place, as jupyter_client's ``KernelRestarter`` does, unless it
+        died ``restart_limit`` times in a row (then the pool's crash path follows).
+
+        Runs before the pool sees the exit, so the session stays pinned."""
+        km: Any = worker.manager
+        # (By identity; an `is` test would narrow `km` for mypy.)
+        if id(self._kernels.get(kernel_id)) != id(km) or kernel_id not in self._herd_kernels:
+            return  # no longer this kernel ID's kernel
+        if getattr(km, "shutting_down", False):
+            return
+        # The user's KernelRestarter settings, as stock's restarter would read them.
+        policy = getattr(km, "restarter_class", KernelRestarter)
+        if not (isinstance(policy, type) and issubclass(policy, KernelRestarter)):
+            policy = KernelRestarter
+        restarter = policy(parent=km, kernel_manager=km)
+        limit, stable = restarter.restart_limit, restarter.stable_start_time
+        count, last = self._herd_restarts.get(kernel_id, (0, -float("inf")))
+        now = time.monotonic()
+        # As stock: deaths count as "in a row" until a restart has run stable_start_time.
+        count = count + 1 if now - last < stable else 1
+        if count > limit:
+            self.log.warning(
+                "herd: kernel %s died (%s) %d times in a row: not restarting it",
+                kernel_id,
+                reason,
+                count,
+            )
+            self._herd_tell(
+                km, f"herd: the kernel died ({reason}), {count} times in a row: not restarting it\n"
+            )
+            km.reason = f"the kernel died ({reason})"
+            return
+        self.log.warning(
+            "herd: kernel %s died (%s); restarting it in place (%d/%d)",
+            kernel_id,
+            reason,
+            count,
+            limit,
+        )
+        # Before "restarting": JupyterLab drops a kernel's pending requests on it.
+        self._herd_tell(km, f"herd: the kernel died ({reason}); restarting it\n")
+        km.herd_fire("restart")  # the server's callbacks: status "restarting"
+        self._herd_restarts[kernel_id] = (count, time.monotonic())
+        try:
+            # Stock restarts with the same ports (new ones only if the first start
+            # never came up), so the server's ZMQ sockets just reconnect.
+            await km.restart_kernel(now=True)
+        except Exception as exc:
+            self.log.error("herd: kernel %s could not be restarted: %s", kernel_id, exc)
+            return
+        self._herd_restarts[kernel_id] = (count, time.monotonic())
+        km.reason = ""
+
+    def start_watching_activity(self, kernel_id: str) -> None:
+        """Stock's IOPub watch (activity, execution state), which for herd's kernels
+        also keeps the header of the last execute request the kernel ran: the
+        message saying why the kernel died is sent as output of that request, so
+        that JupyterLab shows it in the cell that was running."""
+        super().start_watching_activity(kernel_id)
+        km: Any = self._kernels[kernel_id]
+        stream = getattr(km, "_activity_stream", None)
+        # pyzmq's ZMQStream keeps one receive callback, stock's: it is called first.
+        record = getattr(stream, "_recv_callback", None)
+        if kernel_id not in self._herd_kernels or stream is None or record is None:
+            return
+        session = km.session
+
+        def watch(msg_list: list[Any]) -> None:
+            record(msg_list)
+            try:
+                _, fed = session.feed_identities(msg_list)
+                msg = session.deserialize(fed, content=False)
+            except Exception:
+                return
+            parent = msg.get("parent_header") or {}
+            if msg["header"].get("msg_type") == "status" and (
+                parent.get("msg_type") == "execute_request"
+            ):
+                km.herd_last_execute = parent
+
+        stream.on_recv(watch)
+
+    def _herd_tell(self, km: Any, text: str) -> None:
+        """Send ``text`` as an IOPub ``stream`` (stderr) to the kernel's WebSocket
+        clients, as the server sends its own status messages, as output of the last
+        execute request the kernel ran (if any).
+
+        The connections are found through the restart callbacks they registered
+        (jupyter_server's ``ZMQChannelsWebsocketConnection.on_kernel_restarted``).
+        """
+        seen: set[int] = set()
+        for callback in list((km._herd_callbacks or {}).get("restart", [])):
+            conn = getattr(callback, "__self__", None)
+            session = getattr(conn, "session", None)
+            write = getattr(conn, "write_message", None)
+            if conn is None or id(conn) in seen or session is None or write is None:
+                continue
+            seen.add(id(conn))
+            try:
+                iopub = getattr(conn, "channels", {}).get("iopub")
+                if iopub is not None and not iopub.closed():
+                    iopub.flush()  # the dead kernel's last output first
+                parent = getattr(km, "herd_last_execute", None)
+                msg = session.msg("stream", {"name": "stderr", "text": text}, parent=parent)
+                if getattr(conn, "subprotocol", None) == "v1.kernel.websocket.jupyter.org":
+                    from jupyter_server.services.kernels.connection.base import (
+                        serialize_msg_to_ws_v1,
+                    )
+
+                    write(serialize_msg_to_ws_v1(msg, "iopub", session.pack), binary=True)
+                else:
+                    msg["channel"] = "iopub"
+                    write(json.dumps(msg, default=json_default))
+            except Exception:
+                self.log.debug("herd: cannot tell a client of %s", km.kernel_id, exc_info=True)
+
     async def _herd_crashed(self, kernel_id: str) -> None:
-        """The pool's crash path: tell the kernel's clients it died, then forget it."""
+        """The pool's crash path (auto-restart gave up, or the kernel was not a
+        notebook's): tell the kernel's clients it died, then forget it."""
+        self._herd_restarts.pop(kernel_id, None)
         if self._herd_kernels.pop(kernel_id, None) is None:
             return
         km: Any = self._kernels.get(kernel_id)
         if km is None:
             return
-        km.reason = "the kernel died"
+        km.reason = km.reason or "the kernel died"
         KERNEL_CURRENTLY_RUNNING_TOTAL.labels(type=km.kernel_name).dec()
         self.stop_watching_activity(kernel_id)
         self.stop_buffering(kernel_id)

@@ -34,7 +34,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
@@ -148,6 +148,17 @@ class KernelWorker(ProcessWorker):
         own = Session(key=manager.session.key, signature_scheme=manager.session.signature_scheme)
         self._probe: AsyncKernelClient = manager.client(session=own)
         self._restart: asyncio.Future[None] | None = None
+        #: Called with the reason when the kernel exits on its own (not closed, not
+        #: restarted by its manager); returns once a new kernel process runs in the
+        #: worker (an auto-restart in place) or it gave up. Set by herd_nb's kernel
+        #: manager for notebook kernels: the pool sees no exit until it gave up.
+        self.on_exit: Callable[[str], Awaitable[None]] | None = None
+        # The exit being handled by on_exit, and the task handling it (one for all
+        # the waiters of that exit).
+        self._revival: tuple[asyncio.Future[str], asyncio.Task[None]] | None = None
+        # Cgroup event counts when the current process started: a limit hit by an
+        # earlier process of the worker is not this one's death.
+        self._breaches_before = self._breach_counts()
         #: The environment the kernel was started with (before the kernelspec's own).
         self.launch_env: dict[str, str] = {}
         #: The directory the kernel was started in.
@@ -170,18 +181,63 @@ class KernelWorker(ProcessWorker):
 
     @property
     def alive(self) -> bool:
-        """Whether the kernel is running (or being restarted in place)."""
-        return self._restart is not None or super().alive
+        """Whether the kernel is running (or being restarted in place, or about to be)."""
+        if self._restart is not None or super().alive:
+            return True
+        if self.on_exit is None or self._closed_by_us:
+            return False
+        # Exited on its own: alive until on_exit has had its say on this exit.
+        revival = self._revival
+        return revival is None or revival[0] is not self._exited or not revival[1].done()
 
     async def wait(self) -> str:
-        """Return when the kernel has exited for good (a restart is not an exit)."""
+        """Return when the kernel has exited for good (a restart is not an exit, and
+        neither is an exit that :attr:`on_exit` restarted the kernel after)."""
         while True:
             exited = self._exited
             reason = await asyncio.shield(exited)
             if self._restart is not None:
                 await asyncio.shield(self._restart)
+            elif self._exited is exited and self.on_exit is not None and not self._closed_by_us:
+                await asyncio.shield(self._revive(exited, reason))
             if self._exited is exited:  # no new process took over
                 return reason
+
+    def _revive(self, exited: asyncio.Future[str], reason: str) -> asyncio.Task[None]:
+        """The task running :attr:`on_exit` for the exit ``exited`` (started once)."""
+        if self._revival is None or self._revival[0] is not exited:
+            hook = self.on_exit
+            assert hook is not None
+
+            async def run() -> None:
+                try:
+                    await hook(reason)
+                except Exception:
+                    log.exception("kernel %s: auto-restart failed", self.id)
+
+            self._revival = (exited, self._loop.create_task(run()))
+        return self._revival[1]
+
+    def _breach_counts(self) -> tuple[int, int]:
+        cgroup = self.cgroup
+        if cgroup is None:
+            return (0, 0)
+        with contextlib.suppress(Exception):
+            return (cgroup.oom_kills(), cgroup.pids_limit_hits())
+        return (0, 0)
+
+    def limit_breach(self) -> str | None:
+        """The cgroup limit the current kernel process ran into, if any (limits hit
+        by the processes before an in-place restart are theirs)."""
+        cgroup = self.cgroup
+        if cgroup is None or super().limit_breach() is None:
+            return None
+        oom, pids = self._breach_counts()
+        if cgroup.limits.memory is not None and oom > self._breaches_before[0]:
+            return f"killed: memory limit {cgroup.limits.describe_memory()}"
+        if cgroup.limits.pids is not None and pids > self._breaches_before[1]:
+            return f"at its PID limit ({cgroup.limits.pids})"
+        return None
 
     @contextlib.asynccontextmanager
     async def restarting(self) -> AsyncIterator[None]:
@@ -204,6 +260,7 @@ class KernelWorker(ProcessWorker):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(self._exited), 5)
                     self._stop_output()
+                    self._breaches_before = self._breach_counts()
                     self._bind(process)
                     info = self.manager.get_connection_info()
                     self.port = int(info["shell_port"])
@@ -328,6 +385,8 @@ class KernelWorker(ProcessWorker):
         """Ask the kernel to shut down, then kill whatever is left, remove its files."""
         if self._restart is not None:
             await asyncio.shield(self._restart)
+        if self._revival is not None and not self._revival[1].done():
+            await asyncio.shield(self._revival[1])  # an auto-restart under way ends first
         self._closed_by_us = True
         if not self._exited.done():
             # A clean exit lets the kernel run its own shutdown (history, atexit).

@@ -327,3 +327,69 @@ async def test_spares_passed_over_for_a_changed_environment_are_explained_once(
     ]
     for kernel_id in started:
         assert f"Kernel started: {kernel_id} (herd: started for its session" in caplog.text
+
+
+async def test_a_crashed_kernel_is_restarted_in_place_as_on_stock(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    stock = stock_server(tmp_path / "stock")
+    servers.append(stock)
+    herded = herd_server(tmp_path / "herd")
+    servers.append(herded)
+    wait_serving(stock)
+    herded.wait_ready(lambda pools: pools["kernels:python3"]["available_workers"] == 2)
+
+    seen: dict[Server, dict[str, Any]] = {}
+    for server in servers:
+        model = open_notebook(server, "crash.ipynb")
+        kernel_id = model["kernel"]["id"]
+        ws = await KernelWS.connect(server.base, kernel_id, TOKEN)
+        told: list[str] = []
+        try:
+            reply, _ = await ws.execute("x = 1")
+            assert reply["status"] == "ok"
+            ws.statuses.clear()
+            ws.send("shell", "execute_request", {"code": "import os; os._exit(1)"})
+            while "restarting" not in ws.statuses:
+                msg = await ws.recv(60)
+                assert msg is not None, "closed before status 'restarting'"
+                if msg["msg_type"] == "stream" and msg["content"]["name"] == "stderr":
+                    told.append(msg["content"]["text"])
+            # "busy" may be lost with the process that exited before IOPub sent it.
+            until_restart = [state for state in ws.statuses if state != "busy"]
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:  # JupyterLab asks for kernel info after a restart
+                msg_id = ws.send("shell", "kernel_info_request", {})
+                try:
+                    await ws.reply_to(msg_id, timeout=2)
+                    break
+                except TimeoutError:
+                    assert asyncio.get_running_loop().time() < deadline
+            printed = await ws.execute("print(2)")
+            lost = await ws.execute("x")
+        finally:
+            await ws.close()
+        seen[server] = {
+            "statuses until restarting": until_restart,
+            "dead": "dead" in ws.statuses,
+            "print(2)": (printed[0]["status"], printed[1]),
+            "x": lost[0].get("ename"),
+            "kernels": [k["id"] for k in server.json("/api/kernels")] == [kernel_id],
+            "sessions": [(s["id"], s["kernel"]["id"]) for s in server.json("/api/sessions")]
+            == [(model["id"], kernel_id)],
+        }
+        seen[server]["told"] = told
+    assert seen[stock].pop("told") == []
+    assert seen[herded].pop("told") == [
+        "herd: the kernel died (exited with code 1); restarting it\n"
+    ]
+    assert seen[stock] == {
+        "statuses until restarting": ["restarting"],
+        "dead": False,
+        "print(2)": ("ok", "2\n"),
+        "x": "NameError",
+        "kernels": True,
+        "sessions": True,
+    }
+    assert seen[herded] == seen[stock]
+    assert "exited with code 1); restarting it in place" in herded.log()

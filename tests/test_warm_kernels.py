@@ -3,6 +3,8 @@ REST calls, then a kernel client over the server's kernel WebSocket."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 import tornado.httpclient
 
+from herd import _cgroups
 from tests.helpers import pid_alive, tagged_processes, wait_until, wait_until_sync
 from tests.helpers.jupyter import TOKEN, Server
 from tests.helpers.kernel_ws import KernelWS
@@ -288,25 +291,124 @@ async def test_post_api_kernels_gets_a_warm_kernel_too(server: Server) -> None:
     assert not pid_alive(pid)
 
 
-async def test_a_kernel_crash_mid_session_is_reported_and_cleaned_up(server: Server) -> None:
+async def until_restarted(ws: KernelWS, timeout: float = 60) -> list[tuple[str, str | None]]:
+    """Read until IOPub says ``restarting``, then until the new kernel answers
+    ``kernel_info``; the stderr ``stream`` texts seen on the way, each with the
+    ID of the request it answers."""
+    told: list[tuple[str, str | None]] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while "restarting" not in ws.statuses:
+        msg = await ws.recv(max(deadline - loop.time(), 0.01))
+        if msg is None:
+            raise ConnectionError("closed before status 'restarting'")
+        if msg["msg_type"] == "stream" and msg["content"]["name"] == "stderr":
+            told.append((msg["content"]["text"], msg["parent_header"].get("msg_id")))
+        assert "dead" not in ws.statuses
+    while True:
+        msg_id = ws.send("shell", "kernel_info_request", {})
+        with contextlib.suppress(TimeoutError):
+            await ws.reply_to(msg_id, timeout=2)
+            return told
+        assert loop.time() < deadline, "no kernel_info reply after the restart"
+
+
+def worker_of(server: Server, kernel_id: str) -> str:
+    (worker,) = (w for w in kernel_pool(server)["workers"] if w["session_id"] == kernel_id)
+    return str(worker["id"])
+
+
+async def test_a_kernel_crash_mid_session_is_restarted_in_place(server: Server) -> None:
     model = open_session(server, "crash.ipynb")
     kernel_id = model["kernel"]["id"]
+    worker = worker_of(server, kernel_id)
     ws = await KernelWS.connect(server.base, kernel_id, TOKEN)
     try:
         await kernel_facts(ws)
         pid = pid_of(server, kernel_id)
         os.killpg(pid, signal.SIGKILL)  # the whole sandbox, as an OOM kill would
-        await ws.wait_for_status("dead")
+        told = await until_restarted(ws)
+        assert any("herd: the kernel died (" in text for text, _ in told), told
+        reply, printed = await ws.execute("print(2)")
+        assert (reply["status"], printed) == ("ok", "2\n")
     finally:
         await ws.close()
     assert not pid_alive(pid)
-    assert server.json("/api/kernels") == []
-    crashes = kernel_pool(server)["recent_crashes"]
-    assert [c["session_id"] for c in crashes] == [kernel_id]
-    wait_until_sync(lambda: kernel_pool(server)["available_workers"] == WARM, what="refill")
-    # A new session works as before.
-    fresh = open_session(server, "crash.ipynb")
-    assert fresh["kernel"]["id"] != kernel_id
+    assert [k["id"] for k in server.json("/api/kernels")] == [kernel_id]
+    assert [s["id"] for s in server.json("/api/sessions")] == [model["id"]]
+    assert worker_of(server, kernel_id) == worker  # same worker, same cgroup
+    assert kernel_pool(server)["recent_crashes"] == []  # the pool saw no death
+    assert "restarting it in place" in server.log()
+
+
+@pytest.mark.skipif(
+    _cgroups.detect().version is None, reason=f"no usable cgroups here: {_cgroups.detect().reason}"
+)
+async def test_a_kernel_past_its_memory_limit_is_restarted_and_the_user_told_why(
+    tmp_path: Path,
+) -> None:
+    server = start_server(tmp_path, config(memory_limit=200 << 20))
+    try:
+        kernel_id = open_session(server, "greedy.ipynb")["kernel"]["id"]
+        ws = await KernelWS.connect(server.base, kernel_id, TOKEN)
+        try:
+            await ws.execute("x = 1")
+            hoard = ws.send(
+                "shell",
+                "execute_request",
+                {"code": "hoard = bytearray(600 << 20)", "silent": False, "store_history": True},
+            )
+            told = await until_restarted(ws)
+            # Output of the cell that ran: JupyterLab shows it there.
+            assert (
+                "herd: the kernel died (killed: memory limit 200 MiB); restarting it\n",
+                hoard,
+            ) in told, told
+            reply, printed = await ws.execute("print(2)")
+            assert (reply["status"], printed) == ("ok", "2\n")
+            reply, _ = await ws.execute("x")
+            assert reply.get("ename") == "NameError"  # a fresh kernel, as stock's restart
+        finally:
+            await ws.close()
+        assert [k["id"] for k in server.json("/api/kernels")] == [kernel_id]
+        assert "killed: memory limit 200 MiB" in server.log()
+    finally:
+        server.stop()
+
+
+async def test_a_kernel_dying_at_every_start_ends_dead_after_restart_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # IPython runs its startup files in every kernel: this one kills the kernels
+    # started in "doomed" (the notebook's), and only once it exists.
+    ipython = tmp_path / "ipython"
+    monkeypatch.setenv("IPYTHONDIR", str(ipython))
+    (tmp_path / "doomed").mkdir()
+    server = start_server(tmp_path, config() + "c.KernelRestarter.restart_limit = 2\n")
+    try:
+        kernel_id = open_session(server, "doomed/nb.ipynb")["kernel"]["id"]
+        ws = await KernelWS.connect(server.base, kernel_id, TOKEN)
+        try:
+            await ws.execute("x = 1")
+            startup = ipython / "profile_default" / "startup"
+            startup.mkdir(parents=True, exist_ok=True)
+            (startup / "00-doom.py").write_text(
+                "import os\nif os.path.basename(os.getcwd()) == 'doomed':\n    os._exit(3)\n"
+            )
+            ws.send("shell", "execute_request", {"code": "import os; os._exit(1)"})
+            await ws.wait_for_status("dead", timeout=90)
+        finally:
+            await ws.close()
+        assert ws.statuses.count("restarting") == 2  # then gave up, as stock's restarter
+        assert server.json("/api/kernels") == []
+        crashes = kernel_pool(server)["recent_crashes"]
+        assert [c["session_id"] for c in crashes] == [kernel_id]
+        assert "exited with code 3" in crashes[0]["reason"]
+        assert "3 times in a row: not restarting it" in server.log()
+        fresh = open_session(server, "elsewhere.ipynb")  # the server carries on
+        assert fresh["kernel"]["id"] != kernel_id
+    finally:
+        server.stop()
 
 
 async def test_kernel_routes_refuse_unauthenticated_requests(server: Server) -> None:
