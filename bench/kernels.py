@@ -3,6 +3,7 @@
     python bench/kernels.py              # 20 sessions one at a time, 3 bursts of 8
     python bench/kernels.py --quick      # 8 sessions, 1 burst
     python bench/kernels.py --json out.json
+    python bench/kernels.py --browser    # the user's view: JupyterLab in chromium (~10 min)
 
 What is timed is what a JupyterLab user waits for when opening a notebook:
 ``POST /api/sessions`` → kernel WebSocket connected → ``execute_request`` →
@@ -21,6 +22,12 @@ over the server's JSON WebSocket protocol) and token authentication.
 - **back to back**: sessions opened as fast as possible with no pause, so the
   warm pool drains and herd falls back to starting kernels for the session: the
   worst case, shown so the other rows are read honestly.
+
+``--browser`` times instead what the user sees in a real browser: from the click on
+JupyterLab's Launcher tile to the output of ``1+1``, stock ``jupyter lab`` against
+``jupyter lab`` with herd_nb's defaults, alternating, with the step-by-step timeline
+of both and two floors (a second execute; a notebook whose kernel is already
+running). ``bench/lab_open.py`` has the details.
 
 Servers: **stock** is ``--ServerApp.jpserver_extensions=herd_nb=False``;
 **nodelay** is stock plus only herd_nb's kernel WebSocket class (``TCP_NODELAY``,
@@ -44,6 +51,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -261,11 +269,91 @@ async def run(sessions: int, bursts: int) -> list[Row]:
     return rows
 
 
+def git_state() -> str:
+    """The commit, and the files of herd/ and herd_nb/ changed on top of it."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "log", "-1", "--format=%h %s"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--", "herd", "herd_nb"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "no git"
+    dirty = [line[3:] for line in changed if line.strip()]
+    return f"{head}" + (f"; uncommitted: {', '.join(dirty)}" if dirty else "; clean")
+
+
+def browser_main(rounds: int, json_path: str | None) -> None:
+    """``--browser``: JupyterLab in chromium, stock against herd_nb (bench/lab_open.py)."""
+    import lab_open  # only now: the other scenarios do without Playwright
+
+    versions = ", ".join(f"{name} {version(name)}" for name in ("jupyterlab", "jupyter_server"))
+    # The servers import herd_nb once, at start; herd's kernels run herd/_init.py from
+    # the tree at every start: say so if the tree changes during the run.
+    measured = git_state()
+    print(f"herd at start: {measured}", file=sys.stderr)
+    results = lab_open.run(rounds, progress=lambda line: print(line, file=sys.stderr))
+    after = git_state()
+    print(
+        f"JupyterLab: click on the Launcher's Python 3 tile -> output of 1+1 "
+        f"({versions}; chromium {results.browser}; {os.cpu_count()} cores, "
+        f"1-min load {results.load[0]:.1f} before, {results.load[1]:.1f} after)"
+    )
+    print(f"herd at start: {measured}; herd_nb's defaults (warm_kernels={lab_open.WARM})")
+    if after != measured:
+        print(f"herd at the end (the tree changed during the run): {after}")
+    print(lab_open.table(results))
+    for scenario in (lab_open.LAUNCHER, lab_open.DRAINED, lab_open.RUNNING):
+        print(f"\nwhere the time goes: {scenario}")
+        print(lab_open.breakdown(results, scenario))
+    problems = {p for found in results.problems.values() for p in found}
+    if problems:
+        print("\nthe pages reported:\n  " + "\n  ".join(sorted(problems)))
+    print(
+        f"\nprocesses seen (servers, kernels, chromium): {len(results.seen)}; "
+        f"alive after: {len(results.alive_after)}"
+    )
+    for line in results.alive_after:
+        print(f"  still running: {line}")
+    if json_path:
+        rows = {
+            scenario: {name: results.samples(scenario, name) for name in lab_open.SERVERS}
+            for scenario in lab_open.SCENARIOS
+        }
+        marks = {
+            scenario: {
+                name: [{**o.marks, **o.server} for o in results.opens[scenario][name]]
+                for name in lab_open.SERVERS
+            }
+            for scenario in results.opens
+        }
+        Path(json_path).write_text(json.dumps({"ms": rows, "opens": marks}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="8 sessions, 1 burst")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument(
+        "--browser",
+        action="store_true",
+        help="the user's view: JupyterLab in chromium, click to first output",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=12, help="--browser: rounds per server (default 12)"
+    )
     args = parser.parse_args()
+    if args.browser:
+        browser_main(3 if args.quick else args.rounds, args.json)
+        return
     sessions, bursts = (8, 1) if args.quick else (20, 3)
     rows = asyncio.run(run(sessions, bursts))
     print(table(rows))
