@@ -300,7 +300,15 @@ class _ServerBackend:
         if response.code != 200 or not done:
             message = _message(response.body) if response.body else str(response.error)
             raise UsageError(f"%%herd {session_id}: the server said {response.code}: {message}")
-        return done[-1]
+        last = done[-1]
+        if last.get("status") == "dead":
+            raise UsageError(
+                f"session {session_id!r}: its kernel died ({last.get('reason', 'it exited')}); "
+                "the next %%herd cell of the session starts a new one"
+            )
+        if last.get("reason"):  # ended by herd, not by the cell (say, it ignored an interrupt)
+            raise UsageError(f"session {session_id!r}: {last['reason']}")
+        return last
 
     async def close(self) -> None:
         pass

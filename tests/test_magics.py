@@ -284,3 +284,28 @@ def test_connect_says_when_no_server_runs(
     assert "no running Jupyter server found" in shown
     shown = kernel.run("%herd connect http://127.0.0.1:9/ --token x").stream("stderr")
     assert "cannot be reached" in shown
+
+
+@pytest.mark.timeout(120)
+def test_a_connected_session_whose_kernel_dies_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    server = Server(tmp_path, "c.Herd.warm_kernels = 1\n")
+    host = None
+    try:
+        server.wait_ready(lambda pools: pools["kernels:python3"]["available_workers"] >= 1)
+        host = HostKernel(tmp_path)
+        host.ok("%load_ext herd_nb")
+        host.ok("%herd connect")
+        host.ok("%%herd alice\nx = 1")
+        cell = host.run("%%herd alice\nimport os\nos._exit(3)")
+        assert cell.status == "error"
+        shown = cell.stream("stderr")
+        assert "its kernel died (exited with code 3)" in shown
+        assert "Traceback" not in shown
+        assert host.ok("%%herd alice\nprint(globals().get('x'))").stream() == "None\n"
+    finally:
+        if host is not None:
+            host.shutdown()
+        server.stop()
