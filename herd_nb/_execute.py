@@ -66,7 +66,7 @@ async def run_cell(
     code: str,
     *,
     on_event: Callable[[Event], object],
-    on_input: Callable[[str, bool], Awaitable[str]] | None = None,
+    on_input: Callable[[str, bool], Awaitable[str | None]] | None = None,
     interrupt: Callable[[], Awaitable[object]] | None = None,
     alive: Callable[[], bool] | None = None,
     store_history: bool = True,
@@ -77,8 +77,9 @@ async def run_cell(
     one cell at a time; callers serialise).
 
     :param on_event: called with each event, ``done`` included, in order.
-    :param on_input: answers the kernel's ``input()``; ``None``: the kernel is
-        told there is no stdin (``StdinNotImplementedError`` in the cell).
+    :param on_input: answers the kernel's ``input()`` (an answer of ``None``
+        sends none: the prompt was withdrawn, as by an interrupt); ``None``: the
+        kernel is told there is no stdin (``StdinNotImplementedError`` in the cell).
     :param interrupt: interrupts the kernel when this call is cancelled; without
         it, cancelling abandons the cell.
     :param alive: whether the kernel still runs (checked while it is silent).
@@ -144,7 +145,7 @@ class _Cell:
         client: AsyncKernelClient,
         msg_id: str,
         on_event: Callable[[Event], object],
-        on_input: Callable[[str, bool], Awaitable[str]] | None,
+        on_input: Callable[[str, bool], Awaitable[str | None]] | None,
         alive: Callable[[], bool] | None,
     ) -> None:
         self.client = client
@@ -152,7 +153,7 @@ class _Cell:
         self.on_event = on_event
         self.on_input = on_input
         self.alive = alive
-        self._input: asyncio.Task[str] | None = None  # a prompt being answered
+        self._input: asyncio.Task[str | None] | None = None  # a prompt being answered
         self._stopping = asyncio.Event()  # set once the cell is interrupted
 
     def interrupted(self) -> None:
@@ -211,7 +212,8 @@ class _Cell:
             return  # the kernel's input() ends with its KeyboardInterrupt
         finally:
             self._input = None
-        self.client.input(value)
+        if value is not None:  # None: the prompt was withdrawn (an interrupt ends it)
+            self.client.input(value)
 
 
 async def _next(channel: Any) -> dict[str, Any] | None:

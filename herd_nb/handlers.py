@@ -148,8 +148,8 @@ class _Cells:
     # running. Added by submit() before its first await, removed when done.
     jobs: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
     # The running cell's unanswered input(): set by its on_input, resolved by the
-    # input route (or by an interrupt, with "").
-    prompt: asyncio.Future[str] | None = None
+    # input route (or withdrawn by an interrupt, with None).
+    prompt: asyncio.Future[str | None] | None = None
     # When the session was last used (clock time): the TTL counts from here.
     last_used: float = 0.0
 
@@ -349,13 +349,14 @@ class ExecuteSessions:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
 
-        async def on_input(prompt: str, password: bool) -> str:
-            answer: asyncio.Future[str] = loop.create_future()
+        async def on_input(prompt: str, password: bool) -> str | None:
+            answer: asyncio.Future[str | None] = loop.create_future()
             cells.prompt = answer
             died = asyncio.ensure_future(worker.wait())
             try:
                 # A kernel that dies at the prompt will never read the answer.
-                await asyncio.wait([answer, died], return_when=asyncio.FIRST_COMPLETED)
+                waits: list[asyncio.Future[Any]] = [answer, died]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 died.cancel()
                 if cells.prompt is answer:
@@ -403,10 +404,10 @@ class ExecuteSessions:
         await worker.manager.interrupt_kernel()
         cells = self._cells.get(session_id)
         if cells is not None and cells.prompt is not None and not cells.prompt.done():
-            # The kernel's input() ends with KeyboardInterrupt (SIGINT came first),
-            # but run_cell waits for an answer before it reads on: give it one,
-            # which the kernel discards as stale.
-            cells.prompt.set_result("")
+            # The kernel's input() ends with its KeyboardInterrupt, but run_cell
+            # waits for an answer before it reads on: withdraw the prompt (None:
+            # no reply is sent; a reply could reach input() before the signal).
+            cells.prompt.set_result(None)
         return True
 
     def answer(self, session_id: str, value: str) -> bool:
