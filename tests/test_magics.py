@@ -239,10 +239,11 @@ def test_commands_in_the_cell_that_loads_the_extension(tmp_path: Path) -> None:
         host.shutdown()
 
 
-@pytest.mark.timeout(180)
-def test_connected_cells_run_in_the_servers_kernel_pool(
+@pytest.fixture
+def connected(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> Iterator[tuple[Server, HostKernel]]:
+    """A jupyter server with herd_nb, and a kernel that ran %herd connect to it."""
     # %herd connect finds the server by its runtime file (the only one here).
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
     server = Server(tmp_path, "c.Herd.warm_kernels = 1\n")
@@ -252,27 +253,35 @@ def test_connected_cells_run_in_the_servers_kernel_pool(
         host = HostKernel(tmp_path)
         host.ok("%load_ext herd_nb")
         assert f"connected to {server.base}/" in host.ok("%herd connect").stream()
-        cell = host.ok("%%herd alice\nimport os\nx = 6 * 7\nprint('pid', os.getpid())\nx")
-        assert cell.of("execute_result")[0].content["data"]["text/plain"] == "42"
-        assert host.ok("%%herd alice\nprint(x)").stream() == "42\n"
-        assert [s["id"] for s in server.json("/herd/api/sessions")["sessions"]] == ["alice"]
-
-        # input() and the stop button reach the server's kernel too.
-        cell = host.ok("%%herd alice\nprint('hi', input('who? '))", stdin=["zoe"])
-        assert cell.prompts[0]["prompt"] == "who? "
-        assert cell.stream() == "hi zoe\n"
-        cell = host.run("%%herd alice\nimport time\ntime.sleep(60)", interrupt_after=1.5)
-        assert cell.reply["ename"] == "KeyboardInterrupt"
-        assert host.ok("%%herd alice\nprint(x)").stream() == "42\n"
-        cell = host.run("%%herd alice\n1/0")
-        assert cell.reply["ename"] == "ZeroDivisionError"
-
-        host.ok("%herd release alice")
-        assert server.json("/herd/api/sessions")["sessions"] == []
+        yield server, host
     finally:
         if host is not None:
             host.shutdown()
         server.stop()
+
+
+@pytest.mark.timeout(180)
+def test_connected_cells_run_in_the_servers_kernel_pool(
+    connected: tuple[Server, HostKernel],
+) -> None:
+    server, host = connected
+    cell = host.ok("%%herd alice\nimport os\nx = 6 * 7\nprint('pid', os.getpid())\nx")
+    assert cell.of("execute_result")[0].content["data"]["text/plain"] == "42"
+    assert host.ok("%%herd alice\nprint(x)").stream() == "42\n"
+    assert [s["id"] for s in server.json("/herd/api/sessions")["sessions"]] == ["alice"]
+
+    # input() and the stop button reach the server's kernel too.
+    cell = host.ok("%%herd alice\nprint('hi', input('who? '))", stdin=["zoe"])
+    assert cell.prompts[0]["prompt"] == "who? "
+    assert cell.stream() == "hi zoe\n"
+    cell = host.run("%%herd alice\nimport time\ntime.sleep(60)", interrupt_after=1.5)
+    assert cell.reply["ename"] == "KeyboardInterrupt"
+    assert host.ok("%%herd alice\nprint(x)").stream() == "42\n"
+    cell = host.run("%%herd alice\n1/0")
+    assert cell.reply["ename"] == "ZeroDivisionError"
+
+    host.ok("%herd release alice")
+    assert server.json("/herd/api/sessions")["sessions"] == []
 
 
 def test_connect_says_when_no_server_runs(
@@ -288,24 +297,13 @@ def test_connect_says_when_no_server_runs(
 
 @pytest.mark.timeout(120)
 def test_a_connected_session_whose_kernel_dies_says_so(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    connected: tuple[Server, HostKernel],
 ) -> None:
-    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
-    server = Server(tmp_path, "c.Herd.warm_kernels = 1\n")
-    host = None
-    try:
-        server.wait_ready(lambda pools: pools["kernels:python3"]["available_workers"] >= 1)
-        host = HostKernel(tmp_path)
-        host.ok("%load_ext herd_nb")
-        host.ok("%herd connect")
-        host.ok("%%herd alice\nx = 1")
-        cell = host.run("%%herd alice\nimport os\nos._exit(3)")
-        assert cell.status == "error"
-        shown = cell.stream("stderr")
-        assert "its kernel died (exited with code 3)" in shown
-        assert "Traceback" not in shown
-        assert host.ok("%%herd alice\nprint(globals().get('x'))").stream() == "None\n"
-    finally:
-        if host is not None:
-            host.shutdown()
-        server.stop()
+    _, host = connected
+    host.ok("%%herd alice\nx = 1")
+    cell = host.run("%%herd alice\nimport os\nos._exit(3)")
+    assert cell.status == "error"
+    shown = cell.stream("stderr")
+    assert "its kernel died (exited with code 3)" in shown
+    assert "Traceback" not in shown
+    assert host.ok("%%herd alice\nprint(globals().get('x'))").stream() == "None\n"
