@@ -357,15 +357,28 @@ class Herd(ExtensionApp):
         )
 
     async def stop_extension(self) -> None:
-        """Stop every pool: no worker outlives the server."""
-        if self.executions is not None:
-            await self.executions.aclose()
-        if self.proxy_settings is not None:
-            self.proxy_settings.upstreams.close()
-        for pool in self.pools.values():
+        """Stop every pool: no worker outlives the server.
+
+        Also runs after a start that failed part-way (``initialize_settings`` may
+        not have run): it stops what exists.
+        """
+        executions = getattr(self, "executions", None)
+        if executions is not None:
+            await executions.aclose()
+        proxy_settings = getattr(self, "proxy_settings", None)
+        if proxy_settings is not None:
+            proxy_settings.upstreams.close()
+        manager = getattr(self.serverapp, "kernel_manager", None)
+        if isinstance(manager, HerdKernelManager):
+            # Through the kernel manager first, as its cleanup would: the server's
+            # own streams on those kernels close before the kernels do.
+            await manager.shutdown_herd_kernels()
+        for pool in getattr(self, "pools", {}).values():
             await pool.shutdown()
-        with contextlib.suppress(KeyError):
-            REGISTRY.unregister(self.collector)
+        collector = getattr(self, "collector", None)
+        if collector is not None:
+            with contextlib.suppress(KeyError):
+                REGISTRY.unregister(collector)
 
 
 def _size(count: int | None) -> str | None:

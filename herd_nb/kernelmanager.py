@@ -138,6 +138,17 @@ def _move_code(cwd: str, changed: set[str], target: Mapping[str, str]) -> str:
     return _isolated(code)
 
 
+def _declares_curve(spec: Any) -> bool:
+    """Whether a kernelspec declares CurveZMQ transport encryption support
+    (``metadata.supported_encryption``), as jupyter_client reads it."""
+    declared = (getattr(spec, "metadata", None) or {}).get("supported_encryption")
+    if isinstance(declared, str):
+        return declared.strip().lower() == "curve"
+    if isinstance(declared, list | tuple | set):
+        return "curve" in {str(item).strip().lower() for item in declared}
+    return False
+
+
 def _retargetable(spec: Any) -> bool:
     """Whether kernels of ``spec`` are IPython's (the retargeting code is Python + IPython)."""
     if spec is None or not spec.language.lower().startswith("python"):
@@ -166,6 +177,8 @@ class HerdKernelManager(AsyncMappingKernelManager):
         self._skip_reasons: set[tuple[str, str]] = set()
         # Kernel ID -> (auto-restarts in a row, monotonic time of the last one).
         self._herd_restarts: dict[str, tuple[int, float]] = {}
+        # Kernel ID -> the start of a pending kernel (use_pending_kernels).
+        self._herd_pending: dict[str, asyncio.Task[None]] = {}
 
     # -- set-up (by the herd_nb extension) ----------------------------------------------
 
@@ -203,6 +216,14 @@ class HerdKernelManager(AsyncMappingKernelManager):
             "pids_limit": pids_limit,
         }
         for name in kernel_names:
+            if self._encryption_refused(name):
+                self.log.warning(
+                    "herd: no warm %s kernels: transport_encryption is 'required' and the "
+                    "kernelspec does not declare CurveZMQ support (metadata."
+                    "supported_encryption); its kernels are refused, as on stock",
+                    name,
+                )
+                continue
             self._new_pool(name, warm)
 
     def _new_pool(self, kernel_name: str, warm: int) -> herd.Pool[Any]:
@@ -216,7 +237,7 @@ class HerdKernelManager(AsyncMappingKernelManager):
             pids_limit=options["pids_limit"],
             kernel_spec_manager=self.kernel_spec_manager,
             manager_class=import_item(self.kernel_manager_class),
-            manager_options={"parent": self, "log": self.log},
+            manager_options=self._kernel_manager_options(),
             connection_dir=self.connection_dir,
         )
         pool: herd.Pool[Any] = herd.Pool(
@@ -237,6 +258,22 @@ class HerdKernelManager(AsyncMappingKernelManager):
         self.herd_pools[kernel_name] = pool
         self._herd_registry[f"kernels:{kernel_name}"] = pool
         return pool
+
+    def _kernel_manager_options(self) -> dict[str, Any]:
+        """What each kernel's manager is made with, as stock makes it: the server's
+        config, its ZMQ context (``shared_context``) and transport encryption policy.
+
+        With its own context, each kernel would destroy it on shutdown under the
+        server's live streams on it (activity watch, WebSocket channels)."""
+        options: dict[str, Any] = {"parent": self, "log": self.log}
+        if self.shared_context:
+            if self.context.closed:
+                self.context = self._context_default()
+            options["context"] = self.context
+        policy = getattr(self, "transport_encryption", "disabled")
+        if policy != "disabled":
+            options["transport_encryption"] = policy
+        return options
 
     async def herd_pool(self, kernel_name: str | None = None) -> herd.Pool[Any] | None:
         """The pool that runs kernels of ``kernel_name`` (default: the default kernelspec),
@@ -288,6 +325,8 @@ class HerdKernelManager(AsyncMappingKernelManager):
                 f"a start with options herd does not handle ({', '.join(sorted(extra))}) "
                 "is a stock start, outside herd's pool",
             )
+        if self._encryption_refused(name):
+            extra.add("transport_encryption")  # stock refuses it, with its own error
         pool = None if extra else await self._pool_for(name)
         if pool is None or pool.state is not herd.PoolState.READY:
             return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
@@ -295,18 +334,74 @@ class HerdKernelManager(AsyncMappingKernelManager):
         cwd = self.cwd_for_path(path, env=kwargs.get("env", {})) if path is not None else None
         env = dict(kwargs.get("env") or os.environ)
         worker = await self._take_warm(pool, kernel_id, cwd, env)
-        how = "a warm spare"
-        if worker is None:
+        if worker is not None:
+            self._started(kernel_id, pool, worker, cwd, env, "a warm spare")
+            await self._finish_kernel_start(kernel_id)
+        elif self.use_pending_kernels:
+            self._start_pending(kernel_id, pool, cwd, env)
+        else:
             worker = await self._start_for_session(pool, kernel_id, cwd, env)
-            how = "started for its session"
-        self._adopt(kernel_id, pool, worker, cwd, env)
-        await self._finish_kernel_start(kernel_id)
-        KERNEL_CURRENTLY_RUNNING_TOTAL.labels(type=worker.kernel_name).inc()
-        # Stock's line first (log readers grep for it), then herd's own words.
-        self.log.info("Kernel started: %s (herd: %s, worker %s)", kernel_id, how, worker.id)
+            self._started(kernel_id, pool, worker, cwd, env, "started for its session")
+            await self._finish_kernel_start(kernel_id)
         if not self._initialized_culler:
             self.initialize_culler()
         return kernel_id
+
+    def _started(
+        self,
+        kernel_id: str,
+        pool: herd.Pool[Any],
+        worker: KernelWorker,
+        cwd: str | None,
+        env: dict[str, str],
+        how: str,
+    ) -> None:
+        self._adopt(kernel_id, pool, worker, cwd, env)
+        KERNEL_CURRENTLY_RUNNING_TOTAL.labels(type=worker.kernel_name).inc()
+        # Stock's line first (log readers grep for it), then herd's own words.
+        self.log.info("Kernel started: %s (herd: %s, worker %s)", kernel_id, how, worker.id)
+
+    def _start_pending(
+        self, kernel_id: str, pool: herd.Pool[Any], cwd: str | None, env: dict[str, str]
+    ) -> None:
+        """``use_pending_kernels``: register the kernel now, as stock does, and start it
+        for its session in the background; clients wait on its manager's ``ready``,
+        which carries the start's error if it fails."""
+        factory = pool.factory
+        assert isinstance(factory, KernelFactory)
+        km: Any = factory.new_manager()
+        km.kernel_id = kernel_id
+        ready = km.ready
+        km.execution_state = "starting"
+        km.reason = ""
+        km.last_activity = utcnow()
+        self._kernels[kernel_id] = km
+        self._kernel_connections[kernel_id] = 0
+
+        async def start() -> None:
+            try:
+                spawn = functools.partial(factory.spawn, cwd=cwd, environ=env, manager=km)
+                worker = await self._acquire(pool, kernel_id, spawn=spawn)
+            except Exception as exc:
+                self.log.error("herd: kernel %s could not start: %s", kernel_id, exc)
+                km.execution_state = "dead"
+                km.reason = str(exc)
+                if not ready.done():
+                    # Not launched: stock keeps such a kernel, dead, until shut down.
+                    ready.set_exception(exc)
+                    ready.exception()  # retrieved: its waiters, if any, report it
+                else:
+                    # Launched, then died: stock's restarter gives up and removes it.
+                    self.log.warning("Kernel %s died, removing from map.", kernel_id)
+                    self.remove_kernel(kernel_id)
+                return
+            finally:
+                self._herd_pending.pop(kernel_id, None)
+            self._started(kernel_id, pool, worker, cwd, env, "started for its session")
+            await self._finish_kernel_start(kernel_id)
+
+        self._herd_pending[kernel_id] = asyncio.create_task(start())
+        self.log.info("Kernel started: %s (herd: pending, starting for its session)", kernel_id)
 
     async def _acquire(self, pool: herd.Pool[Any], kernel_id: str, **options: Any) -> KernelWorker:
         """Pin a kernel of ``pool`` to ``kernel_id``, with Jupyter's errors."""
@@ -335,6 +430,18 @@ class HerdKernelManager(AsyncMappingKernelManager):
         return await self._acquire(
             pool, kernel_id, spawn=functools.partial(factory.spawn, cwd=cwd, environ=env)
         )
+
+    def _encryption_refused(self, kernel_name: str) -> bool:
+        """Whether ``transport_encryption = "required"`` refuses kernels of
+        ``kernel_name``: its kernelspec does not declare CurveZMQ support."""
+        if getattr(self, "transport_encryption", "disabled") != "required":
+            return False
+        specs: Any = self.kernel_spec_manager
+        try:
+            spec = specs.get_kernel_spec(kernel_name)
+        except Exception:
+            return False  # no such kernelspec: the caller finds out
+        return not _declares_curve(spec)
 
     def _movable(self, factory: KernelFactory) -> bool:
         """Whether the factory's kernels can be retargeted (read once per kernelspec)."""
@@ -423,6 +530,10 @@ class HerdKernelManager(AsyncMappingKernelManager):
         km.kernel_id = kernel_id
         # Restarts are cold starts: of the session's directory and environment.
         km._launch_args["cwd"] = cwd
+        provisioner = getattr(km, "provisioner", None)
+        if provisioner is not None and hasattr(provisioner, "cwd"):
+            # What /api/resolvePath?kernel= resolves against, as a cold start sets it.
+            provisioner.cwd = cwd if cwd is not None else os.getcwd()
         tag = {TAG_VARIABLE: worker.tag} if TAG_VARIABLE in worker.launch_env else {}
         km._launch_args["env"] = {**env, **tag}
         # `jupyter console --existing <kernel id>` looks for kernel-<id>.json.
@@ -447,6 +558,9 @@ class HerdKernelManager(AsyncMappingKernelManager):
     async def _async_shutdown_kernel(  # type: ignore[override]
         self, kernel_id: str, now: bool = False, restart: bool = False
     ) -> None:
+        pending = self._herd_pending.get(kernel_id)
+        if pending is not None:
+            await asyncio.shield(pending)  # as stock: a pending kernel's start ends first
         pool = self._herd_kernels.get(kernel_id)
         if pool is None:
             await super()._async_shutdown_kernel(kernel_id, now=now, restart=restart)
@@ -468,6 +582,18 @@ class HerdKernelManager(AsyncMappingKernelManager):
         await self._end_session(pool, kernel_id, worker)
 
     shutdown_kernel = _async_shutdown_kernel  # type: ignore[assignment]
+
+    async def shutdown_herd_kernels(self) -> None:
+        """Shut down every kernel of herd's pools that is a kernel of this manager, as
+        ``shutdown_all`` would (the herd_nb extension's stop, before its pools stop)."""
+        kernel_ids = list(self._herd_kernels)
+        results = await asyncio.gather(
+            *(self._async_shutdown_kernel(kid, now=True) for kid in kernel_ids),
+            return_exceptions=True,
+        )
+        for kernel_id, result in zip(kernel_ids, results, strict=True):
+            if isinstance(result, Exception):
+                self.log.error("herd: kernel %s: shutdown failed: %s", kernel_id, result)
 
     async def _end_session(
         self, pool: herd.Pool[Any], session_id: str, worker: KernelWorker | None

@@ -30,6 +30,7 @@ import itertools
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import time
@@ -142,11 +143,13 @@ class KernelWorker(ProcessWorker):
         self.manager = manager
         self.kernel_name: str = manager.kernel_name
         self._kernel_address = f"{info['ip']}:{info['shell_port']}"
-        self._kernel_client: AsyncKernelClient = manager.client()
+        # The clients share the manager's ZMQ context (jupyter_client gives each
+        # client a context of its own otherwise: two threads each).
+        self._kernel_client: AsyncKernelClient = manager.client(context=manager.context)
         # A shell socket's ZMQ identity is its session ID: herd's own executes on a
         # client sharing the session's would have their replies routed to it.
         own = Session(key=manager.session.key, signature_scheme=manager.session.signature_scheme)
-        self._probe: AsyncKernelClient = manager.client(session=own)
+        self._probe: AsyncKernelClient = manager.client(session=own, context=manager.context)
         self._restart: asyncio.Future[None] | None = None
         #: Called with the reason when the kernel exits on its own (not closed, not
         #: restarted by its manager); returns once a new kernel process runs in the
@@ -281,7 +284,7 @@ class KernelWorker(ProcessWorker):
         """
         if self._kernel_client.channels_running:
             return self._kernel_client
-        self._kernel_client = self.manager.client()
+        self._kernel_client = self.manager.client(context=self.manager.context)
         self._kernel_client.start_channels()
         await self._nudge(timeout)
         return self._kernel_client
@@ -478,25 +481,37 @@ class KernelFactory:
     def __repr__(self) -> str:
         return f"KernelFactory({self.kernel_name!r})"
 
-    async def spawn(
-        self,
-        *,
-        cwd: str | os.PathLike[str] | None = None,
-        environ: Mapping[str, str] | None = None,
-    ) -> KernelWorker:
-        """Start one kernel and return it once it answers ``kernel_info``.
+    def _check_command(self, manager: AsyncKernelManager, env: Mapping[str, str]) -> None:
+        """Fail as a stock launch fails when the kernelspec's program does not exist
+        (inside herd's sandbox the launcher would only exit with status 127).
 
-        :param cwd: this kernel's working directory, instead of the factory's.
-        :param environ: this kernel's whole base environment, instead of
-            ``os.environ`` (the factory's ``env`` still applies on top).
-        :raises herd.SpawnError: no such kernelspec, the kernel exited during
-            start-up, or it was not ready within ``startup_timeout``.
+        :raises herd.SpawnError: no such kernelspec, or no such program.
         """
-        directory = os.fspath(cwd) if cwd is not None else self.cwd
-        report = self._sandbox.check()
-        tag = f"{os.getpid()}-k-{time.monotonic_ns()}"
-        cgroup = self._sandbox.cgroup(tag)
-        prefix, preexec = self._sandbox.launch_plan(cgroup)
+        try:
+            argv = list(manager.kernel_spec.argv) if manager.kernel_spec is not None else []
+        except Exception as exc:  # NoSuchKernel, a broken kernel.json
+            raise SpawnError(f"cannot start kernel {self.kernel_name!r}: {exc}") from exc
+        program = argv[0] if argv else ""
+        if not program or "{" in program:
+            return  # jupyter_client fills it in (or refuses it) at launch
+        found = (
+            os.access(program, os.X_OK) and not os.path.isdir(program)
+            if os.sep in program
+            else shutil.which(program, path=env.get("PATH", os.defpath)) is not None
+        )
+        if not found:
+            raise SpawnError(
+                f"cannot start kernel {self.kernel_name!r}: "
+                f"[Errno 2] No such file or directory: {program!r}",
+                command=argv,
+            )
+
+    def new_manager(self) -> AsyncKernelManager:
+        """A kernel manager for one kernel, not started: pass it to :meth:`spawn`.
+
+        For a caller that must hold the kernel's manager before its kernel runs
+        (Jupyter's pending kernels: clients wait on its ``ready`` future).
+        """
         options: dict[str, Any] = {
             **self.manager_options,
             "kernel_name": self.kernel_name,
@@ -508,10 +523,40 @@ class KernelFactory:
             options["connection_file"] = os.path.join(
                 self.connection_dir, f"kernel-herd-{uuid.uuid4()}.json"
             )
-        manager = _launch_class(self.manager_class)(**options)
-        manager.herd_prefix = prefix  # type: ignore[attr-defined]
+        return _launch_class(self.manager_class)(**options)
+
+    async def spawn(
+        self,
+        *,
+        cwd: str | os.PathLike[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        manager: AsyncKernelManager | None = None,
+    ) -> KernelWorker:
+        """Start one kernel and return it once it answers ``kernel_info``.
+
+        :param cwd: this kernel's working directory, instead of the factory's.
+        :param environ: this kernel's whole base environment, instead of
+            ``os.environ`` (the factory's ``env`` still applies on top).
+        :param manager: the kernel's manager, from :meth:`new_manager` (a new one
+            when ``None``).
+        :raises herd.SpawnError: no such kernelspec, the kernel's command was not
+            found, the kernel exited during start-up, or it was not ready within
+            ``startup_timeout``.
+        """
+        directory = os.fspath(cwd) if cwd is not None else self.cwd
+        report = self._sandbox.check()
+        if manager is None:
+            manager = self.new_manager()
+        launched: Any = manager
+        if not isinstance(launched, _HerdLaunch):
+            raise ValueError(f"manager must come from {self!r}.new_manager(), not {manager!r}")
         base = os.environ if environ is None else environ
         env = {**base, **self.env}
+        self._check_command(manager, env)
+        tag = f"{os.getpid()}-k-{time.monotonic_ns()}"
+        cgroup = self._sandbox.cgroup(tag)
+        prefix, preexec = self._sandbox.launch_plan(cgroup)
+        launched.herd_prefix = prefix
         if not prefix:
             # Without a PID namespace, a kernel's strays are found by this tag
             # when it closes; in one, the kernel's environment stays as given.

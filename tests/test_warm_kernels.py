@@ -11,7 +11,7 @@ import re
 import shlex
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,8 @@ def pid_of(server: Server, kernel_id: str) -> int:
     return int(pids[0])
 
 
-def start_server(tmp: Path, text: str) -> Server:
-    server = Server(tmp, text)
+def start_server(tmp: Path, text: str, argv: Sequence[str] = ()) -> Server:
+    server = Server(tmp, text, argv)
     try:
         server.wait_ready(lambda pools: pools["kernels:python3"]["available_workers"] == WARM)
     except BaseException:
@@ -550,5 +550,110 @@ async def test_a_sigkilled_server_leaves_no_kernel(tmp_path: Path) -> None:
         # The kernels inside the sandboxes go with their launchers, a moment later.
         tag = os.environ["HERD_TEST_TAG"]
         await wait_until(lambda: tagged_processes(tag) == [], what="no process left")
+    finally:
+        server.stop()
+
+
+def install_kernelspec(share: Path, name: str, argv: list[str], **metadata: Any) -> None:
+    spec_dir = share / "kernels" / name
+    spec_dir.mkdir(parents=True)
+    spec = {"argv": argv, "display_name": name, "language": "python", "metadata": metadata}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+
+
+IPYKERNEL = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+
+
+async def test_pending_kernels_start_in_the_background_and_report_a_failed_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    share = tmp_path / "share"
+    install_kernelspec(share, "other", IPYKERNEL)  # no spares: started for its session
+    install_kernelspec(share, "bad", ["non_existent_path", "-f", "{connection_file}"])
+    monkeypatch.setenv("JUPYTER_PATH", str(share))
+    server = Server(tmp_path, config(), ["--AsyncMultiKernelManager.use_pending_kernels=True"])
+    try:
+        server.wait_ready(lambda pools: pools["kernels:python3"]["available_workers"] == WARM)
+        # As stock: the ID comes back before the kernel runs; clients wait for it.
+        model = server.json("/api/kernels", method="POST", body={"name": "other"})
+        assert model["execution_state"] == "starting"
+        ws = await KernelWS.connect(server.base, model["id"], TOKEN)
+        try:
+            reply, printed = await ws.execute("print(6 * 7)")
+        finally:
+            await ws.close()
+        assert (reply["status"], printed) == ("ok", "42\n")
+        # A warm kernel is ready when handed out: nothing to wait for.
+        warm = open_session(server, "warm.ipynb")
+        assert warm["kernel"]["execution_state"] == "idle"
+
+        # A start that fails: the session exists, its kernel is dead and says why.
+        body = {"path": "b.ipynb", "type": "notebook", "kernel": {"name": "bad"}}
+        session = server.json("/api/sessions", method="POST", body=body)
+        with pytest.raises(tornado.httpclient.HTTPClientError):
+            await KernelWS.connect(server.base, session["kernel"]["id"], TOKEN)
+        (listed,) = [s for s in server.json("/api/sessions") if s["id"] == session["id"]]
+        assert listed["kernel"]["execution_state"] == "dead"
+        assert "No such file or directory: 'non_existent_path'" in listed["kernel"]["reason"]
+        status, _ = server.request(f"/api/sessions/{session['id']}", method="DELETE")
+        assert status == 204
+        kernels = {k["id"] for k in server.json("/api/kernels")}
+        assert session["kernel"]["id"] not in kernels
+        assert model["id"] in kernels
+    finally:
+        server.stop()
+
+
+async def test_transport_encryption_applies_to_warm_kernels_as_to_stock_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jupyter_client.asynchronous.client import AsyncKernelClient
+
+    share = tmp_path / "share"
+    install_kernelspec(share, "plain", IPYKERNEL)  # declares no CurveZMQ support
+    monkeypatch.setenv("JUPYTER_PATH", str(share))
+    runtime = tmp_path / "runtime"
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(runtime))
+    server = start_server(
+        tmp_path, config(), ["--MappingKernelManager.transport_encryption=required"]
+    )
+    try:
+        kernel_id = open_session(server, "nb.ipynb")["kernel"]["id"]
+        assert "a warm spare" in server.log()
+        ws = await KernelWS.connect(server.base, kernel_id, TOKEN)
+        try:
+            reply, printed = await ws.execute("print('over curve')")
+        finally:
+            await ws.close()
+        assert (reply["status"], printed) == ("ok", "over curve\n")
+        info = json.loads((runtime / f"kernel-{kernel_id}.json").read_text())
+        assert info["curve_publickey"]
+        assert info["curve_secretkey"]
+
+        # The attack: someone on the machine who reads the ports (not the keys)
+        # talks to the kernel in the clear. Encrypted, it never answers.
+        async def answers(connection: dict[str, Any]) -> bool:
+            client = AsyncKernelClient()
+            client.load_connection_info(connection)
+            client.start_channels(iopub=False, stdin=False, hb=False, control=False)
+            try:
+                await client.kernel_info(reply=True, timeout=3)
+                return True
+            except TimeoutError:
+                return False
+            finally:
+                client.stop_channels()
+                client.context.destroy(linger=0)
+
+        keyless = {k: v for k, v in info.items() if not k.startswith("curve_")}
+        assert not await answers(keyless)
+        assert await answers(info)
+
+        # As stock: a kernelspec without CurveZMQ support is refused (the reason is
+        # in the log, as stock's RuntimeError).
+        status, _ = server.request("/api/kernels", method="POST", body={"name": "plain"})
+        assert status == 500
+        assert "RuntimeError: transport_encryption='required' but kernelspec" in server.log()
+        assert "no warm" not in server.log()  # python3 declares it: its spares are warm
     finally:
         server.stop()
