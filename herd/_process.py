@@ -173,6 +173,9 @@ class ProcessWorker:
         self._stop_timeout = stop_timeout
         self._client = HTTPWorkerClient(f"{HOST}:{port}")
         self._output = OutputLog(log_lines)
+        #: A file descriptor that gets a copy of everything the worker writes (say
+        #: ``2``, the parent's stderr, as an inherited stderr would), or ``None``.
+        self.echo_fd: int | None = None
         self._loop = asyncio.get_running_loop()
         self._close_task: asyncio.Task[None] | None = None
         self._closed_by_us = False
@@ -285,9 +288,23 @@ class ProcessWorker:
         if not data:
             self._stop_output()
             return False
+        if self.echo_fd is not None:
+            self._echo(data)
         for line in self._output.feed(data):
             log.debug("[%s] %s", self.id, line)
         return True
+
+    def _echo(self, data: bytes) -> None:
+        """Copy ``data`` to :attr:`echo_fd`; a copy that cannot be written is dropped
+        (the log keeps it)."""
+        view = memoryview(data)
+        while view and self.echo_fd is not None:
+            try:
+                view = view[os.write(self.echo_fd, view) :]
+            except BlockingIOError:
+                return
+            except OSError:
+                self.echo_fd = None
 
     def _drain_output(self) -> None:
         """Read what the pipe still holds (the process has exited; don't wait for EOF)."""

@@ -177,8 +177,13 @@ class HerdKernelManager(AsyncMappingKernelManager):
         self._skip_reasons: set[tuple[str, str]] = set()
         # Kernel ID -> (auto-restarts in a row, monotonic time of the last one).
         self._herd_restarts: dict[str, tuple[int, float]] = {}
-        # Kernel ID -> the start of a pending kernel (use_pending_kernels).
+        # Kernel ID -> the start of a kernel started for its session, until adopted.
         self._herd_pending: dict[str, asyncio.Task[None]] = {}
+        # ... and stock's _finish_kernel_start for it (a task, as stock's).
+        self._herd_finishing: dict[str, asyncio.Task[None]] = {}
+        # Kernels started for their session that died during start-up: dead, kept
+        # until shut down (stock's restarter would retry, then give up).
+        self._herd_failed: set[str] = set()
 
     # -- set-up (by the herd_nb extension) ----------------------------------------------
 
@@ -239,6 +244,7 @@ class HerdKernelManager(AsyncMappingKernelManager):
             manager_class=import_item(self.kernel_manager_class),
             manager_options=self._kernel_manager_options(),
             connection_dir=self.connection_dir,
+            echo_output=True,  # into the server's log, as a stock kernel's stderr
         )
         pool: herd.Pool[Any] = herd.Pool(
             factory,
@@ -335,43 +341,41 @@ class HerdKernelManager(AsyncMappingKernelManager):
         env = dict(kwargs.get("env") or os.environ)
         worker = await self._take_warm(pool, kernel_id, cwd, env)
         if worker is not None:
-            self._started(kernel_id, pool, worker, cwd, env, "a warm spare")
+            self._adopt(kernel_id, pool, worker, cwd, env)
+            # Stock's line first (log readers grep for it), then herd's own words.
+            self.log.info("Kernel started: %s (herd: a warm spare, %s)", kernel_id, worker.id)
             await self._finish_kernel_start(kernel_id)
-        elif self.use_pending_kernels:
-            self._start_pending(kernel_id, pool, cwd, env)
         else:
-            worker = await self._start_for_session(pool, kernel_id, cwd, env)
-            self._started(kernel_id, pool, worker, cwd, env, "started for its session")
-            await self._finish_kernel_start(kernel_id)
+            ready = self._start_cold(kernel_id, pool, cwd, env)
+            if not self.use_pending_kernels:
+                # As stock: answered once the kernel is launched (a launch that fails
+                # is this request's error); its clients wait for it to answer.
+                try:
+                    await asyncio.shield(ready)
+                except BaseException:
+                    self._kernels.pop(kernel_id, None)
+                    self._kernel_connections.pop(kernel_id, None)
+                    self._herd_failed.discard(kernel_id)
+                    raise
+            self.log.info("Kernel started: %s (herd: started for its session)", kernel_id)
         if not self._initialized_culler:
             self.initialize_culler()
         return kernel_id
 
-    def _started(
-        self,
-        kernel_id: str,
-        pool: herd.Pool[Any],
-        worker: KernelWorker,
-        cwd: str | None,
-        env: dict[str, str],
-        how: str,
-    ) -> None:
-        self._adopt(kernel_id, pool, worker, cwd, env)
-        KERNEL_CURRENTLY_RUNNING_TOTAL.labels(type=worker.kernel_name).inc()
-        # Stock's line first (log readers grep for it), then herd's own words.
-        self.log.info("Kernel started: %s (herd: %s, worker %s)", kernel_id, how, worker.id)
-
-    def _start_pending(
+    def _start_cold(
         self, kernel_id: str, pool: herd.Pool[Any], cwd: str | None, env: dict[str, str]
-    ) -> None:
-        """``use_pending_kernels``: register the kernel now, as stock does, and start it
-        for its session in the background; clients wait on its manager's ``ready``,
-        which carries the start's error if it fails."""
+    ) -> asyncio.Future[None]:
+        """Start a kernel for its session in ``pool``, as stock starts one: its manager
+        is registered now and its ``ready`` (returned) resolves once the kernel is
+        launched, or carries the launch's error. The wait for the kernel to answer,
+        and its adoption as a herd worker, go on in the background; clients wait on
+        ``ready`` and then for the kernel to answer, as on stock (so JupyterLab's
+        requests after the session's overlap the kernel's start)."""
         factory = pool.factory
         assert isinstance(factory, KernelFactory)
         km: Any = factory.new_manager()
         km.kernel_id = kernel_id
-        ready = km.ready
+        ready: asyncio.Future[None] = km.ready
         km.execution_state = "starting"
         km.reason = ""
         km.last_activity = utcnow()
@@ -383,25 +387,27 @@ class HerdKernelManager(AsyncMappingKernelManager):
                 spawn = functools.partial(factory.spawn, cwd=cwd, environ=env, manager=km)
                 worker = await self._acquire(pool, kernel_id, spawn=spawn)
             except Exception as exc:
-                self.log.error("herd: kernel %s could not start: %s", kernel_id, exc)
                 km.execution_state = "dead"
                 km.reason = str(exc)
+                self._herd_failed.add(kernel_id)
                 if not ready.done():
-                    # Not launched: stock keeps such a kernel, dead, until shut down.
                     ready.set_exception(exc)
-                    ready.exception()  # retrieved: its waiters, if any, report it
-                else:
-                    # Launched, then died: stock's restarter gives up and removes it.
-                    self.log.warning("Kernel %s died, removing from map.", kernel_id)
-                    self.remove_kernel(kernel_id)
+                if ready.exception() is None:
+                    self.log.warning("herd: kernel %s died during start-up: %s", kernel_id, exc)
+                # Else not launched: as stock, the request fails or (pending kernels)
+                # the kernel stays, dead, until it is shut down.
                 return
             finally:
                 self._herd_pending.pop(kernel_id, None)
-            self._started(kernel_id, pool, worker, cwd, env, "started for its session")
-            await self._finish_kernel_start(kernel_id)
+            self._adopt(kernel_id, pool, worker, cwd, env, fresh=False)
+            self.log.info("herd: kernel %s ready (%s)", kernel_id, worker.id)
 
         self._herd_pending[kernel_id] = asyncio.create_task(start())
-        self.log.info("Kernel started: %s (herd: pending, starting for its session)", kernel_id)
+        # Stock's own steps once launched: ports, activity watch, the "dead" callback.
+        finishing = asyncio.create_task(self._finish_kernel_start(kernel_id))
+        self._herd_finishing[kernel_id] = finishing
+        finishing.add_done_callback(lambda _: self._herd_finishing.pop(kernel_id, None))
+        return ready
 
     async def _acquire(self, pool: herd.Pool[Any], kernel_id: str, **options: Any) -> KernelWorker:
         """Pin a kernel of ``pool`` to ``kernel_id``, with Jupyter's errors."""
@@ -419,17 +425,6 @@ class HerdKernelManager(AsyncMappingKernelManager):
         assert isinstance(worker, KernelWorker)
         await session.close()  # the pin stays; the kernel manager owns it from here
         return worker
-
-    async def _start_for_session(
-        self, pool: herd.Pool[Any], kernel_id: str, cwd: str | None, env: dict[str, str]
-    ) -> KernelWorker:
-        """A kernel started for this session: its directory and environment, as a
-        cold start, but in the pool's sandbox and limits."""
-        factory = pool.factory
-        assert isinstance(factory, KernelFactory)
-        return await self._acquire(
-            pool, kernel_id, spawn=functools.partial(factory.spawn, cwd=cwd, environ=env)
-        )
 
     def _encryption_refused(self, kernel_name: str) -> bool:
         """Whether ``transport_encryption = "required"`` refuses kernels of
@@ -524,8 +519,12 @@ class HerdKernelManager(AsyncMappingKernelManager):
         worker: KernelWorker,
         cwd: str | None,
         env: dict[str, str],
+        *,
+        fresh: bool = True,
     ) -> None:
-        """Make the warm kernel's manager this kernel ID's, as a cold start would."""
+        """Make the kernel's manager this kernel ID's, as a cold start would (``fresh``:
+        a warm spare's, not yet registered under the ID; else a kernel started for
+        it, registered and watched since its launch)."""
         km: Any = worker.manager
         km.kernel_id = kernel_id
         # Restarts are cold starts: of the session's directory and environment.
@@ -545,12 +544,14 @@ class HerdKernelManager(AsyncMappingKernelManager):
         # The server talks to the kernel over its own sockets; a client nobody
         # reads would only queue the kernel's output.
         worker.client.stop_channels()
-        km.execution_state = "idle"
-        km.reason = ""
-        km.last_activity = utcnow()
-        self._kernels[kernel_id] = km
-        self._kernel_connections[kernel_id] = 0
+        if fresh:
+            km.execution_state = "idle"
+            km.reason = ""
+            km.last_activity = utcnow()
+            self._kernels[kernel_id] = km
+            self._kernel_connections[kernel_id] = 0
         self._herd_kernels[kernel_id] = pool
+        KERNEL_CURRENTLY_RUNNING_TOTAL.labels(type=worker.kernel_name).inc()
         worker.on_exit = functools.partial(self._herd_restart, kernel_id, worker)
 
     # -- end ---------------------------------------------------------------------------
@@ -560,22 +561,29 @@ class HerdKernelManager(AsyncMappingKernelManager):
     ) -> None:
         pending = self._herd_pending.get(kernel_id)
         if pending is not None:
-            await asyncio.shield(pending)  # as stock: a pending kernel's start ends first
+            await asyncio.shield(pending)  # as stock: a kernel's start ends first
+        for task in (self._herd_finishing.get(kernel_id),):
+            if task is not None:
+                await asyncio.shield(task)
         pool = self._herd_kernels.get(kernel_id)
-        if pool is None:
+        failed = kernel_id in self._herd_failed
+        if pool is None and not failed:
             await super()._async_shutdown_kernel(kernel_id, now=now, restart=restart)
             return
         self._check_kernel_id(kernel_id)
         self.log.info("Kernel shutdown: %s", kernel_id)  # stock's line (jupyter_client)
         km = self._kernels[kernel_id]
-        KERNEL_CURRENTLY_RUNNING_TOTAL.labels(type=km.kernel_name).dec()
         self.stop_watching_activity(kernel_id)
         self.stop_buffering(kernel_id)
-        del self._herd_kernels[kernel_id]
         self.remove_kernel(kernel_id)
         self._kernel_connections.pop(kernel_id, None)
         self._kernel_ports.pop(kernel_id, None)
         self._herd_restarts.pop(kernel_id, None)
+        self._herd_failed.discard(kernel_id)
+        if pool is None:
+            return  # it never ran as a herd worker: nothing else is left of it
+        KERNEL_CURRENTLY_RUNNING_TOTAL.labels(type=km.kernel_name).dec()
+        del self._herd_kernels[kernel_id]
         worker: KernelWorker | None = getattr(km, "herd_worker", None)
         if worker is not None:
             worker.on_exit = None  # shut down by its user: no auto-restart
@@ -586,7 +594,7 @@ class HerdKernelManager(AsyncMappingKernelManager):
     async def shutdown_herd_kernels(self) -> None:
         """Shut down every kernel of herd's pools that is a kernel of this manager, as
         ``shutdown_all`` would (the herd_nb extension's stop, before its pools stop)."""
-        kernel_ids = list(self._herd_kernels)
+        kernel_ids = list({*self._herd_pending, *self._herd_kernels, *self._herd_failed})
         results = await asyncio.gather(
             *(self._async_shutdown_kernel(kid, now=True) for kid in kernel_ids),
             return_exceptions=True,
@@ -706,7 +714,8 @@ class HerdKernelManager(AsyncMappingKernelManager):
         stream = getattr(km, "_activity_stream", None)
         # pyzmq's ZMQStream keeps one receive callback, stock's: it is called first.
         record = getattr(stream, "_recv_callback", None)
-        if kernel_id not in self._herd_kernels or stream is None or record is None:
+        ours = kernel_id in self._herd_kernels or kernel_id in self._herd_pending
+        if not ours or stream is None or record is None:
             return
         session = km.session
 

@@ -432,6 +432,9 @@ class KernelFactory:
         ``parent``, for its config).
     :param connection_dir: where connection files are written (a temporary file
         each when ``None``).
+    :param echo_output: also copy what the kernels write to this process's stderr,
+        as a kernel that inherits a Jupyter server's stderr writes into its log
+        (the worker's log keeps it either way).
     :raises ValueError: a bad option.
     """
 
@@ -453,6 +456,7 @@ class KernelFactory:
         manager_class: type[AsyncKernelManager] = AsyncKernelManager,
         manager_options: Mapping[str, Any] | None = None,
         connection_dir: str | os.PathLike[str] | None = None,
+        echo_output: bool = False,
     ) -> None:
         if not isinstance(kernel_name, str) or not kernel_name:
             raise ValueError(f"kernel_name must be a kernelspec name, not {kernel_name!r}")
@@ -469,6 +473,7 @@ class KernelFactory:
         self.manager_class = manager_class
         self.manager_options = dict(manager_options or {})
         self.connection_dir = os.fspath(connection_dir) if connection_dir is not None else None
+        self.echo_output = echo_output
         self._sandbox = Sandbox(
             sandbox, cpu_limit=cpu_limit, memory_limit=memory_limit, pids_limit=pids_limit
         )
@@ -595,6 +600,8 @@ class KernelFactory:
             cgroup=cgroup,
         )
         worker.launch_env = env
+        if self.echo_output:
+            worker.echo_fd = 2
         worker.cwd = directory if directory is not None else os.getcwd()
         try:
             await worker._until_ready(self.startup_timeout)

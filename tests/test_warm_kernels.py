@@ -152,9 +152,15 @@ async def test_the_environment_is_what_a_cold_start_gives(
         warm, cold = facts["python3"], facts["cold-python"]
         pinned = {w["session_id"] for w in kernel_pool(server)["workers"]}
         assert ids["python3"] in pinned
-        # Still a herd worker: in a pool of its own, sandboxed like the warm ones.
+
+        # Still a herd worker: in a pool of its own, sandboxed like the warm ones
+        # (pinned once it answered herd too: the session was answered at its launch).
+        def pinned_cold() -> bool:
+            workers = server.stats()["kernels:cold-python"]["workers"]
+            return [w["session_id"] for w in workers] == [ids["cold-python"]]
+
+        wait_until_sync(pinned_cold, timeout=10, what="the cold kernel pinned")
         own = server.stats()["kernels:cold-python"]
-        assert [w["session_id"] for w in own["workers"]] == [ids["cold-python"]]
         assert own["sandbox"] == kernel_pool(server)["sandbox"] != "none"
         assert warm["cwd"] == cold["cwd"] == str(tmp_path)
         assert warm["session"] == warm["env"]["JPY_SESSION_NAME"] == "python3.ipynb"
