@@ -582,6 +582,8 @@ class KernelFactory:
                 with contextlib.suppress(OSError):
                     os.killpg(process.pid, signal.SIGKILL)
                 await asyncio.get_running_loop().run_in_executor(None, process.wait)
+                if process.stdout is not None:
+                    process.stdout.close()  # the output pipe no worker will read
             if cgroup is not None:
                 cgroup.remove()
             with contextlib.suppress(Exception):
