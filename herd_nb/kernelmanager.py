@@ -67,6 +67,7 @@ import herd
 from herd._process import TAG_VARIABLE
 
 from .kernels import KernelFactory, KernelWorker
+from .websocket import unanswered
 
 __all__ = ["HerdKernelManager"]
 
@@ -591,6 +592,15 @@ class HerdKernelManager(AsyncMappingKernelManager):
 
     shutdown_kernel = _async_shutdown_kernel  # type: ignore[assignment]
 
+    async def _async_restart_kernel(self, kernel_id: str, now: bool = False) -> None:
+        """Stock's restart; the cells the old kernel was running will get no reply."""
+        km = self._kernels.get(kernel_id)
+        if km is not None:
+            unanswered(km).clear()
+        await super()._async_restart_kernel(kernel_id, now=now)
+
+    restart_kernel = _async_restart_kernel  # type: ignore[assignment]
+
     async def shutdown_herd_kernels(self) -> None:
         """Shut down every kernel of herd's pools that is a kernel of this manager, as
         ``shutdown_all`` would (the herd_nb extension's stop, before its pools stop)."""
@@ -734,6 +744,17 @@ class HerdKernelManager(AsyncMappingKernelManager):
 
         stream.on_recv(watch)
 
+    @staticmethod
+    def _running_cell(km: Any) -> dict[str, Any] | None:
+        """The header of the execute request the kernel was running: the oldest one
+        its clients sent without a reply (herd_nb's WebSocket keeps them), else the
+        last one the kernel said it was busy with."""
+        requests = unanswered(km)
+        if requests:
+            return next(iter(requests.values()))
+        last: dict[str, Any] | None = getattr(km, "herd_last_execute", None)
+        return last
+
     def _herd_tell(self, km: Any, text: str) -> None:
         """Send ``text`` as an IOPub ``stream`` (stderr) to the kernel's WebSocket
         clients, as the server sends its own status messages, as output of the last
@@ -754,7 +775,7 @@ class HerdKernelManager(AsyncMappingKernelManager):
                 iopub = getattr(conn, "channels", {}).get("iopub")
                 if iopub is not None and not iopub.closed():
                     iopub.flush()  # the dead kernel's last output first
-                parent = getattr(km, "herd_last_execute", None)
+                parent = self._running_cell(km)
                 msg = session.msg("stream", {"name": "stderr", "text": text}, parent=parent)
                 if getattr(conn, "subprotocol", None) == "v1.kernel.websocket.jupyter.org":
                     from jupyter_server.services.kernels.connection.base import (
@@ -767,6 +788,7 @@ class HerdKernelManager(AsyncMappingKernelManager):
                     write(json.dumps(msg, default=json_default))
             except Exception:
                 self.log.debug("herd: cannot tell a client of %s", km.kernel_id, exc_info=True)
+        unanswered(km).clear()  # the dead kernel answers none of them
 
     async def _herd_crashed(self, kernel_id: str) -> None:
         """The pool's crash path (auto-restart gave up, or the kernel was not a

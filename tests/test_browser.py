@@ -1,5 +1,6 @@
 """The main job in a real browser: JupyterLab with herd_nb, quickstart.ipynb run from the
-menu, and the live dashboard rendered by ipywidgets in chromium.
+menu, and the live dashboard rendered by ipywidgets in chromium. And a kernel crash as a
+JupyterLab user sees it, with herd_nb and with stock jupyter_server side by side.
 
 The server is started as the README says (``jupyter lab notebooks/quickstart.ipynb``),
 with only what a test needs added: a free port, a token, ``--no-browser`` (and
@@ -10,6 +11,9 @@ up changes what the test sees.
 
 from __future__ import annotations
 
+import http.client
+import json
+import re
 import shutil
 import signal
 import sys
@@ -18,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Locator
+from playwright.sync_api import Browser, Locator, expect
 
+from tests.helpers import wait_until_sync
 from tests.helpers.browser import ARTIFACTS, JupyterLab, chromium, open_tab, write_user_settings
 from tests.helpers.jupyter import TOKEN, Server
 
@@ -66,11 +71,9 @@ def browser() -> Iterator[Browser]:
         yield b
 
 
-@pytest.fixture
-def lab_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
-    """``jupyter lab notebooks/quickstart.ipynb`` in a copy of the repository's notebooks
-    (JupyterLab saves what runs in it), stopped with SIGTERM after the test."""
-    shutil.copytree(NOTEBOOKS, tmp_path / "notebooks")
+def own_jupyter_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jupyter's user directories in ``tmp_path``, the installed defaults for the rest,
+    and JupyterLab's news toast off: for a server the test starts."""
     for name in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR"):
         monkeypatch.setenv(name, str(tmp_path / name.lower()))
     # Where a developer may point Jupyter elsewhere; the installed defaults apply instead
@@ -90,6 +93,14 @@ def lab_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serv
         "@jupyterlab/apputils-extension:notification",
         {"fetchNews": "false"},
     )
+
+
+@pytest.fixture
+def lab_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    """``jupyter lab notebooks/quickstart.ipynb`` in a copy of the repository's notebooks
+    (JupyterLab saves what runs in it), stopped with SIGTERM after the test."""
+    shutil.copytree(NOTEBOOKS, tmp_path / "notebooks")
+    own_jupyter_dirs(tmp_path, monkeypatch)
     # `jupyter lab` as the README runs it, through this interpreter (no venv needed);
     # it loads no jupyter_server_config.py from its directory, so Server's is unused.
     command = [sys.executable, "-m", "jupyterlab", "notebooks/quickstart.ipynb"]
@@ -179,3 +190,166 @@ def test_quickstart_dashboard_in_jupyterlab(browser: Browser, lab_server: Server
     assert lab_server.proc.returncode == 0, log[-3000:]
     errors = [line for line in log.splitlines() if line.startswith("[E ") or "Traceback" in line]
     assert not errors, log[-3000:]
+
+
+# -- a kernel crash, herd_nb against stock ------------------------------------------------
+
+# The crash notebook: a cell to run, a cell that kills its kernel, a cell to run after.
+CRASH_CELLS = ("1+1", "import os; os._exit(1)", "x = 41; x + 1")
+
+# herd's reason, written to stderr as output of the cell that was running:
+# "herd: the kernel died (<why>); restarting it".
+HERD_REASON = re.compile(r"the kernel died \((?P<why>[^)]*)\).*restarting")
+
+# What JupyterLab shows when the server says the kernel is "restarting" (its status
+# message after an automatic restart): stock and herd alike.
+RESTART_TITLE = "Kernel Restarting"
+RESTART_BODY = "The kernel for crash.ipynb appears to have died. It will restart automatically."
+
+_STDERR = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'
+_RESULT = ".jp-OutputArea-executeResult .jp-OutputArea-output"
+
+
+def code_notebook(*sources: str) -> dict[str, Any]:
+    """An nbformat 4.5 notebook of code cells never run, for the ``python3`` kernel."""
+    return {
+        "cells": [
+            {
+                "id": f"cell-{index}",
+                "cell_type": "code",
+                "source": source,
+                "metadata": {},
+                "outputs": [],
+                "execution_count": None,
+            }
+            for index, source in enumerate(sources)
+        ],
+        "metadata": {
+            "kernelspec": {
+                "name": "python3",
+                "display_name": "Python 3 (ipykernel)",
+                "language": "python",
+            }
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+
+
+def answers(server: Server) -> bool:
+    """Whether the server answers ``/api/status``; fails with its log if it exited."""
+    if server.proc.poll() is not None:
+        raise AssertionError(server.log()[-3000:])
+    try:
+        return server.request("/api/status")[0] == 200
+    except (OSError, http.client.HTTPException):  # not up yet, or not it on the port
+        return False
+
+
+@pytest.fixture(params=["herd", "stock"])
+def crash_lab(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, Server]]:
+    """``jupyter lab`` rooted at a directory holding ``crash.ipynb`` (:data:`CRASH_CELLS`):
+    ``herd``, herd_nb as installing herd enabled it, with its defaults (warm kernels),
+    ready once a warm kernel is; or ``stock``, herd_nb disabled. Stopped after the test."""
+    flavor: str = request.param
+    own_jupyter_dirs(tmp_path, monkeypatch)
+    (tmp_path / "crash.ipynb").write_text(json.dumps(code_notebook(*CRASH_CELLS)))
+    command = [sys.executable, "-m", "jupyterlab"]
+    if flavor == "stock":
+        command.append("--ServerApp.jpserver_extensions=herd_nb=False")
+    server = Server(tmp_path, "", command=command)
+    try:
+        if flavor == "herd":
+            server.wait_ready(
+                lambda pools: pools.get("kernels:python3", {}).get("available_workers", 0) > 0
+            )
+        else:
+            wait_until_sync(lambda: answers(server), timeout=60, what="jupyter lab (stock)")
+        yield flavor, server
+    finally:
+        server.stop()
+
+
+def only_session(server: Server) -> dict[str, Any]:
+    """The server's one session (``GET /api/sessions``)."""
+    sessions: list[dict[str, Any]] = server.json("/api/sessions")
+    assert len(sessions) == 1, sessions
+    return sessions[0]
+
+
+@pytest.mark.timeout(240)
+def test_kernel_crash_in_jupyterlab(
+    browser: Browser,
+    crash_lab: tuple[str, Server],
+) -> None:
+    """A cell kills the kernel: JupyterLab says it restarts, the next cell runs in a
+    fresh process (count 1) of the same kernel ID. herd_nb also says why, in the cell."""
+    flavor, server = crash_lab
+    with open_tab(browser, f"crash-{flavor}") as tab:
+        lab = JupyterLab(tab, server.base, TOKEN)
+        lab.open("crash.ipynb")
+        lab.wait_for_kernel_idle(timeout=90)
+        before = only_session(server)
+
+        lab.run_cell(0)  # 1+1
+        expect(lab.prompt(0)).to_have_text("[1]:", timeout=60_000)
+        expect(lab.code_cells().nth(0).locator(_RESULT)).to_have_text("2")
+
+        lab.run_cell(1)  # os._exit(1)
+        dialog = lab.dialog()
+        # Stock's restarter polls every 3 s; herd sees the exit at once.
+        expect(dialog).to_contain_text(RESTART_TITLE, timeout=60_000)
+        expect(dialog).to_contain_text(RESTART_BODY)
+        tab.screenshot(f"crash-{flavor}-restarting")
+        lab.dismiss_dialog("Ok")
+        lab.wait_for_kernel_idle(timeout=60)
+        expect(lab.prompt(1)).to_have_text("[ ]:")  # cut short: no count
+
+        lab.run_cell(2)  # x = 41; x + 1
+        expect(lab.code_cells().nth(2).locator(_RESULT)).to_have_text("42", timeout=60_000)
+        expect(lab.prompt(2)).to_have_text("[1]:")  # a new process counts from 1 again
+        lab.wait_for_kernel_idle(timeout=60)
+        stderr = lab.stderr_outputs()
+        # Each code cell's stderr outputs, to tell where a message landed.
+        by_cell = [lab.code_cells().nth(i).locator(_STDERR).all_inner_texts() for i in range(3)]
+        tab.screenshot(f"crash-{flavor}")
+
+    after = only_session(server)
+    context = f"before: {before}\nafter: {after}\nstderr outputs by cell: {by_cell}"
+    # Restarted in place: the session keeps its kernel ID, as stock's auto-restart does.
+    assert after["id"] == before["id"], context
+    assert after["kernel"]["id"] == before["kernel"]["id"], context
+    assert after["kernel"]["execution_state"] == "idle", context
+    if flavor == "herd":
+        # Why it died, once, and nothing else on stderr...
+        assert len(stderr) == 1, context
+        reason = HERD_REASON.search(stderr[0])
+        assert reason, context
+        assert re.search(r"\b1\b", reason["why"]), context  # os._exit(1)'s code
+    else:
+        assert stderr == [], context  # stock says nothing in the notebook
+
+    tab.assert_no_errors(IGNORED)
+
+    server.stop(signal.SIGTERM)
+    log = server.log()
+    path = ARTIFACTS / f"crash-{flavor}-server.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(log)
+    kernel_id = before["kernel"]["id"]
+    if flavor == "herd":
+        # The default config's warm kernel was handed out, and restarted in place.
+        assert re.search(rf"Kernel started: {kernel_id} \(herd: [^)]*warm", log), log[-3000:]
+    assert f"kernel {kernel_id} restarted" in log, log[-3000:]
+    assert server.proc.returncode == 0, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("[E ") or "Traceback" in line]
+    assert not errors, log[-3000:]
+
+    if flavor == "herd":
+        # herd_nb sends its reason as output of the execute request the kernel was
+        # running, so JupyterLab shows it under the cell that killed the kernel, not
+        # under the cell before. (It learns that request from the kernel's IOPub
+        # status "busy", which a kernel dying at once may never have sent.)
+        assert by_cell[1] == stderr, f"herd's reason is not under the crashing cell: {context}"

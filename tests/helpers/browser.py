@@ -16,6 +16,8 @@
         .run_all_cells()                 Run -> Run All Cells, in the menu bar
         .wait_for_cells_done()           every code cell has its execution count
         .wait_for_output("text")         an output of the notebook shows it
+        .run_cell(i)                     click into code cell i, Shift+Enter
+        .dismiss_dialog("Ok")            click a dialog's button; wait until it is gone
     tab.screenshot("name")           build/test-artifacts/name.png
 
 Only an installed browser runs: Debian's ``chromium`` (``$HERD_TEST_CHROMIUM`` names
@@ -361,6 +363,31 @@ class JupyterLab:
         panel = self.notebook.element_handle(timeout=timeout * 1000)
         self.page.wait_for_function(_CELLS_DONE, arg=panel, timeout=timeout * 1000)
         self.wait_for_kernel_idle(timeout=timeout)
+
+    def code_cells(self) -> Locator:
+        """The code cells of the notebook in front, in order."""
+        return self.notebook.locator(".jp-CodeCell")
+
+    def prompt(self, index: int) -> Locator:
+        """Code cell ``index``'s input prompt: ``[ ]:``, ``[*]:`` or ``[<count>]:``."""
+        return self.code_cells().nth(index).locator(".jp-InputArea-prompt")
+
+    def run_cell(self, index: int) -> None:
+        """Click into code cell ``index``'s editor and press Shift+Enter, as a user runs
+        one cell (JupyterLab then selects the next, adding one after the last); returns
+        once the keys are pressed."""
+        self.code_cells().nth(index).locator(".cm-content").click()
+        self.page.keyboard.press("Shift+Enter")
+
+    def dialog(self) -> Locator:
+        """JupyterLab's modal dialog (there is at most one at a time)."""
+        return self.page.locator(".jp-Dialog")
+
+    def dismiss_dialog(self, button: str = "Ok", *, timeout: float = 30.0) -> None:
+        """Click the dialog's ``button``, and wait until the dialog is gone."""
+        dialog = self.dialog()
+        dialog.get_by_role("button", name=button, exact=True).click(timeout=timeout * 1000)
+        dialog.wait_for(state="detached", timeout=timeout * 1000)
 
     def outputs(self) -> Locator:
         """Every output of the notebook in front (one per displayed item)."""
