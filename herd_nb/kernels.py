@@ -38,6 +38,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
+import zmq
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.session import Session
@@ -285,12 +286,14 @@ class KernelWorker(ProcessWorker):
         if self._kernel_client.channels_running:
             return self._kernel_client
         self._kernel_client = self.manager.client(context=self.manager.context)
-        self._kernel_client.start_channels()
+        self._kernel_client.start_channels(hb=False)
         await self._nudge(timeout)
         return self._kernel_client
 
     async def _until_ready(self, timeout: float) -> None:
-        self._kernel_client.start_channels()
+        # No heartbeat channel: a kernel's life is its process's (see healthy()), and
+        # the channel is a thread per client, on a context the manager may destroy.
+        self._kernel_client.start_channels(hb=False)
         self._probe.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
         ready = asyncio.ensure_future(self._kernel_client.wait_for_ready(timeout=timeout))
         died = asyncio.ensure_future(self.wait())
@@ -397,8 +400,11 @@ class KernelWorker(ProcessWorker):
                 await self.manager.request_shutdown()
                 await asyncio.wait_for(asyncio.shield(self._exited), self._stop_timeout)
         for client in (self._kernel_client, self._probe):
-            if client.channels_running:
-                client.stop_channels()
+            # ZMQError: the manager's owner destroyed its context (shut the kernel
+            # down itself): the sockets are gone already.
+            with contextlib.suppress(zmq.ZMQError):
+                if client.channels_running:
+                    client.stop_channels()
         await super()._close()
         # Connection and IPC files, the control socket and the ZMQ context.
         with contextlib.suppress(Exception):
