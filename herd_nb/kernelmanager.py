@@ -344,7 +344,9 @@ class HerdKernelManager(AsyncMappingKernelManager):
         if worker is not None:
             self._adopt(kernel_id, pool, worker, cwd, env)
             # Stock's line first (log readers grep for it), then herd's own words.
-            self.log.info("Kernel started: %s (herd: a warm spare, %s)", kernel_id, worker.id)
+            self.log.info(
+                "Kernel started: %s (herd: a warm spare, worker %s)", kernel_id, worker.id
+            )
             await self._finish_kernel_start(kernel_id)
         else:
             ready = self._start_cold(kernel_id, pool, cwd, env)
@@ -353,7 +355,7 @@ class HerdKernelManager(AsyncMappingKernelManager):
                 # is this request's error); its clients wait for it to answer.
                 try:
                     await asyncio.shield(ready)
-                except BaseException:
+                except Exception:  # not launched (a cancelled request leaves it starting)
                     self._kernels.pop(kernel_id, None)
                     self._kernel_connections.pop(kernel_id, None)
                     self._herd_failed.discard(kernel_id)
@@ -401,11 +403,19 @@ class HerdKernelManager(AsyncMappingKernelManager):
             finally:
                 self._herd_pending.pop(kernel_id, None)
             self._adopt(kernel_id, pool, worker, cwd, env, fresh=False)
-            self.log.info("herd: kernel %s ready (%s)", kernel_id, worker.id)
+            self.log.info("herd: kernel %s ready (worker %s)", kernel_id, worker.id)
 
         self._herd_pending[kernel_id] = asyncio.create_task(start())
-        # Stock's own steps once launched: ports, activity watch, the "dead" callback.
-        finishing = asyncio.create_task(self._finish_kernel_start(kernel_id))
+
+        async def finish() -> None:
+            """Stock's own steps once launched: ports, activity watch, "dead" callback."""
+            try:
+                await ready
+            except Exception:
+                return  # not launched: start() said why
+            await self._finish_kernel_start(kernel_id)
+
+        finishing = asyncio.create_task(finish())
         self._herd_finishing[kernel_id] = finishing
         finishing.add_done_callback(lambda _: self._herd_finishing.pop(kernel_id, None))
         return ready
