@@ -4,6 +4,8 @@
 
     python tests/upstream/run.py                  # both suites, both runs: ~25 minutes
     python tests/upstream/run.py --suite jupyter_client --timeout 120
+    python tests/upstream/run.py --ci             # herd run only, its failures rerun
+    python tests/upstream/run.py --suite jupyter_server --tests tests/services/api
 
 For each suite, the source distribution of the *installed* version is downloaded
 once (``pip download --no-binary :all:``) into the cache (``build/upstream/`` by
@@ -27,6 +29,13 @@ watches in the ``stock`` run. A test that passes stock and fails with herd is a
 reason), or the script exits with status 1. It also exits 1 when a run ended
 without results (a crash, or the run's time limit). Processes a run leaves
 behind (found by a tag in their environment) are reported and killed.
+
+``--ci`` runs each suite with herd only, then runs the tests that failed again,
+apart from that run, stock and with herd (one pytest for each, or one per test
+with ``--rerun each``), and classifies each failure: *fails stock too* (not herd's),
+*herd-only* (passes stock, fails with herd: must be listed, or exit status 1) or
+*order- or load-dependent* (passes both reruns: a warning, not an error).
+``--tests`` and ``-k`` run part of a suite (one ``--suite`` for ``--tests``).
 """
 
 from __future__ import annotations
@@ -207,11 +216,12 @@ def run_suite(
     timeout: float,
     limit: float,
     tests: Sequence[str] = (),
+    extra: Sequence[str] = (),
     label: str = "",
     quiet: bool = False,
 ) -> Run:
-    """Run one suite in one mode (``tests``: only these IDs), in a subprocess; kill
-    what it leaves behind."""
+    """Run one suite in one mode (``tests``: only these IDs or paths; ``extra``: more
+    pytest arguments), in a subprocess; kill what it leaves behind."""
     name = f"{suite.name}-{label or mode}"
     results_file = out / f"results-{name}.jsonl"
     report_file = out / f"report-{name}.json"
@@ -242,6 +252,7 @@ def run_suite(
         "-o",
         "timeout_method=signal",
         f"--timeout={timeout:g}",
+        *extra,
         *(tests or suite.paths),
     ]
     if not quiet:
@@ -284,10 +295,11 @@ def run_suite(
     )
 
 
-def saved_run(suite: Suite, mode: str, out: Path) -> Run | None:
+def saved_run(suite: Suite, mode: str, out: Path, label: str = "") -> Run | None:
     """The run of ``suite`` in ``mode`` that an earlier invocation left in ``out``."""
-    results = read_results(out / f"results-{suite.name}-{mode}.jsonl")
-    report_file = out / f"report-{suite.name}-{mode}.json"
+    name = f"{suite.name}-{label or mode}"
+    results = read_results(out / f"results-{name}.jsonl")
+    report_file = out / f"report-{name}.json"
     if not results or not report_file.exists():
         return None
     print(f"{suite.name} {mode}: results of an earlier run (--reuse)")
@@ -299,7 +311,7 @@ def saved_run(suite: Suite, mode: str, out: Path) -> Run | None:
         results=results,
         seen=json.loads(report_file.read_text(encoding="utf-8"))["seen"],
         leftovers=[],
-        log=out / f"{suite.name}-{mode}.log",
+        log=out / f"{name}.log",
     )
 
 
@@ -368,6 +380,33 @@ def herd_only(stock: Run, herd: Run) -> list[str]:
     )
 
 
+def known_entry(full: str, known: dict[str, str]) -> str | None:
+    """The entry of ``known`` that covers ``suite::test-id``, if any."""
+    if full in known:
+        return full
+    base = full.split("[", 1)[0]
+    return base if base in known else None
+
+
+def stale_known(
+    known: dict[str, str], listed: set[str], herd_runs: dict[str, Run], *, restricted: bool
+) -> list[str]:
+    """Entries of ``known`` for the suites run with herd that no failure used; in a run
+    of part of a suite (``restricted``), only those covering a test that ran."""
+    stale = []
+    for entry in sorted(set(known) - listed):
+        suite = entry.partition("::")[0]
+        run = herd_runs.get(suite)
+        if run is None:
+            continue
+        if restricted and not any(
+            known_entry(f"{suite}::{ran}", {entry: ""}) for ran in run.results
+        ):
+            continue
+        stale.append(entry)
+    return stale
+
+
 def table(rows: Iterable[Sequence[object]], header: Sequence[str]) -> str:
     cells = [[str(c) for c in header], *([str(c) for c in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
@@ -377,7 +416,11 @@ def table(rows: Iterable[Sequence[object]], header: Sequence[str]) -> str:
 
 
 def report(
-    runs: dict[tuple[str, str], Run], known: dict[str, str], alone: dict[str, dict[str, Result]]
+    runs: dict[tuple[str, str], Run],
+    known: dict[str, str],
+    alone: dict[str, dict[str, Result]],
+    *,
+    restricted: bool = False,
 ) -> int:
     """Print the comparison; the exit status."""
     status = 0
@@ -444,15 +487,237 @@ def report(
         )
         for test in fixed:
             print(f"  (fails stock, passes with herd: {test})")
-    stale = sorted(
-        test
-        for test in set(known) - listed
-        if any(test.startswith(f"{s.name}::") for s in SUITES if (s.name, "herd") in runs)
-    )
-    for test in stale:
+    herd_runs = {name: run for (name, mode), run in runs.items() if mode == "herd"}
+    for test in stale_known(known, listed, herd_runs, restricted=restricted):
         print(f"\nlisted in {KNOWN.name} but not a herd-only failure in this run: {test}")
     verdict = "is" if not status else "is not"
     print(f"\n{'FAILED' if status else 'OK'}: every herd-only failure {verdict} listed in {KNOWN}")
+    return status
+
+
+# -- --ci: the herd run only, its failures rerun -----------------------------------------
+
+FAILS_STOCK = "fails stock too"
+HERD_ONLY = "herd-only"
+ORDER = "order- or load-dependent"
+NO_RESULT = "no rerun result"
+#: The kinds that must be listed in ``known_differences.txt`` (else exit status 1).
+MUST_BE_LISTED = (HERD_ONLY, NO_RESULT)
+KINDS = (FAILS_STOCK, HERD_ONLY, ORDER, NO_RESULT)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Verdict:
+    """What the reruns made of one test that failed in the full herd run."""
+
+    kind: str  # one of KINDS
+    full: Result  # in the full herd run
+    stock: Result | None  # rerun stock, apart from the full run (None: no result)
+    herd: Result | None  # rerun with herd, apart from the full run
+
+
+def classify(
+    full: dict[str, Result], stock: dict[str, Result], herd: dict[str, Result]
+) -> dict[str, Verdict]:
+    """Each test that failed (or errored) in the full herd run ``full``, judged by its
+    reruns ``stock`` and ``herd``: fails stock too (whatever herd did), herd-only
+    (passes stock, fails with herd), order- or load-dependent (passes both), or no
+    rerun result (a rerun did not report it: treated as herd-only)."""
+    verdicts: dict[str, Verdict] = {}
+    for test, result in full.items():
+        if not result.broken:
+            continue
+        again_stock, again_herd = stock.get(test), herd.get(test)
+        if again_stock is not None and again_stock.broken:
+            kind = FAILS_STOCK
+        elif again_stock is None or again_herd is None:
+            kind = NO_RESULT
+        elif again_herd.broken:
+            kind = HERD_ONLY
+        else:
+            kind = ORDER
+        verdicts[test] = Verdict(kind=kind, full=result, stock=again_stock, herd=again_herd)
+    return verdicts
+
+
+def rerun(
+    suite: Suite,
+    tests: Sequence[str],
+    *,
+    each: bool,
+    source: Path,
+    site: Path,
+    herd: Path,
+    out: Path,
+    timeout: float,
+    limit: float,
+) -> tuple[dict[str, dict[str, Result]], list[Run]]:
+    """``tests`` run again stock and with herd, apart from the full run: one pytest per
+    mode (in the full run's order), or with ``each`` one per test and mode. The results
+    by mode, and the pytest runs."""
+    out.mkdir(parents=True, exist_ok=True)
+    how = "one pytest per test and mode" if each else "one pytest per mode"
+    print(f"{suite.name}: rerunning {len(tests)} herd failures, stock and herd ({how})")
+    batches = [[test] for test in tests] if each else [list(tests)]
+    results: dict[str, dict[str, Result]] = {}
+    runs: list[Run] = []
+    for mode in MODES:
+        results[mode] = {}
+        for number, batch in enumerate(batches, 1):
+            run = run_suite(
+                suite,
+                mode,
+                source=source,
+                site=site,
+                herd=herd,
+                out=out,
+                timeout=timeout,
+                limit=limit,
+                tests=batch,
+                label=f"rerun-{mode}-{number}" if each else f"rerun-{mode}",
+                quiet=True,
+            )
+            runs.append(run)
+            results[mode].update((test, run.results[test]) for test in batch if test in run.results)
+        got = results[mode]
+        broken = sum(1 for r in got.values() if r.broken)
+        seconds = sum(r.seconds for r in runs if r.mode == mode)
+        print(
+            f"{suite.name} rerun {mode}: {len(got) - broken} pass, {broken} fail, "
+            f"{len(tests) - len(got)} no result in {seconds:.0f}s",
+            flush=True,
+        )
+    return results, runs
+
+
+def report_ci(
+    runs: dict[str, Run],
+    reruns: dict[str, list[Run]],
+    verdicts: dict[str, dict[str, Verdict]],
+    known: dict[str, str],
+    *,
+    restricted: bool = False,
+) -> int:
+    """Print what ``--ci`` found: the herd runs (by suite), the reruns of their failures
+    and the verdicts; the exit status."""
+    status = 0
+    rows: list[Sequence[object]] = []
+    ended_badly: list[Run] = []
+    for suite in SUITES:
+        run = runs.get(suite.name)
+        if run is None:
+            continue
+        groups = [("herd", [run])]
+        for mode in MODES:
+            groups.append(
+                (f"rerun {mode}", [r for r in reruns.get(suite.name, []) if r.mode == mode])
+            )
+        for what, group in groups:
+            if not group:
+                continue
+            rows.append(
+                (
+                    suite.name,
+                    what,
+                    sum(r.count("passed") for r in group),
+                    sum(r.count("failed", "error") for r in group),
+                    sum(r.count("skipped", "xfailed", "xpassed") for r in group),
+                    f"{sum(r.seconds for r in group):.0f}s",
+                    max(r.max_fds for r in group),
+                    sum(len(r.leftovers) for r in group),
+                )
+            )
+            ended_badly += [r for r in group if not r.results or r.returncode not in (0, 1)]
+    header = ("suite", "run", "passed", "failed", "skipped", "time", "max fds", "left running")
+    print()
+    print(table(rows, header))
+    for run in ended_badly:
+        print(f"!! {run.suite.name} {run.log.stem}: pytest exited {run.returncode}; see {run.log}")
+        status = 1
+
+    for name, run in sorted(runs.items()):
+        print(f"\n{name} herd: what the plugin saw")
+        for what, n in run.seen.items():
+            print(f"  {n:5d}  {what}")
+        leftovers = [*run.leftovers, *(x for r in reruns.get(name, []) for x in r.leftovers)]
+        for line in leftovers:
+            print(f"  left running (killed): {line}")
+
+    counts = []
+    unlisted = 0
+    listed: set[str] = set()
+    warnings: list[str] = []
+    for name in sorted(runs):
+        judged = verdicts.get(name, {})
+        by_kind = {kind: sorted(t for t, v in judged.items() if v.kind == kind) for kind in KINDS}
+        new = 0
+        for kind in (HERD_ONLY, NO_RESULT, ORDER, FAILS_STOCK):
+            tests = by_kind[kind]
+            if not tests:
+                continue
+            print(f"\n{name}: {len(tests)} {kind}")
+            for test in tests:
+                verdict = judged[test]
+                entry = known_entry(f"{name}::{test}", known)
+                if entry is not None and kind != FAILS_STOCK:
+                    listed.add(entry)
+                if kind in MUST_BE_LISTED:
+                    mark = "known" if entry is not None else "NEW  "
+                    new += entry is None
+                elif kind == ORDER:
+                    mark = "known" if entry is not None else "WARN "
+                    if entry is None:
+                        warnings.append(f"{name}::{test}")
+                else:
+                    mark = "     "
+                print(f"  {mark} {test}\n          full herd run: {verdict.full.message}")
+                for mode, again in (("stock", verdict.stock), ("herd", verdict.herd)):
+                    if kind == FAILS_STOCK and mode == "herd":
+                        continue
+                    said = "no result" if again is None else f"{again.outcome} {again.message}"
+                    print(f"          rerun {mode}: {said}".rstrip())
+        unlisted += new
+        counts.append(
+            (
+                name,
+                len(judged),
+                len(by_kind[FAILS_STOCK]),
+                len(by_kind[HERD_ONLY]),
+                len(by_kind[ORDER]),
+                len(by_kind[NO_RESULT]),
+                new,
+            )
+        )
+    for test in stale_known(known, listed, runs, restricted=restricted):
+        print(f"\nlisted in {KNOWN.name} but not a herd failure in this run: {test}")
+    print()
+    kinds_header = (
+        "suite",
+        "failed with herd",
+        FAILS_STOCK,
+        HERD_ONLY,
+        ORDER,
+        NO_RESULT,
+        "not listed",
+    )
+    print(table(counts, kinds_header))
+    if warnings:
+        print(
+            f"\nWARNING: {len(warnings)} tests not listed in {KNOWN.name} failed in the full "
+            "herd run but passed when rerun, stock and with herd (order- or load-dependent; "
+            "not an error):"
+        )
+        for test in warnings:
+            name, _, test_id = test.partition("::")
+            message = verdicts[name][test_id].full.message
+            print(f"  {test}\n      {message}")
+    if ended_badly:
+        print(f"\nFAILED: {len(ended_badly)} pytest runs ended without results (see above)")
+    if unlisted:
+        print(f"\nFAILED: {unlisted} herd-only failures are not listed in {KNOWN}")
+        status = 1
+    elif not ended_badly:
+        print(f"\nOK: every herd-only failure is listed in {KNOWN}")
     return status
 
 
@@ -489,6 +754,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         "to tell a test's own failure from one caused by what earlier tests left behind",
     )
     parser.add_argument(
+        "--ci",
+        action="store_true",
+        help="run with herd only; rerun each test that fails, stock and with herd, apart "
+        "from that run, to tell herd-only failures (must be listed) from tests that fail "
+        "stock too (ignored) and order- or load-dependent ones (a warning)",
+    )
+    parser.add_argument(
+        "--rerun",
+        choices=("batch", "each"),
+        default="batch",
+        help="--ci: rerun the failures in one pytest per mode (batch), or in one pytest "
+        "per test and mode (each: slower, and truly alone)",
+    )
+    parser.add_argument(
+        "--tests",
+        action="append",
+        metavar="ID",
+        help="run only these test IDs or paths (relative to the sdist, say "
+        "tests/services/api or tests/test_serverapp.py::test_misc) instead of the "
+        "suite's; repeatable; needs one --suite",
+    )
+    parser.add_argument(
+        "-k",
+        dest="keyword",
+        metavar="EXPR",
+        help="run only the tests matching this pytest -k expression",
+    )
+    parser.add_argument(
         "--reuse",
         action="store_true",
         help="report the results a previous run left in the cache instead of running "
@@ -509,7 +802,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     suites = [s for s in SUITES if not args.suite or s.name in args.suite]
-    modes = [m for m in MODES if not args.mode or m in args.mode]
+    if args.tests and len(suites) != 1:
+        parser.error("--tests needs exactly one --suite")
+    if args.ci and (args.mode or args.isolate):
+        parser.error(
+            "--ci runs with herd only and reruns the failures itself: no --mode, no --isolate"
+        )
+    modes = ["herd"] if args.ci else [m for m in MODES if not args.mode or m in args.mode]
+    restricted = bool(args.tests or args.keyword)
+    extra = ["-k", args.keyword] if args.keyword else []
     cache: Path = args.cache.resolve()
     out = cache / "runs"
     out.mkdir(parents=True, exist_ok=True)
@@ -518,6 +819,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     runs: dict[tuple[str, str], Run] = {}
     alone: dict[str, dict[str, Result]] = {}
+    reruns: dict[str, list[Run]] = {}
+    verdicts: dict[str, dict[str, Verdict]] = {}
     for suite in suites:
         source = sdist_tests(suite.dist, cache)
         common = {
@@ -528,10 +831,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "limit": args.limit,
         }
         for mode in modes:
-            if args.reuse and (saved := saved_run(suite, mode, out)) is not None:
+            # A run of part of a suite has files of its own: --reuse never mistakes it
+            # for a whole run, or the other way round.
+            label = f"{mode}-part" if restricted else mode
+            if args.reuse and (saved := saved_run(suite, mode, out, label)) is not None:
                 runs[(suite.name, mode)] = saved
                 continue
-            run = run_suite(suite, mode, out=out, **common)
+            run = run_suite(
+                suite, mode, out=out, tests=args.tests or (), extra=extra, label=label, **common
+            )
             runs[(suite.name, mode)] = run
             print(
                 f"{suite.name} {mode}: {run.count('passed')} passed, "
@@ -542,7 +850,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.isolate and stock is not None and herd is not None:
             failures = herd_only(stock, herd)
             alone[suite.name] = isolate(suite, failures, herd.results, out=out / "alone", **common)
-    status = report(runs, known, alone)
+        if args.ci and herd is not None:
+            failed = [test for test, result in herd.results.items() if result.broken]
+            if failed:
+                again, reruns[suite.name] = rerun(
+                    suite, failed, each=args.rerun == "each", out=out / "ci", **common
+                )
+                verdicts[suite.name] = classify(herd.results, again["stock"], again["herd"])
+    if args.ci:
+        herd_runs = {name: run for (name, mode), run in runs.items() if mode == "herd"}
+        status = report_ci(herd_runs, reruns, verdicts, known, restricted=restricted)
+    else:
+        status = report(runs, known, alone, restricted=restricted)
     print(f"total: {time.monotonic() - started:.0f}s; logs and results in {out}")
     return status
 
