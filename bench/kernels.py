@@ -98,7 +98,7 @@ class Server:
 
 
 @contextlib.contextmanager
-def jupyter_server(name: str, root: Path) -> Iterator[Server]:
+def jupyter_server(name: str, root: Path, warm: int = WARM) -> Iterator[Server]:
     port = free_port()
     argv = [
         "jupyter",
@@ -112,7 +112,7 @@ def jupyter_server(name: str, root: Path) -> Iterator[Server]:
         f"--ServerApp.root_dir={root}",
     ]
     if name == "herd":
-        argv += [f"--Herd.warm_kernels={WARM}", "--Herd.max_workers=64", "--Herd.ttl=0"]
+        argv += [f"--Herd.warm_kernels={warm}", "--Herd.max_workers=64", "--Herd.ttl=0"]
     if name == "nodelay":
         argv.append(
             "--ServerApp.kernel_websocket_connection_class="
@@ -124,7 +124,7 @@ def jupyter_server(name: str, root: Path) -> Iterator[Server]:
         yield Server(name, f"http://127.0.0.1:{port}", proc)
 
 
-async def ready(server: Server, timeout: float = 120) -> None:
+async def ready(server: Server, timeout: float = 120, warm: int = WARM) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -134,7 +134,7 @@ async def ready(server: Server, timeout: float = 120) -> None:
             if server.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{server.name} server did not start") from None
             await asyncio.sleep(0.1)
-    await server.wait_warm(WARM, timeout)
+    await server.wait_warm(warm, timeout)
 
 
 async def first_reply(server: Server, path: str) -> tuple[float, str]:
@@ -146,8 +146,8 @@ async def first_reply(server: Server, path: str) -> tuple[float, str]:
     return time.perf_counter() - started, str(model["id"])
 
 
-async def execute_once(server: Server, kernel_id: str) -> float:
-    """Connect a kernel WebSocket and run ``1 + 1``: seconds to its execute_reply."""
+async def execute_once(server: Server, kernel_id: str, code: str = "1 + 1") -> float:
+    """Connect a kernel WebSocket and run ``code``: seconds to its execute_reply."""
     started = time.perf_counter()
     session = Session(session=uuid.uuid4().hex, username="bench")
     url = server.base.replace("http", "ws", 1)
@@ -156,7 +156,7 @@ async def execute_once(server: Server, kernel_id: str) -> float:
         HTTPRequest(url, headers={"Authorization": f"token {TOKEN}"}, connect_timeout=60)
     )
     try:
-        msg = session.msg("execute_request", {"code": "1 + 1", "silent": False})
+        msg = session.msg("execute_request", {"code": code, "silent": False})
         msg["channel"] = "shell"
         conn.write_message(json.dumps(msg, default=json_default))
         while True:

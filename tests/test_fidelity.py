@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -543,10 +544,11 @@ async def test_a_kernels_orphans_are_reaped_as_on_stock(
 # Rounds per server. A stock round is mostly its kernel's start (about 1 s; a
 # warm herd kernel's first cell takes 0.1 s): 50 rounds took 80 s in all on a
 # quiet 2-CPU machine, 145 s on one loaded by other test runs (load average 9).
-FIRST_CELL_ROUNDS = 50
+# HERD_FIRST_CELL_ROUNDS=200 for the measure (0 lost in 200 under load).
+FIRST_CELL_ROUNDS = int(os.environ.get("HERD_FIRST_CELL_ROUNDS", "50"))
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300 * max(1, FIRST_CELL_ROUNDS // 50))
 async def test_a_new_notebooks_first_cell_prints_as_on_stock(
     tmp_path: Path, servers: list[Server]
 ) -> None:
@@ -592,6 +594,11 @@ async def test_a_new_notebooks_first_cell_prints_as_on_stock(
         assert failed == [], (how, took)
         assert {cell.execution_count for cell in seen[server]} == {1}
     lost = {server: [cell for cell in seen[server] if cell.output_lost] for server in servers}
+    print(  # shown with -s: the measure behind the assertions
+        f"first cells: {FIRST_CELL_ROUNDS} per server; output lost: stock "
+        f"{len(lost[stock])}, herd {len(lost[herded])}; herd's kernels {how}; "
+        f"seconds (total, max) {took}"
+    )
     assert lost[herded] == [], (len(lost[stock]), how, took)
     assert len(lost[herded]) <= len(lost[stock])
     assert how["warm"] + how["cold"] == FIRST_CELL_ROUNDS
