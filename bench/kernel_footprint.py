@@ -8,9 +8,10 @@ defaults: 2 warm spares) run in the same run. Each opens ``--kernels`` notebooks
 and runs a cell in each over the kernel WebSocket, then the server process's
 threads and open file descriptors are counted (``/proc``). Then, alternating
 between the servers, a kernel that started a child process (``sleep 60``, as a
-notebook running a tool in the background would) is restarted through ``POST
-/api/kernels/{id}/restart``, and the request's time is taken: the medians are
-compared (the machine is shared and noisy).
+notebook running a tool in the background would), or one whose child has
+exited, is restarted through ``POST /api/kernels/{id}/restart``, and the
+request's time is taken: the medians are compared (the machine is shared and
+noisy).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from kernels import Server, execute_once, jupyter_server, ready  # bench/kernels
 
 # herd_nb's defaults, not bench/kernels.py's 8 warm kernels.
 SPARES = 2
-CHILD = "import subprocess; child = subprocess.Popen(['sleep', '60'])"
+CHILDREN = {
+    "a child still running": "import subprocess; child = subprocess.Popen(['sleep', '60'])",
+    "a child that exited": "import subprocess; subprocess.run(['true'])",
+}
 
 
 def census(pid: int) -> tuple[int, int]:
@@ -45,9 +49,9 @@ async def open_kernels(server: Server, count: int) -> list[str]:
     return ids
 
 
-async def restart_with_child(server: Server, kernel_id: str) -> float:
-    """Seconds the restart request of a kernel that runs a child process takes."""
-    await execute_once(server, kernel_id, CHILD)
+async def restart_with_child(server: Server, kernel_id: str, child: str) -> float:
+    """Seconds the restart request of a kernel that ran ``child`` takes."""
+    await execute_once(server, kernel_id, child)
     started = time.perf_counter()
     await server.call("POST", f"/api/kernels/{kernel_id}/restart", {})
     return time.perf_counter() - started
@@ -55,7 +59,9 @@ async def restart_with_child(server: Server, kernel_id: str) -> float:
 
 async def main(kernels: int, restarts: int) -> None:
     census_rows = []
-    times: dict[str, list[float]] = {"stock": [], "herd": []}
+    times: dict[tuple[str, str], list[float]] = {
+        (scenario, name): [] for scenario in CHILDREN for name in ("stock", "herd")
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("stock", "herd"):
             (Path(tmp) / name).mkdir()
@@ -73,19 +79,24 @@ async def main(kernels: int, restarts: int) -> None:
                 census_rows.append((server.name, threads, fds))
             for i in range(restarts):
                 order = servers if i % 2 == 0 else servers[::-1]
-                for server in order:
-                    kernel_id = ids[server.name][i % kernels]
-                    times[server.name].append(await restart_with_child(server, kernel_id))
+                for scenario, child in CHILDREN.items():
+                    for server in order:
+                        kernel_id = ids[server.name][i % kernels]
+                        seconds = await restart_with_child(server, kernel_id, child)
+                        times[scenario, server.name].append(seconds)
     print(f"holding {kernels} kernels (herd: plus {SPARES} warm spares)")
     print(f"{'server':8} {'threads':>8} {'fds':>6}")
     for name, threads, fds in census_rows:
         print(f"{name:8} {threads:8} {fds:6}")
-    print(f"\nrestart of a kernel that runs a child process ({restarts} per server)")
-    print(f"{'server':8} {'p50 s':>8} {'max s':>8}")
-    for name, seconds in times.items():
-        print(f"{name:8} {statistics.median(seconds):8.2f} {max(seconds):8.2f}")
-    ratio = statistics.median(times["herd"]) / statistics.median(times["stock"])
-    print(f"herd/stock p50: {ratio:.2f}x")
+    print(f"\nrestart of a kernel that started a child process ({restarts} per server)")
+    print(f"{'scenario':24} {'server':8} {'p50 s':>8} {'max s':>8} {'herd/stock':>11}")
+    for scenario in CHILDREN:
+        for name in ("stock", "herd"):
+            samples = times[scenario, name]
+            p50 = statistics.median(samples)
+            ratio = p50 / statistics.median(times[scenario, "stock"])
+            shown = f"{ratio:10.2f}x" if name == "herd" else ""
+            print(f"{scenario:24} {name:8} {p50:8.2f} {max(samples):8.2f} {shown:>11}")
 
 
 if __name__ == "__main__":
