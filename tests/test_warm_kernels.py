@@ -518,6 +518,11 @@ def readme_launch() -> tuple[str, list[str]]:
 async def test_the_readme_launch_command(tmp_path: Path) -> None:
     config, command = readme_launch()
     assert command[:2] == ["jupyter", "server"]
+    # This interpreter's `jupyter`, whether or not its environment is on PATH
+    # (a venv not activated): the script pip put beside it, else the module.
+    script = Path(sys.executable).with_name("jupyter")
+    jupyter = [str(script)] if script.exists() else [sys.executable, "-m", "jupyter"]
+    command = [*jupyter, *command[1:]]
     (tmp_path / "notes").mkdir()
     server = Server(tmp_path, config, command=command)
     try:
