@@ -19,12 +19,14 @@ import json
 import logging
 import re
 import signal
+import socket
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import tornado.web
 from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 
 from . import __version__
 from ._pool import Pool
@@ -337,6 +339,11 @@ def make_app(pool: Pool[Any], settings: ProxySettings, stats_path: str) -> torna
     )
 
 
+def _close_all(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Run the gateway until SIGINT or SIGTERM."""
     factory = ProcessFactory(
@@ -360,6 +367,14 @@ async def serve(args: argparse.Namespace) -> int:
         worker_reuse=not args.no_reuse,
         acquire_timeout=args.acquire_timeout,
     )
+    # The port first: bound before any worker starts (a worker picking a free port
+    # could otherwise take this one), and a port in use fails before any spawn.
+    # Connections made before the pool is ready wait in the listen backlog.
+    try:
+        sockets = bind_sockets(args.port, address=args.host)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -373,9 +388,14 @@ async def serve(args: argparse.Namespace) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await starting
         await pool.shutdown()
+        _close_all(sockets)
         return 0
     stopping.cancel()
-    starting.result()  # a SpawnError at start-up leaves here
+    try:
+        starting.result()  # a SpawnError at start-up leaves here
+    except BaseException:
+        _close_all(sockets)
+        raise
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(pool.shutdown)
         settings = ProxySettings(
@@ -392,11 +412,7 @@ async def serve(args: argparse.Namespace) -> int:
             max_body_size=2**62,  # the proxy enforces --max-body-size while streaming
             idle_connection_timeout=300,
         )
-        try:
-            server.listen(args.port, address=args.host)
-        except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
-            return 1
+        server.add_sockets(sockets)
         report = factory.sandbox_report
         log.info("sandbox: %s (%s)", report.level, report.reason)
         log.info(

@@ -242,6 +242,21 @@ def test_bad_flags_exit_2_with_a_message(flags: list[str], message: str) -> None
     assert message in done.stderr
 
 
+def test_a_port_in_use_fails_before_any_worker_starts() -> None:
+    # herd serve binds its port before the pool starts: a worker that picks a free
+    # port cannot take it meanwhile, and a port in use costs no spawn.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [sys.executable, "-m", "herd", "serve", "--port", str(port), "--min", "2"]
+        argv += ["--health-path", "/health", "--", sys.executable, WEB_WORKER, "{port}"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "pool ready" not in done.stderr  # no worker was started
+
+
 def test_version() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "herd", "--version"],
