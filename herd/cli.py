@@ -18,14 +18,17 @@ import contextlib
 import json
 import logging
 import re
+import resource
 import signal
 import socket
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import tornado.web
 from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 
 from . import __version__
@@ -235,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest request head",
     )
     net.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="open client connections at most; beyond it a new one gets 503 and is "
+        "closed, the others are served on (default: from the file descriptor limit)",
+    )
+    net.add_argument(
         "--max-message-size",
         type=_arg(parse_size),
         default=64 * 1024 * 1024,
@@ -339,6 +350,103 @@ def make_app(pool: Pool[Any], settings: ProxySettings, stats_path: str) -> torna
     )
 
 
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit (a gateway
+    holds two per proxied connection); the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > _FD_CEILING:
+        hard = max(soft, _FD_CEILING)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+#: Where :func:`raise_fd_limit` stops when the hard limit is unlimited or huge.
+_FD_CEILING = 1 << 20
+
+
+def default_max_connections(fd_limit: int, max_workers: int) -> int:
+    """Client connections the gateway takes at most with ``fd_limit`` descriptors:
+    two each (the client's and a worker's), after a reserve for the workers (a
+    pidfd, an output pipe and an upstream connection each), health probes, logs
+    and the listening sockets."""
+    reserve = 64 + 4 * max_workers
+    return max(1, (fd_limit - reserve) // 2)
+
+
+class CappedHTTPServer(HTTPServer):
+    """Tornado's HTTP server with at most ``max_connections`` client connections.
+
+    Past the cap a new connection gets a canned 503 and is closed at once,
+    without reading its request: refusing costs one write, and the connections
+    already open are served on (a flood of idle connections cannot take the
+    descriptors that health probes, spawns and the workers' own traffic need).
+    """
+
+    def initialize(self, *args: Any, max_connections: int = 10_000, **kwargs: Any) -> None:
+        super().initialize(*args, **kwargs)
+        self.max_connections = max_connections
+        self.refused = 0
+
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        if len(self._connections) < self.max_connections:
+            super().handle_stream(stream, address)
+            return
+        self.refused += 1
+        log.warning(
+            "refusing a connection: %d open (--max-connections %d)",
+            len(self._connections),
+            self.max_connections,
+        )
+        with contextlib.suppress(OSError):
+            stream.socket.send(_REFUSED)  # best effort: never wait on a refused client
+        stream.close()
+
+
+_REFUSED_BODY = json.dumps(
+    {"error": "too_many_connections", "message": "the gateway is at --max-connections"}
+).encode()
+_REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Connection: close\r\n"
+    b"Retry-After: 1\r\n"
+    b"Content-Length: " + str(len(_REFUSED_BODY)).encode() + b"\r\n\r\n" + _REFUSED_BODY
+)
+
+
+class RepeatFilter(logging.Filter):
+    """Lets a warning or error through at most once per ``interval`` seconds per
+    logger and message template; the next one through says how many were dropped.
+
+    A flood (a connection storm, a failing spawn) must not fill the disk with the
+    same line; every distinct problem is still logged at once.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._seen: dict[tuple[str, int, object], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.levelno, record.msg)
+        now = time.monotonic()
+        last, dropped = self._seen.get(key, (-float("inf"), 0))
+        if now - last < self.interval:
+            self._seen[key] = (last, dropped + 1)
+            return False
+        if len(self._seen) > 1000:  # templates, not values: only a bug grows it
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if dropped:
+            record.msg = f"{record.msg} ({dropped} more like this in the last {now - last:.0f}s)"
+        return True
+
+
 def _close_all(sockets: list[socket.socket]) -> None:
     for sock in sockets:
         sock.close()
@@ -366,6 +474,15 @@ async def serve(args: argparse.Namespace) -> int:
         idle_worker_timeout=args.idle_worker_timeout,
         worker_reuse=not args.no_reuse,
         acquire_timeout=args.acquire_timeout,
+    )
+    limit = raise_fd_limit()
+    max_connections = args.max_connections or default_max_connections(limit, args.max_workers)
+    if max_connections < 1:
+        raise ValueError(f"--max-connections must be >= 1, not {max_connections}")
+    log.info(
+        "file descriptors: %d; at most %d client connections (--max-connections)",
+        limit,
+        max_connections,
     )
     # The port first: bound before any worker starts (a worker picking a free port
     # could otherwise take this one), and a port in use fails before any spawn.
@@ -406,8 +523,9 @@ async def serve(args: argparse.Namespace) -> int:
             max_body_size=args.max_body_size,
             max_message_size=args.max_message_size,
         )
-        server = HTTPServer(
+        server = CappedHTTPServer(
             make_app(pool, settings, args.stats_path),
+            max_connections=max_connections,
             max_header_size=args.max_header_size,
             max_body_size=2**62,  # the proxy enforces --max-body-size while streaming
             idle_connection_timeout=300,
@@ -460,6 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RepeatFilter())
     try:
         return _run(serve(args), args.loop)
     except ValueError as exc:  # bad option values, from the pool or factory

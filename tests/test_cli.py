@@ -382,3 +382,113 @@ def test_bad_limit_flags_exit_2(flags: list[str]) -> None:
     )
     assert done.returncode == 2
     assert "limit" in done.stderr
+
+
+# -- floods: connections past the cap, descriptors, repeated log lines ---------------------
+
+
+def http_get(sock: socket.socket, path: str, session: str) -> bytes:
+    """One keep-alive GET on an open connection; the whole response (Content-Length)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Session-ID: {session}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[
+            1
+        ]
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_connections_past_the_cap_get_503_and_the_rest_are_served_on(
+    serve: type[Serve],
+) -> None:
+    server = serve("--min", "1", "--max", "2", "--max-connections", "8")
+    server.wait_ready()
+    before = {w["pid"] for w in json.loads(server.get("/herd/stats", session=None)[2])["workers"]}
+    held, refused = [], []
+    try:
+        for _ in range(8):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            answer = http_get(sock, "/state", "s1")
+            # (The connections of wait_ready() may not have been seen closed yet.)
+            (held if answer.startswith(b"HTTP/1.1 200") else refused).append(sock)
+        assert len(held) >= 6, len(held)
+        # The 9th and later: a canned 503 and closed, without a request read.
+        for _ in range(20):
+            extra = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            refused.append(extra)
+            reply = extra.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 503"), reply
+            assert b"Connection: close" in reply
+            assert b"too_many_connections" in reply
+            assert extra.recv(65536) == b""  # closed
+        # The connections already open are served on, by the same workers.
+        for sock in held:
+            assert http_get(sock, "/state", "s1").startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in held + refused:
+            sock.close()
+
+    # Freed: new connections are taken again.
+    def served() -> bool:
+        return server.get("/state")[0] == 200
+
+    wait_until_sync(served, timeout=10, what="a new connection served")
+    after = {w["pid"] for w in json.loads(server.get("/herd/stats", session=None)[2])["workers"]}
+    assert before <= after  # no worker was killed for it
+    assert server.stop() == 0
+    output = server.output()
+    # 20 refusals, but the warning is not repeated 20 times.
+    assert 1 <= output.count("refusing a connection") < 5, output
+
+
+def test_the_soft_descriptor_limit_is_raised_and_sets_the_cap() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["prlimit", "--nofile=256:4096", sys.executable, "-m", "herd", "serve"]
+    argv += ["--port", str(port), "--min", "0", "--", sys.executable, WEB_WORKER, "{port}"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until_sync(
+            lambda: _answers(f"http://127.0.0.1:{port}/herd/stats"), timeout=20, what="herd serve"
+        )
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        (line,) = [row for row in limits.splitlines() if row.startswith("Max open files")]
+        assert line.split()[3:5] == ["4096", "4096"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=15)
+    assert "file descriptors: 4096; at most 1996 client connections" in output
+
+
+def test_repeated_warnings_are_let_through_once_a_second() -> None:
+    import logging
+
+    from herd.cli import RepeatFilter
+
+    records = []
+
+    def make(msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("herd", logging.WARNING, __file__, 1, msg, args, None)
+
+    repeat = RepeatFilter(interval=0.2)
+    for i in range(100):
+        record = make("spawn failed: %s", i)
+        if repeat.filter(record):
+            records.append(record.getMessage())
+    assert records == ["spawn failed: 0"]
+    assert repeat.filter(make("another problem"))  # a distinct line goes through at once
+    info = logging.LogRecord("herd", logging.INFO, __file__, 1, "request", (), None)
+    assert all(repeat.filter(info) for _ in range(10))  # access lines are never dropped
+    time.sleep(0.25)
+    record = make("spawn failed: %s", 100)
+    assert repeat.filter(record)
+    assert record.getMessage() == "spawn failed: 100 (99 more like this in the last 0s)"
