@@ -24,24 +24,33 @@ __all__ = ["MAX_SESSION_ID_LENGTH", "AcquireContext", "Session", "validate_sessi
 
 MAX_SESSION_ID_LENGTH = 256
 _SESSION_ID = re.compile(rf"[A-Za-z0-9_.~:@+=-]{{1,{MAX_SESSION_ID_LENGTH}}}")
+_DOT_SEGMENTS = frozenset({".", ".."})
 
 
 def validate_session_id(session_id: object) -> str:
     """Return ``session_id`` if it is a valid session ID, else raise.
 
     Valid: 1 to 256 characters from ``A-Z a-z 0-9 _ . ~ : @ + = -`` (UUIDs,
-    JWT-like tokens, ``user@host``, ``tenant:42``). No ``/``, whitespace or
-    control characters, so an ID is safe in a URL path segment, a header, a log
-    line and a Redis key.
+    JWT-like tokens, ``user@host``, ``tenant:42``), except ``.`` and ``..``. No
+    ``/``, whitespace or control characters, and no relative path segment, so an ID
+    is safe in a URL path segment, a header, a log line and a Redis key.
 
     :raises herd.InvalidSessionIdError: with the reason.
     """
-    if type(session_id) is str and _SESSION_ID.fullmatch(session_id):
+    if (
+        type(session_id) is str
+        and _SESSION_ID.fullmatch(session_id)
+        and session_id not in _DOT_SEGMENTS
+    ):
         return session_id
     if not isinstance(session_id, str):
         why = f"must be a str, not {type(session_id).__name__}"
     elif not session_id:
         why = "must not be empty"
+    elif session_id in _DOT_SEGMENTS:
+        # A URL resolver or a client removes these from a path (RFC 3986 §5.2.4),
+        # so /{sid}/... would not reach the session it names.
+        why = "is a relative path segment"
     elif len(session_id) > MAX_SESSION_ID_LENGTH:
         why = f"is {len(session_id)} characters long (at most {MAX_SESSION_ID_LENGTH})"
     else:

@@ -28,21 +28,29 @@ with pause/resume backpressure; a header-only frame meter enforces the message
 size (1009) and notices a worker that vanishes without a close frame (1011).
 
 Errors are JSON bodies ``{"error": ..., "message": ...}``: no key or an invalid
-session ID → 400; body too large → 413; pool exhausted → 503 with
-``Retry-After``; worker dead, refused or not starting → 502 (a refused connection
-sends the worker through the pool's crash path at once); no response head within
-``upstream_timeout`` → 504. A client that disconnects cancels the upstream request.
+session ID → 400; a body whose length is ambiguous (two ``Content-Length``
+values, ``+3``, ``Content-Length`` with ``Transfer-Encoding``) or a WebSocket
+upgrade on a method other than GET → 400, before any worker is involved; body too
+large → 413; a request head over the server's ``max_header_size`` → 431 (with
+:class:`ProxyServer`); pool exhausted → 503 with ``Retry-After``; worker dead,
+refused or not starting → 502 (a refused connection sends the worker through the
+pool's crash path at once); no response head within ``upstream_timeout`` → 504.
+An error answered before the request body was read closes the connection, and
+says so (``Connection: close``). A client that disconnects cancels the upstream
+request.
 
 Usage::
 
     app = tornado.web.Application([
         (r"/(.*)", herd.proxy.ProxyHandler, {"pool": pool, "key": herd.proxy.from_header()}),
     ])
+    herd.proxy.ProxyServer(app, max_body_size=2**62).listen(8000)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import json
@@ -57,6 +65,7 @@ from typing import Any, cast
 
 from tornado import httputil, iostream
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
+from tornado.httpserver import HTTPServer
 from tornado.web import RequestHandler, stream_request_body
 
 from ._exceptions import (
@@ -70,6 +79,7 @@ from ._session import Session, validate_session_id
 
 __all__ = [
     "ProxyHandler",
+    "ProxyServer",
     "ProxySettings",
     "Route",
     "SessionKey",
@@ -302,6 +312,140 @@ def _still_open(stream: iostream.IOStream) -> bool:
     return False  # EOF, or stray bytes from an answer nobody asked for: not reusable
 
 
+# -- the server -------------------------------------------------------------------------
+
+
+class ProxyServer(HTTPServer):
+    """A Tornado :class:`~tornado.httpserver.HTTPServer` for the proxy: it answers a
+    request head over ``max_header_size`` with ``431 Request Header Fields Too
+    Large``, and takes at most ``max_connections`` client connections.
+
+    Tornado's own server closes an over-long head's connection without a word, and
+    a client (or the load balancer in front) cannot tell that from a crash. Past
+    ``max_connections`` (``None``: no cap) a new connection gets a canned 503
+    (``too_many_connections``, ``Connection: close``) and is closed at once,
+    unread: refusing costs one write, and the connections already open are served
+    on, so a flood of idle connections cannot take the descriptors that health
+    probes, spawns and the workers' own traffic need. Takes ``HTTPServer``'s
+    arguments besides; TLS connections keep Tornado's head handling.
+    """
+
+    def initialize(self, *args: Any, max_connections: int | None = None, **kwargs: Any) -> None:
+        super().initialize(*args, **kwargs)
+        if max_connections is not None and max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, not {max_connections}")
+        self.max_connections = max_connections
+        #: Connections refused at the cap so far.
+        self.refused = 0
+
+    def handle_stream(self, stream: iostream.IOStream, address: tuple[Any, ...]) -> None:
+        cap = self.max_connections
+        if cap is not None and len(self._connections) >= cap:
+            self.refused += 1
+            log.warning(
+                "refusing a connection: %d open (max_connections %d)", len(self._connections), cap
+            )
+            with contextlib.suppress(OSError):
+                stream.socket.send(_REFUSED)  # best effort: never wait on a refused client
+            stream.close()
+            return
+        if type(stream) is iostream.IOStream:
+            # A fresh stream on the same socket: the one TCPServer made has not
+            # registered with the loop or read anything yet.
+            stream = _HeadLimitStream(
+                stream.socket,
+                self.conn_params.max_header_size,
+                max_buffer_size=stream.max_buffer_size,
+                read_chunk_size=stream.read_chunk_size,
+            )
+        super().handle_stream(stream, address)
+
+
+_REFUSED_BODY = json.dumps(
+    {"error": "too_many_connections", "message": "the gateway is at its connection limit"}
+).encode()
+_REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Connection: close\r\n"
+    b"Retry-After: 1\r\n"
+    b"Content-Length: " + str(len(_REFUSED_BODY)).encode() + b"\r\n\r\n" + _REFUSED_BODY
+)
+
+
+class _HeadLimitStream(iostream.IOStream):
+    """An IOStream that, closed for a request head over the limit, says 431 first.
+
+    Tornado reads a request head with ``read_until_regex(max_bytes=...)``, and the
+    stream closes itself with :class:`~tornado.iostream.UnsatisfiableReadError`
+    when the limit is hit (bodies use ``read_bytes`` and ``read_until``). Instead of
+    closing the socket at once, with the rest of the head unread (a reset, which
+    would destroy the answer), the answer goes out, then our end of the stream, and
+    the socket is closed once the client closes its end or after a few seconds.
+    """
+
+    def __init__(self, sock: socket.socket, limit: int, **kwargs: Any) -> None:
+        super().__init__(sock, **kwargs)
+        self.limit = limit
+        self.reading_head = False  # the last bounded read was a request head
+
+    def read_until_regex(self, regex: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
+        self.reading_head = True
+        return super().read_until_regex(regex, max_bytes)
+
+    def read_until(self, delimiter: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
+        self.reading_head = False
+        return super().read_until(delimiter, max_bytes)
+
+    def close_fd(self) -> None:
+        if (
+            self.reading_head
+            and isinstance(self.error, iostream.UnsatisfiableReadError)
+            and not self.writing()  # a response still going out: no room for ours
+        ):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # closed at shutdown, after the loop: no time to answer
+                super().close_fd()
+                return
+            sock, self.socket = self.socket, None  # type: ignore[assignment]
+            task = loop.create_task(_answer_and_close(sock, _head_too_large(self.limit)))
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
+            return
+        super().close_fd()
+
+
+_closing: set[asyncio.Task[None]] = set()  # referenced until done (the loop keeps weak refs)
+_CLOSE_TIMEOUT = 5.0  # for a client to read an error answer and close its end
+
+
+def _head_too_large(limit: int) -> bytes:
+    body = json.dumps(
+        {"error": "head_too_large", "message": f"request line and headers over {limit} bytes"}
+    ).encode()
+    return (
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+        b"Content-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+    )
+
+
+async def _answer_and_close(sock: socket.socket, answer: bytes) -> None:
+    """Send ``answer``, end our stream, discard what the client still sends, close."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(_CLOSE_TIMEOUT):
+            await loop.sock_sendall(sock, answer)
+            sock.shutdown(socket.SHUT_WR)
+            while await loop.sock_recv(sock, 65536):
+                pass
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        sock.close()
+
+
 # -- the handler ------------------------------------------------------------------------
 
 # Bodies stream through, so no size limit on responses (Tornado's default is 100 MB).
@@ -440,26 +584,33 @@ class ProxyHandler(RequestHandler):
         self._reading: asyncio.Task[bool] | None = None
         self._received = 0
         self._chunked_upstream = False
+        self._websocket = False
         self._failed = False
 
     # -- shared: routing and acquiring ---------------------------------------------------
 
-    def _is_websocket(self) -> bool:
-        return self.request.headers.get("Upgrade", "").lower() == "websocket"
-
     async def prepare(self) -> None:
+        # Everything that can be refused is refused here, before acquire: a bad
+        # request never costs a worker (or a spawn) anything.
         try:
             self.route = self._find_route()
-            if self._is_websocket():
+            upgrade = self.request.headers.get("Upgrade")
+            if upgrade is not None and upgrade.lower() == "websocket":
+                if self.request.method != "GET":
+                    raise _Failure(
+                        400,
+                        "bad_upgrade",
+                        f"a WebSocket handshake is a GET, not {self.request.method}",
+                    )
+                self._websocket = True
                 return
-            if self.settings_.max_body_size is not None:
-                self._check_declared_length(self.settings_.max_body_size)
+            self._check_framing()
             # Tornado's default limit is 100 MB; ours is enforced in data_received.
             self.request.connection.set_max_body_size(2**62)  # type: ignore[union-attr]
             self.session = await self._acquire(self.route)
             await self._start_upstream()
         except _Failure as failure:
-            self._fail(failure)
+            self._fail(failure, body_unread=True)
 
     def _find_route(self) -> Route:
         uri = self.request.uri or "/"
@@ -480,10 +631,33 @@ class ProxyHandler(RequestHandler):
             raise _Failure(400, "invalid_session", str(exc)) from None
         return route
 
-    def _check_declared_length(self, limit: int) -> None:
-        declared = self.request.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _Failure(413, "body_too_large", f"request body over {limit} bytes")
+    def _check_framing(self) -> None:
+        """Refuse a body whose length a proxy would have to guess; check the size limit.
+
+        RFC 9112 §6.3: an invalid ``Content-Length`` (Tornado joins two headers into
+        ``"3,3"``), or one alongside ``Transfer-Encoding``, is a 400 and the end of
+        the connection, since where the next request starts is unknown. Tornado
+        would refuse some of these too, but only after the head went to a worker.
+        """
+        headers = self.request.headers
+        declared = headers.get("Content-Length")
+        encoding = headers.get("Transfer-Encoding")
+        if declared is not None:
+            if not (declared.isdigit() and declared.isascii()):
+                raise _Failure(
+                    400, "bad_framing", f"Content-Length must be one decimal number: {declared!r}"
+                )
+            if encoding is not None:
+                raise _Failure(400, "bad_framing", "both Content-Length and Transfer-Encoding")
+            limit = self.settings_.max_body_size
+            if limit is not None and int(declared) > limit:
+                raise _Failure(413, "body_too_large", f"request body over {limit} bytes")
+        elif encoding is not None:
+            if encoding.lower() != "chunked":  # the only coding HTTP/1.1 requires (as Tornado)
+                raise _Failure(400, "bad_framing", f"unsupported Transfer-Encoding: {encoding!r}")
+            # Tornado's client chunks POST/PUT/PATCH bodies of unknown length by
+            # itself; any other method with a chunked body is framed here.
+            self._chunked_upstream = self.request.method not in ("POST", "PUT", "PATCH")
 
     async def _acquire(self, route: Route) -> Session[Any]:
         pool = self.settings_.pool
@@ -496,7 +670,13 @@ class ProxyHandler(RequestHandler):
         except SpawnError as exc:
             raise _Failure(502, "spawn_failed", exc.message) from None
 
-    def _fail(self, failure: _Failure) -> None:
+    def _fail(self, failure: _Failure, *, body_unread: bool = False) -> None:
+        """Answer with ``failure`` as JSON, or cut a response already under way short.
+
+        :param body_unread: the request body (if any) is still to come. Tornado then
+            closes the connection once the answer is out (it will not read a body
+            for nobody), so the answer says ``Connection: close``.
+        """
         self._failed = True
         log.debug(
             "%s %s -> %d %s (session %s)",
@@ -511,9 +691,13 @@ class ProxyHandler(RequestHandler):
             self._abort()
             return
         if not self._finished:
+            if body_unread or failure.status == 413:
+                failure.headers["Connection"] = "close"
             _json_error(self, failure, self.route.session_id if self.route else None)
-        if failure.status == 413 and self.request.connection is not None:
-            # The unread body would follow; stop reading it.
+        if (
+            failure.status == 413 or failure.error == "bad_framing"
+        ) and self.request.connection is not None:
+            # The unread body would follow (or its end is unknown); stop reading it.
             self.request.connection.close()  # type: ignore[attr-defined]
 
     def _abort(self) -> None:
@@ -536,14 +720,7 @@ class ProxyHandler(RequestHandler):
     # -- HTTP ---------------------------------------------------------------------------
 
     def _request_headers(self) -> httputil.HTTPHeaders:
-        incoming = self.request.headers
-        headers = _end_to_end(incoming)
-        chunked = "Content-Length" not in incoming and "chunked" in _tokens(
-            incoming.get("Transfer-Encoding", "")
-        )
-        # Tornado's client chunks POST/PUT/PATCH bodies of unknown length by itself;
-        # any other method with a chunked body is framed here.
-        self._chunked_upstream = chunked and self.request.method not in ("POST", "PUT", "PATCH")
+        headers = _end_to_end(self.request.headers)
         self._add_forwarded(headers, self.request.protocol)
         if self._chunked_upstream:
             headers["Transfer-Encoding"] = "chunked"
@@ -688,7 +865,7 @@ class ProxyHandler(RequestHandler):
         return None  # the worker's response is passed through as it is
 
     async def get(self, *args: str) -> None:
-        await self._run(self._tunnel_websocket if self._is_websocket() else self._proxy)
+        await self._run(self._tunnel_websocket if self._websocket else self._proxy)
 
     async def _run(self, step: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -738,32 +915,41 @@ class ProxyHandler(RequestHandler):
                 f"worker answered the WebSocket handshake with HTTP {status}",
             )
         client_side = _Pipe(_FrameMeter(self.settings_.max_message_size))
-        stream = self.detach()  # Tornado lets go of the connection here
-        # The client sends nothing before our 101, so Tornado holds none of its
-        # bytes: the socket moves to an asyncio transport (a dup, as closing the
-        # IOStream closes its own descriptor).
-        sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
-        stream.close()
-        await loop.connect_accepted_socket(lambda: client_side, sock)
-        client_side.peer, worker_side.peer = worker_side, client_side
         started = time.monotonic()
-        log.info(
-            "websocket %s session=%s worker=%s open",
-            route.uri,
-            route.session_id,
-            self.session.worker.id,
-        )
+        sock: socket.socket | None = None  # the client's, until a transport owns it
+        # From here on, whatever fails (a dup at the fd limit, a transport that
+        # cannot start, cancellation) releases the client's socket, the worker's
+        # connection and the session's use: a use left open pins the session forever.
         try:
+            stream = self.detach()  # Tornado lets go of the connection here
+            # The client sends nothing before our 101, so Tornado holds none of its
+            # bytes: the socket moves to an asyncio transport (a dup, as closing the
+            # IOStream closes its own descriptor).
+            try:
+                sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
+            finally:
+                stream.close()
+            await loop.connect_accepted_socket(lambda: client_side, sock)
+            sock = None
+            client_side.peer, worker_side.peer = worker_side, client_side
+            log.info(
+                "websocket %s session=%s worker=%s open",
+                route.uri,
+                route.session_id,
+                self.session.worker.id,
+            )
             client_side.send(head + worker_side.take_early_bytes())
             worker_side.send(client_side.take_early_bytes())  # none, from a client that waits
             await asyncio.wait(
                 [client_side.done, worker_side.done], return_when=asyncio.FIRST_COMPLETED
             )
             if client_side.meter.too_big:
-                client_side.send(_close_frame(1009, "message too big"))
+                await self._refuse_message(client_side, worker_side)
             elif worker_side.done.done() and not worker_side.meter.saw_close:
                 client_side.send(_close_frame(1011, "the worker went away"))
         finally:
+            if sock is not None:
+                sock.close()
             client_side.close()
             worker_side.close()
             self._close_use()
@@ -774,6 +960,22 @@ class ProxyHandler(RequestHandler):
                 self.session.worker.id,
                 time.monotonic() - started,
             )
+
+    async def _refuse_message(self, client_side: _Pipe, worker_side: _Pipe) -> None:
+        """A client message over the size limit: close both ends with 1009, cleanly.
+
+        The rest of the message is still arriving. Closing the socket on unread
+        bytes would reset the connection, and the client would likely lose the
+        close frame, so the client side sends its close frame and its end of the
+        stream, then reads on (discarding) until the client answers or goes away.
+        """
+        reason = "message too big"
+        # The worker is the server of its connection: a masked frame, then the end
+        # (close() flushes first, and stops relaying the worker's answer).
+        worker_side.send(_close_frame(1009, reason, masked=True))
+        worker_side.close()
+        client_side.send(_close_frame(1009, reason))
+        await client_side.linger(_CLOSE_LINGER)
 
     async def _upstream_handshake(self, worker_side: _Pipe, route: Route) -> bytes:
         headers = _end_to_end(self.request.headers)
@@ -812,10 +1014,21 @@ class ProxyHandler(RequestHandler):
             self.session.close_nowait()
 
 
-def _close_frame(code: int, reason: str) -> bytes:
-    """A close frame as a server sends it (unmasked)."""
+# How long a refused WebSocket client may take to answer our close frame.
+_CLOSE_LINGER = 5.0
+
+
+def _close_frame(code: int, reason: str, *, masked: bool = False) -> bytes:
+    """A close frame as a server sends it (unmasked), or as a client does (masked)."""
     payload = code.to_bytes(2, "big") + reason.encode()[:123]
-    return bytes([0x88, len(payload)]) + payload
+    if not masked:
+        return bytes([0x88, len(payload)]) + payload
+    key = os.urandom(4)
+    return (
+        bytes([0x88, 0x80 | len(payload)])
+        + key
+        + bytes(byte ^ key[i % 4] for i, byte in enumerate(payload))
+    )
 
 
 class _Pipe(asyncio.Protocol):
@@ -835,6 +1048,7 @@ class _Pipe(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.head: asyncio.Future[bytes] = loop.create_future()  # the handshake answer
         self.done: asyncio.Future[None] = loop.create_future()  # the connection closed
+        self.lost: asyncio.Future[None] = loop.create_future()  # its transport is gone
         self._early = bytearray()  # bytes read before the tunnel flows
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -846,7 +1060,15 @@ class _Pipe(asyncio.Protocol):
             self._collect(data)
             return
         if not self.meter.feed(data):
-            self._finish()  # over the message size limit: the handler answers 1009
+            # Over the message size limit: the frames before the big one still go,
+            # the handler answers 1009, and this side discards what follows, until
+            # the client's own close frame.
+            cut, self.meter.cut = self.meter.cut, 0
+            if cut and self.peer.transport is not None:
+                self.peer.transport.write(data[:cut])
+            self._finish()
+            if self.meter.saw_close and self.transport is not None:
+                self.transport.close()
             return
         assert self.peer.transport is not None
         self.peer.transport.write(data)
@@ -889,6 +1111,22 @@ class _Pipe(asyncio.Protocol):
             self.head.set_exception(ConnectionError("the worker closed the connection"))
             self.head.exception()  # whoever awaits it still gets it; nobody else must
         self._finish()
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    async def linger(self, timeout: float) -> None:
+        """End our side of the stream, then read until the peer closes or ``timeout``.
+
+        For closing on a peer that is still sending: closing a socket with unread
+        bytes resets the connection, which can destroy what we sent last.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.resume_reading()  # a slow worker may have paused it
+        if transport.can_write_eof():
+            transport.write_eof()
+        await asyncio.wait([self.lost], timeout=timeout)
 
     def _finish(self) -> None:
         if not self.done.done():
@@ -908,20 +1146,27 @@ class _FrameMeter:
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
         self.too_big = False
+        self.cut = 0  # where the frame that went over the limit starts in the last data fed
         self.saw_close = False
         self._header = bytearray()  # a frame header being collected
         self._skip = 0  # payload bytes of the current frame still to pass
         self._message = 0  # payload bytes of the current (fragmented) message
 
     def feed(self, data: bytes) -> bool:
-        """Account for ``data``; ``False`` once a message exceeds the limit."""
+        """Account for ``data``; ``False`` once a message has exceeded the limit.
+
+        Frames are still followed after that (to see the peer's close frame).
+        """
         position, end = 0, len(data)
+        start = 0  # where the current frame's header starts (0: in earlier data)
         while position < end:
             if self._skip:  # inside a payload: nothing to read but its length
                 step = min(self._skip, end - position)
                 self._skip -= step
                 position += step
                 continue
+            if not self._header:
+                start = position
             wanted = 2 if len(self._header) < 2 else self._header_size()
             take = min(wanted - len(self._header), end - position)
             self._header += data[position : position + take]
@@ -934,14 +1179,14 @@ class _FrameMeter:
                 self.saw_close = True
             elif opcode < 0x8:  # data frames add up to a message; control frames don't
                 self._message += payload
-                if self.limit is not None and self._message > self.limit:
+                if self.limit is not None and self._message > self.limit and not self.too_big:
                     self.too_big = True
-                    return False
+                    self.cut = start
                 if first & 0x80:  # FIN
                     self._message = 0
             self._header.clear()
             self._skip = payload
-        return True
+        return not self.too_big
 
     def _header_size(self) -> int:
         length = self._header[1] & 0x7F

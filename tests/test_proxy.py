@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -69,6 +70,7 @@ async def make_gateway() -> AsyncIterator[Callable[..., Any]]:
         prefix: str = "",
         pool_options: dict[str, Any] | None = None,
         factory: herd.ProcessFactory | None = None,
+        server_options: dict[str, Any] | None = None,
         **settings: Any,
     ) -> Gateway:
         options = {"min_workers": 1, "max_workers": 3, "health_interval": None}
@@ -83,7 +85,7 @@ async def make_gateway() -> AsyncIterator[Callable[..., Any]]:
             [(route, proxy.ProxyHandler, {"settings": config})],
             websocket_max_message_size=config.max_message_size,
         )
-        server = HTTPServer(app, max_body_size=2**62)
+        server = proxy.ProxyServer(app, max_body_size=2**62, **(server_options or {}))
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(128)
@@ -539,6 +541,15 @@ def test_frame_meter_follows_frames_split_anywhere(split: int) -> None:
     assert over.too_big
 
 
+def test_frame_meter_marks_where_the_frame_over_the_limit_starts_and_follows_on() -> None:
+    small, big = frame(b"a" * 10), frame(b"b" * 2000)
+    meter = proxy._FrameMeter(limit=1000)
+    assert not meter.feed(small + big[:20])  # the frames before the big one may still go
+    assert meter.cut == len(small)
+    assert not meter.feed(big[20:] + frame(b"\x03\xf1", opcode=0x8))
+    assert meter.saw_close  # the client's answer to our 1009 is seen past the big frame
+
+
 async def test_websocket_ping_reaches_the_worker_and_its_pong_comes_back(make_gateway: Any) -> None:
     gw = await make_gateway()
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
@@ -555,3 +566,191 @@ async def test_websocket_ping_reaches_the_worker_and_its_pong_comes_back(make_ga
     pong = await asyncio.wait_for(reader.readexactly(2 + len(b"are you there")), 5)
     assert pong == bytes([0x8A, 13]) + b"are you there"  # the worker's pong, as it sent it
     writer.close()
+
+
+# -- malformed requests, raw ------------------------------------------------------------
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+    closed: bool  # the server closed the connection after the response
+
+
+async def raw_exchange(port: int, data: bytes, *, head_only: bool = False) -> RawResponse:
+    """Send ``data`` as it is; read one response and whether the server then closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in lines if line)
+        }
+        length = 0 if head_only else int(headers.get("content-length", "0"))
+        payload = await asyncio.wait_for(reader.readexactly(length), 5)
+        try:
+            closed = await asyncio.wait_for(reader.read(1), 1) == b""
+        except TimeoutError:
+            closed = False
+        return RawResponse(int(status_line.split()[1]), headers, payload, closed)
+    finally:
+        writer.close()
+
+
+def assert_json_error(response: RawResponse, status: int, *, head: bool = False) -> None:
+    assert response.status == status, response
+    assert response.headers["content-type"] == "application/json"
+    if not head:
+        assert json.loads(response.body)["error"]
+    # Whoever closes the connection after a response says so in it (RFC 9112 §9.6).
+    assert response.closed == ("close" in response.headers.get("connection", "")), response
+
+
+WS_HEADERS = (
+    b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /state HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n"
+        b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+        b"POST /state HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n"
+        b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        b"POST /state HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\nContent-Length: +3\r\n\r\nabc",
+        b"POST /state HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"POST /state HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n" + WS_HEADERS + b"\r\n",
+        b"DELETE /state HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n" + WS_HEADERS + b"\r\n",
+        b"HEAD /state HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n" + WS_HEADERS + b"\r\n",
+    ],
+    ids=[
+        "two-equal-lengths",
+        "two-lengths",
+        "plus-length",
+        "length-and-chunked",
+        "websocket-post",
+        "websocket-delete",
+        "websocket-head",
+    ],
+)
+async def test_malformed_requests_are_json_400s_and_never_reach_a_worker(
+    make_gateway: Any, raw: bytes
+) -> None:
+    gw = await make_gateway()
+    response = await raw_exchange(gw.port, raw, head_only=raw.startswith(b"HEAD"))
+    assert_json_error(response, 400, head=raw.startswith(b"HEAD"))
+    assert "s1" not in gw.pool.sessions()  # never acquired: the worker saw nothing
+    assert body(await gw.fetch("/state", "s2"))["count"] == 1
+
+
+@pytest.mark.parametrize("bad", [".", ".."])
+async def test_dot_segments_are_invalid_session_ids(make_gateway: Any, bad: str) -> None:
+    gw = await make_gateway()
+    by_header = await gw.fetch("/echo", session=bad)
+    assert by_header.code == 400
+    assert body(by_header)["error"] == "invalid_session"
+    assert "relative path segment" in body(by_header)["message"]
+    with pytest.raises(herd.InvalidSessionIdError):
+        herd.validate_session_id(bad)
+    assert herd.validate_session_id("...") == "..."  # only the path segments themselves
+
+    path_gw = await make_gateway(key=proxy.from_path())
+    for segment in (bad, bad.replace(".", "%2e")):
+        raw = f"GET /{segment}/echo HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        assert_json_error(await raw_exchange(path_gw.port, raw), 400)
+    assert not path_gw.pool.sessions()
+
+
+async def test_request_head_over_the_limit_is_431(make_gateway: Any) -> None:
+    gw = await make_gateway(server_options={"max_header_size": 4096})
+    raw = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\nX-Big: " + b"a" * 8192
+    response = await raw_exchange(gw.port, raw + b"\r\n\r\n")
+    assert_json_error(response, 431)
+    assert response.closed
+    assert "s1" not in gw.pool.sessions()
+    # A request line alone over the limit, still being sent when the answer comes.
+    response = await raw_exchange(gw.port, b"GET /" + b"a" * 100_000)
+    assert_json_error(response, 431)
+    assert (await gw.fetch("/echo", headers={"X-Fits": "b" * 2000})).code == 200
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_503_says_connection_close_when_the_connection_closes(
+    make_gateway: Any, method: str
+) -> None:
+    gw = await make_gateway(pool_options={"min_workers": 1, "max_workers": 1}, acquire_timeout=0.2)
+    holding = await gw.ws(session="holder")
+    raw = f"{method} /echo HTTP/1.1\r\nHost: x\r\nX-Session-ID: other\r\n".encode()
+    if method == "POST":
+        raw += b"Content-Length: 5\r\n\r\nhello"
+    else:
+        raw += b"\r\n"
+    response = await raw_exchange(gw.port, raw)
+    assert_json_error(response, 503)
+    assert response.headers["retry-after"] == "1"
+    holding.close()
+
+
+# -- WebSocket faults ---------------------------------------------------------------------
+
+
+async def test_websocket_two_mib_frame_over_the_limit_closes_with_1009(make_gateway: Any) -> None:
+    gw = await make_gateway(max_message_size=1024 * 1024)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n" + WS_HEADERS + b"\r\n")
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 101")
+    writer.write(frame(b"x" * (2 * 1024 * 1024)))
+    with contextlib.suppress(ConnectionError):  # the proxy may stop reading before the end
+        await writer.drain()
+    # A close frame, then the end of the stream: no reset (ConnectionResetError) first.
+    received = await asyncio.wait_for(reader.read(), 10)
+    assert received[:4] == b"\x88" + bytes([len(received) - 2]) + (1009).to_bytes(2, "big")
+    assert received[4:] == b"message too big"
+    writer.close()
+    await wait_until(lambda: gw.pool.stats().workers[0].open_uses == 0, what="use released")
+    await wait_until_async(  # the worker was told, with a close frame of its own
+        lambda: gw.fetch("/last-close"), lambda r: body(r).get("code") == 1009
+    )
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_websocket_detach_failure_releases_socket_worker_connection_and_use(
+    make_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    gw = await make_gateway(pool_options={"ttl": 60, "clock": clock})
+    assert (await gw.fetch("/echo")).code == 200  # the worker is up; s1 pinned
+    gw.settings.upstreams.close()
+    before = open_fds()
+    real_dup = os.dup
+
+    def dup_fails_once(fd: int) -> int:
+        monkeypatch.setattr(proxy.os, "dup", real_dup)
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(proxy.os, "dup", dup_fails_once)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n" + WS_HEADERS + b"\r\n")
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no hang
+    writer.close()
+    await writer.wait_closed()
+    await wait_until(lambda: gw.pool.stats().workers[0].open_uses == 0, what="use released")
+    await wait_until(lambda: open_fds() <= before, what=f"fds back to {before}")
+    clock.advance(61)
+    await gw.pool.sweep()
+    assert "s1" not in gw.pool.sessions()  # evictable again
+    ws = await gw.ws()  # and the next WebSocket works
+    await ws.write_message("ok")
+    assert await ws.read_message() == "ok"
+    ws.close()
