@@ -64,6 +64,13 @@ class PoolConfig:
         ``0``/``None`` disables eviction.
     :param health_interval: seconds between health checks of every worker;
         ``0``/``None`` disables them (exits are still noticed at once).
+    :param health_failures: consecutive failed health probes, spread over at least
+        ``(health_failures - 1) * health_interval`` seconds, after which a worker
+        whose process still runs is declared dead. Default 3: one slow answer is a
+        busy worker (a blocking handler, a long GC pause), not a dead one, and
+        killing it loses its session's state; with the default interval a worker
+        must fail to answer for 10 s and more before it is killed. ``1`` kills at
+        the first failed probe. A worker whose process exited is dead at once.
     :param worker_reuse: ``False``: a worker whose session ended is killed, never
         handed to another session.
     :param acquire_timeout: default seconds an :meth:`~herd.Pool.acquire` waits for a
@@ -83,6 +90,7 @@ class PoolConfig:
     min_idle: int = 0
     ttl: float | None = 300.0
     health_interval: float | None = 5.0
+    health_failures: int = 3
     worker_reuse: bool = True
     acquire_timeout: float | None = 30.0
     idle_worker_timeout: float | None = 60.0
@@ -98,6 +106,7 @@ class PoolConfig:
                 f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})"
             )
         _count("min_idle", self.min_idle, minimum=0)
+        _count("health_failures", self.health_failures, minimum=1)
         if self.min_idle > self.max_workers:
             raise ValueError(
                 f"min_idle ({self.min_idle}) must be <= max_workers ({self.max_workers})"

@@ -17,8 +17,15 @@ Data flow::
 
     worker exits ──> _watch task (Worker.wait) ──> _worker_died: unpin, on_crash, refill
     maintenance loop (every tick, injected clock):
-               ttl eviction of unused pins, retire surplus idle workers, refill to min
-    health loop (every health_interval): Worker.healthy() or _worker_died
+               ttl eviction of unused pins, retire surplus idle workers, refill to min,
+               then registry deletes of ended sessions (_unregistered; kept on failure)
+    health loop (every health_interval): Worker.healthy(); health_failures failed
+               probes in a row (over (health_failures - 1) * health_interval) or an
+               exited process ──> _worker_died
+
+Background loops never die of an error: each logs a distinct error once and backs
+off (:class:`_Trouble`). A registry that fails for a while delays only its own
+clean-up (retried with a back-off), never eviction, retirement or refill.
 
 Concurrency invariant: all state below lives on the event loop that started the
 pool and is touched only from it, so code between two ``await`` points is a
@@ -43,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import inspect
 import logging
 import time
@@ -67,6 +75,64 @@ log = logging.getLogger("herd.pool")
 
 CrashCallback = Callable[[str], Any]
 _UNSET: Any = object()
+
+# A health probe that raised OSError with one of these could not be made on the
+# pool's side (out of file descriptors, buffers or local ports): it says nothing
+# of the worker, so it counts neither for nor against it.
+_LOCAL_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
+
+
+#: How long :meth:`Pool.check_worker` waits for a failing worker's exit to be seen.
+_EXIT_GRACE = 0.25
+
+
+def _failed_locally(result: object) -> bool:
+    return isinstance(result, OSError) and result.errno in _LOCAL_ERRNOS
+
+
+class _Trouble:
+    """The failures in a row of one background job: a distinct error is logged
+    once, and the job is told how long to back off (``first`` seconds, doubling up
+    to ``most``), so a registry down for an hour neither stops the pool nor floods
+    its log."""
+
+    __slots__ = ("_first", "_most", "_seen", "failures", "what")
+
+    def __init__(self, what: str, *, first: float, most: float = 30.0) -> None:
+        self.what = what
+        self._first = first
+        self._most = max(most, first)
+        self._seen: set[tuple[type[BaseException], str]] = set()  # errors logged this streak
+        self.failures = 0
+
+    def failed(self, exc: BaseException) -> float:
+        """Note one failure; the seconds to wait before the next try."""
+        self.failures += 1
+        delay = min(self._first * 2.0 ** min(self.failures - 1, 20), self._most)
+        key = (type(exc), str(exc))
+        if key in self._seen or len(self._seen) >= 16:
+            log.debug("%s failed again (%d in a row): %r", self.what, self.failures, exc)
+        else:
+            self._seen.add(key)
+            retry = f"; next try in {delay:.2g}s" if delay else ""
+            log.error(
+                "%s failed (%d in a row%s; each distinct error is logged once): %r",
+                self.what,
+                self.failures,
+                retry,
+                exc,
+                exc_info=exc,
+            )
+        return delay
+
+    def recovered(self) -> None:
+        """The job succeeded: the next failure is news again."""
+        if self.failures:
+            log.info("%s works again after %d failure(s)", self.what, self.failures)
+        self.failures = 0
+        self._seen.clear()
 
 
 def _with_breach(worker: Worker[Any], reason: str) -> str:
@@ -100,7 +166,16 @@ class WorkerState(enum.Enum):
 class _Slot(Generic[C]):
     """The pool's record of one live worker."""
 
-    __slots__ = ("created", "idle_since", "pin", "state", "watch", "worker")
+    __slots__ = (
+        "created",
+        "failing_since",
+        "idle_since",
+        "pin",
+        "probe_failures",
+        "state",
+        "watch",
+        "worker",
+    )
 
     def __init__(self, worker: Worker[C], now: float) -> None:
         self.worker = worker
@@ -109,17 +184,20 @@ class _Slot(Generic[C]):
         self.created = now
         self.idle_since = now
         self.watch: asyncio.Task[None] | None = None
+        self.probe_failures = 0  # failed health probes in a row
+        self.failing_since = 0.0  # loop time of the first of them
 
 
 class _Pin(Generic[C]):
     """A session pinned to a slot."""
 
-    __slots__ = ("death", "ended", "last_active", "session_id", "slot", "uses")
+    __slots__ = ("death", "ended", "last_active", "session_id", "slot", "used", "uses")
 
     def __init__(self, session_id: str, slot: _Slot[C], now: float) -> None:
         self.session_id = session_id
         self.slot = slot
         self.uses = 0  # open Session objects; > 0 means never evicted
+        self.used = False  # a caller got a Session of it (else every caller gave up)
         self.last_active = now  # when the last use ended (or the pin was made)
         self.ended = False  # released, evicted or crashed: no new uses
         self.death: str | None = None  # why the worker died, if that ended the pin
@@ -152,6 +230,14 @@ class Pool(Generic[C]):
         ``0``/``None`` never evicts.
     :param health_interval: seconds between health checks; ``0``/``None`` disables
         them (a worker's exit is noticed at once regardless).
+    :param health_failures: failed health probes in a row, over at least
+        ``(health_failures - 1) * health_interval`` seconds, before a worker whose
+        process still runs is declared dead (default 3: a worker busy in a
+        blocking handler for a few seconds is not killed with its session's
+        state). A worker whose process exited, or that failed a probe while at a
+        cgroup limit, is dead at once. A probe the pool could not make on its own
+        side (``healthy()`` raising :class:`OSError` ``EMFILE``, ``ENFILE``,
+        ``ENOBUFS``, ``ENOMEM`` or ``EADDRNOTAVAIL``) counts for nothing.
     :param worker_reuse: ``False``: a worker whose session ended is killed instead of
         being handed to another session.
     :param on_crash: called with the session ID when a worker dies while pinned.
@@ -183,6 +269,7 @@ class Pool(Generic[C]):
         min_idle: int = 0,
         ttl: Duration = 300.0,
         health_interval: Duration = 5.0,
+        health_failures: int = 3,
         worker_reuse: bool = True,
         on_crash: CrashCallback | None = None,
         registry: SessionRegistry | None = None,
@@ -197,6 +284,7 @@ class Pool(Generic[C]):
             min_idle=min_idle,
             ttl=duration_seconds("ttl", ttl),
             health_interval=duration_seconds("health_interval", health_interval),
+            health_failures=health_failures,
             worker_reuse=worker_reuse,
             acquire_timeout=duration_seconds("acquire_timeout", acquire_timeout),
             idle_worker_timeout=duration_seconds("idle_worker_timeout", idle_worker_timeout),
@@ -218,6 +306,13 @@ class Pool(Generic[C]):
         # Session bookkeeping.
         self._pins: dict[str, _Pin[C]] = {}
         self._pending: dict[str, _Pending[C]] = {}
+        # Ended sessions still to delete from the registry (ID -> the worker they
+        # had); the maintenance loop does it, and keeps what failed for next time.
+        self._unregistered: dict[str, str] = {}
+        self._registry_trouble = _Trouble("registry clean-up", first=self._tick())
+        self._registry_retry_at = 0.0  # loop time; no clean-up before it after a failure
+        self._probe_trouble = _Trouble("health probes on the pool's side", first=0.0)
+        self._refill_trouble = _Trouble("refill", first=0.0)
         # Spawn failure back-off: no spawn before _backoff_until (loop time).
         self._failures = 0
         self._backoff_until = 0.0
@@ -315,9 +410,10 @@ class Pool(Generic[C]):
         for slot in slots:
             slot.state = WorkerState.DRAINING
         await asyncio.gather(*(self._close_worker(slot) for slot in slots))
-        for session_id in sessions:
+        for session_id in {*sessions, *self._unregistered}:
             with contextlib.suppress(Exception):
                 await self.registry.delete(session_id)
+        self._unregistered.clear()
         await asyncio.gather(*self._tasks, *self._closing, return_exceptions=True)
         self._state = PoolState.CLOSED
         self._closed.set()
@@ -387,6 +483,7 @@ class Pool(Generic[C]):
         pin = self._pins.get(session_id)
         if pin is not None and self._state is PoolState.READY:
             pin.uses += 1  # fast path: a dict hit, no await, no validation needed
+            pin.used = True
             return Session(pin, self)
         validate_session_id(session_id)
         self._check_open()
@@ -427,6 +524,10 @@ class Pool(Generic[C]):
                         # Not our cancellation but the shared task's (shutdown): the
                         # loop's _check_open() says so, or we start over.
                         continue
+                    if pending.callers == 1:
+                        # The last caller leaves (a client gone, a timeout): a pin
+                        # made as it left must not hold a worker for a departed client.
+                        self._abandon(pending.task)
                     raise
                 finally:
                     pending.callers -= 1
@@ -436,8 +537,25 @@ class Pool(Generic[C]):
                             del self._pending[session_id]  # a newcomer starts afresh
             if not pin.ended:
                 pin.uses += 1
+                pin.used = True
                 return Session(pin, self)
             # The pin ended (crash, release) between its making and our turn: retry.
+
+    def _abandon(self, task: asyncio.Task[_Pin[C]]) -> None:
+        """Every caller of a first acquire gave up: end the pin if it was made anyway.
+
+        The pin task may have finished in the same loop turn as the last caller's
+        cancellation (a worker freed up just as the client left); unless someone
+        got a use of it since, the session is ended at once, not a TTL later.
+        """
+        if not task.done() or task.cancelled() or task.exception() is not None:
+            return
+        pin = task.result()
+        if pin.used or pin.ended or self._pins.get(pin.session_id) is not pin:
+            return
+        log.debug("session %s: every acquire gave up; unpinned at once", pin.session_id)
+        self._end_pin(pin)
+        self._unregister(pin.session_id, pin.slot.worker.id)
 
     async def _pin_new(
         self, session_id: str, spawn: Callable[[], Awaitable[Worker[C]]] | None = None
@@ -567,7 +685,16 @@ class Pool(Generic[C]):
     async def _end_session(self, pin: _Pin[C]) -> None:
         if self._pins.get(pin.session_id) is pin:
             self._end_pin(pin)
-            await self.registry.delete(pin.session_id)
+            try:
+                await self.registry.delete(pin.session_id)
+            except Exception:
+                self._unregister(pin.session_id, pin.slot.worker.id)  # retried in the background
+                raise
+
+    def _unregister(self, session_id: str, worker_id: str) -> None:
+        """Have the maintenance loop delete an ended session from the registry."""
+        self._unregistered[session_id] = worker_id
+        self._wake.set()
 
     async def release(self, session_id: str) -> None:
         """End the session ``session_id``: unpin it from its worker. Idempotent.
@@ -694,15 +821,23 @@ class Pool(Generic[C]):
                 try:
                     slot = await self._spawn_slot()
                 except (SpawnError, PoolClosedError):
-                    continue
+                    continue  # spawn failures back off by themselves
                 self._make_idle(slot)
+                self._refill_trouble.recovered()
+        except Exception as exc:
+            self._refill_trouble.failed(exc)  # the next maintenance pass starts over
         finally:
             self._refilling = False
 
     # -- failure detection --------------------------------------------------------------
 
     async def _watch(self, slot: _Slot[C]) -> None:
-        reason = await slot.worker.wait()
+        try:
+            reason = await slot.worker.wait()
+        except Exception:
+            # A broken Worker.wait(): health checks are left to notice this one's death.
+            log.exception("watching worker %s failed", slot.worker.id)
+            return
         self._worker_died(slot, reason)
 
     def _worker_died(self, slot: _Slot[C], reason: str) -> None:
@@ -730,13 +865,30 @@ class Pool(Generic[C]):
                 del self._pins[pin.session_id]
             pin.ended = True
             pin.death = reason
-            self._background(self._forget(pin.session_id, slot.worker.id))
+            self._unregister(pin.session_id, slot.worker.id)
             self._crashed(pin.session_id)
 
     async def _forget(self, session_id: str, worker_id: str) -> None:
         # Only if no new pin has claimed the session in the meantime.
         if session_id not in self._pins and await self.registry.get(session_id) == worker_id:
             await self.registry.delete(session_id)
+
+    async def _forget_ended(self) -> None:
+        """Delete ended sessions from the registry. A failure stops the round (the
+        registry is likely down): it is logged once, and the rest is tried again by
+        a later sweep, after a back-off."""
+        loop = asyncio.get_running_loop()
+        if not self._unregistered or loop.time() < self._registry_retry_at:
+            return
+        try:
+            for session_id, worker_id in list(self._unregistered.items()):
+                await self._forget(session_id, worker_id)
+                if self._unregistered.get(session_id) == worker_id:  # not ended again meanwhile
+                    del self._unregistered[session_id]
+        except Exception as exc:
+            self._registry_retry_at = loop.time() + self._registry_trouble.failed(exc)
+        else:
+            self._registry_trouble.recovered()
 
     def _crashed(self, session_id: str) -> None:
         callback = self._on_crash
@@ -758,12 +910,21 @@ class Pool(Generic[C]):
         self._background(call())
 
     async def _health_loop(self, interval: float) -> None:
+        trouble = _Trouble("health checks", first=interval, most=max(interval, 30.0))
+        delay = interval
         while True:
-            await asyncio.sleep(interval)
-            await self.check_health()
+            await asyncio.sleep(delay)
+            try:
+                await self.check_health()
+            except Exception as exc:
+                delay = trouble.failed(exc)
+            else:
+                trouble.recovered()
+                delay = interval
 
     async def check_health(self) -> None:
-        """Probe every worker once now; unhealthy ones go through the crash path.
+        """Probe every worker once now; count failures, and a worker that failed too
+        many (``health_failures``) goes through the crash path.
 
         The pool does this every ``health_interval`` on its own.
         """
@@ -772,34 +933,83 @@ class Pool(Generic[C]):
         results = await asyncio.gather(
             *(slot.worker.healthy() for slot in slots), return_exceptions=True
         )
-        for slot, ok in zip(slots, results, strict=True):
-            if ok is not True:
-                if isinstance(ok, BaseException):
-                    self._worker_died(slot, f"health check raised {ok!r}")
-                else:
-                    self._worker_died(slot, _with_breach(slot.worker, "health check failed"))
+        for slot, result in zip(slots, results, strict=True):
+            self._probed(slot, result, "health check")
 
     async def check_worker(self, worker_id: str) -> bool:
-        """Probe one worker now; an unhealthy one goes through the crash path.
+        """Probe one worker now, for callers that saw it fail (a proxy whose
+        connection was refused); the probe counts as a health check's would.
 
-        For callers that saw a worker fail (a proxy whose connection was refused),
-        so its session is unpinned at once instead of at the next health check.
+        A worker whose process exited goes through the crash path at once, so its
+        session is unpinned now instead of at the next health check; one that is
+        alive but does not answer is declared dead only after ``health_failures``
+        failed probes (it may only be busy).
 
-        :returns: whether the worker is alive and healthy.
+        :returns: whether the worker is still in the pool (healthy, or not failing
+            for long enough to be declared dead).
         """
         slot = self._slots.get(worker_id)
         if slot is None or slot.state not in (WorkerState.IDLE, WorkerState.PINNED):
             return False
+        result: bool | BaseException
         try:
-            ok = await slot.worker.healthy()
+            result = await slot.worker.healthy()
         except Exception as exc:
-            self._worker_died(slot, f"health check raised {exc!r}")
+            result = exc
+        if result is not True and not _failed_locally(result):
+            # A worker that dropped a connection is often exiting: its exit watch
+            # fires a moment after its sockets close. Wait for that moment, so that
+            # the session is unpinned now (the crash path) and the next request
+            # gets a new worker instead of this one.
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(slot.worker.wait()), _EXIT_GRACE)
+        return self._probed(slot, result, "health check after a failed request")
+
+    def _probed(self, slot: _Slot[C], result: object, what: str) -> bool:
+        """Count one probe of ``slot``; whether the worker is still in the pool after it."""
+        if slot.state is not WorkerState.IDLE and slot.state is not WorkerState.PINNED:
+            return False  # gone while the probe ran
+        if result is True:
+            slot.probe_failures = 0
+            self._probe_trouble.recovered()
+            return True
+        if _failed_locally(result):
+            assert isinstance(result, OSError)
+            self._probe_trouble.failed(result)  # counts for nothing: the fault is ours
+            return True
+        if isinstance(result, BaseException) and not isinstance(result, Exception):
+            return True  # a cancelled probe tells nothing
+        self._probe_trouble.recovered()
+        reason = f"{what} raised {result!r}" if isinstance(result, BaseException) else None
+        worker = slot.worker
+        breach = getattr(worker, "limit_breach", None)
+        if getattr(worker, "alive", True) is False or (callable(breach) and breach()):
+            # Exited (the exit watch is about to say so), or stuck at a cgroup limit:
+            # no busy spell to wait out.
+            self._worker_died(slot, _with_breach(worker, reason or f"{what} failed"))
             return False
-        if not ok:
+        now = asyncio.get_running_loop().time()
+        if slot.probe_failures == 0:
+            slot.failing_since = now
+        slot.probe_failures += 1
+        most = self.config.health_failures
+        window = (most - 1) * (self.config.health_interval or 0.0)
+        spell = now - slot.failing_since
+        if slot.probe_failures >= most and spell >= window:
+            why = reason or f"{what} failed"
             self._worker_died(
-                slot, _with_breach(slot.worker, "health check failed after a failed request")
+                slot,
+                _with_breach(worker, f"{why} ({slot.probe_failures} in a row over {spell:.1f}s)"),
             )
-        return ok
+            return False
+        log.warning(
+            "worker %s: %s (%d of %d failures before it is declared dead)",
+            worker.id,
+            reason or f"{what} failed",
+            slot.probe_failures,
+            most,
+        )
+        return True
 
     # -- maintenance ----------------------------------------------------------------------
 
@@ -812,6 +1022,7 @@ class Pool(Generic[C]):
 
     async def _maintenance_loop(self) -> None:
         tick = self._tick()
+        trouble = _Trouble("pool maintenance", first=tick)
         while True:
             with contextlib.suppress(TimeoutError):
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
@@ -819,14 +1030,23 @@ class Pool(Generic[C]):
                 async with asyncio.timeout(tick):
                     await self._wake.wait()
             self._wake.clear()
-            await self.sweep()
+            try:
+                await self.sweep()
+            except Exception as exc:
+                # Whatever it was (registry errors are handled in sweep): log it
+                # once, back off, and keep maintaining.
+                await asyncio.sleep(trouble.failed(exc))
+            else:
+                trouble.recovered()
 
     async def sweep(self) -> None:
         """Run one maintenance pass now, with the pool's clock.
 
         Ends sessions unused for ``ttl``, retires idle workers above ``min_workers``
-        (and the ``min_idle`` spares) after ``idle_worker_timeout`` and starts
-        refilling to that number.
+        (and the ``min_idle`` spares) after ``idle_worker_timeout``, starts
+        refilling to that number, and last deletes ended sessions from the
+        registry (a registry error is logged once and the deletes are tried again
+        later, with a back-off; it never holds up the rest).
         The pool does this by itself several times a second; call it in tests with
         an injected clock to skip waiting.
         """
@@ -841,9 +1061,7 @@ class Pool(Generic[C]):
                     "session %s idle for %.0fs: evicted", pin.session_id, now - pin.last_active
                 )
                 self._end_pin(pin)
-            for pin in expired:
-                # Awaiting: a new acquire of this ID may pin again meanwhile; _forget checks.
-                await self._forget(pin.session_id, pin.slot.worker.id)
+                self._unregistered[pin.session_id] = pin.slot.worker.id
         idle_timeout = self.config.idle_worker_timeout
         if idle_timeout:
             surplus = len(self._slots) - self._wanted()
@@ -855,6 +1073,9 @@ class Pool(Generic[C]):
                     surplus -= 1
         if not self._refilling and len(self._slots) + self._spawning < self._wanted():
             self._background(self._refill())
+        # Last, so a failing registry holds up none of the above. Awaiting: a new
+        # acquire of an evicted ID may pin it again meanwhile; _forget checks.
+        await self._forget_ended()
 
     # -- introspection --------------------------------------------------------------------
 

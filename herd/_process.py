@@ -246,10 +246,16 @@ class ProcessWorker:
         return self._output.tail(n)
 
     async def healthy(self) -> bool:
-        """``GET health_path`` answers 2xx within ``health_timeout``."""
+        """``GET health_path`` answers 2xx within ``health_timeout``.
+
+        :raises OSError: the probe could not be made on this side (the pool's
+            process is out of file descriptors, ``EMFILE``/``ENFILE``, or of
+            buffers or local ports): that says nothing of the worker, and the pool
+            counts such a probe neither for nor against it.
+        """
         if self._exited.done():
             return False
-        status = await probe(HOST, self.port, self._health_path, self._health_timeout)
+        status = await _probe_here(self.port, self._health_path, self._health_timeout)
         return status is not None and 200 <= status < 300
 
     async def wait(self) -> str:
@@ -380,6 +386,51 @@ class ProcessWorker:
         self._stop_output()
         if self.cgroup is not None:  # rmdir may wait a moment for the kernel: off the loop
             await self._loop.run_in_executor(None, self.cgroup.remove)
+
+
+# connect() errors that are this side's shortage, not the worker's answer.
+_LOCAL_CONNECT_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.ENOBUFS, errno.ENOMEM})
+
+
+async def _probe_here(port: int, path: str, timeout: float) -> int | None:
+    """:func:`probe`, except that a failure on this side raises :class:`OSError`.
+
+    :func:`probe` folds every error into "no answer"; a health check must tell
+    "the worker did not answer" (``None``) from "we could not ask": no socket
+    (``EMFILE``, ``ENFILE``, ``ENOBUFS``) or no local port (``EADDRNOTAVAIL``).
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # raises: ours to fix
+    writer: asyncio.StreamWriter | None = None
+    try:
+        sock.setblocking(False)
+        async with asyncio.timeout(timeout):
+            try:
+                await loop.sock_connect(sock, (HOST, port))
+            except OSError as exc:
+                if exc.errno in _LOCAL_CONNECT_ERRNOS and not isinstance(exc, TimeoutError):
+                    raise
+                return None
+            try:
+                reader, writer = await asyncio.open_connection(sock=sock)
+                writer.write(
+                    f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+                    "User-Agent: herd-health\r\nConnection: close\r\n\r\n".encode("latin-1")
+                )
+                line = await reader.readline()
+            except (OSError, asyncio.IncompleteReadError):
+                return None
+    except TimeoutError:
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+        else:
+            sock.close()
+    parts = line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        return None
+    return int(parts[1])
 
 
 def _required(name: str, value: Duration) -> float:

@@ -53,7 +53,13 @@ class Worker(Protocol[C]):
         """Probe the worker once; ``True`` if it answers as expected.
 
         Called by the pool every ``health_interval``. Must not raise for an
-        unhealthy worker and should return within a few seconds.
+        unhealthy worker and should return within a few seconds. A worker whose
+        process runs is declared dead after ``health_failures`` failed probes in a
+        row (it may be busy); one that has exited, at once.
+
+        :raises OSError: the probe could not be made on the pool's side (out of
+            file descriptors, ``EMFILE``/``ENFILE``, or of buffers or local ports):
+            such a probe counts neither for nor against the worker.
         """
         ...
 

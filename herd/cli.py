@@ -27,8 +27,6 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import tornado.web
-from tornado.httpserver import HTTPServer
-from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 
 from . import __version__
@@ -36,6 +34,7 @@ from ._pool import Pool
 from ._process import ProcessFactory
 from .proxy import (
     ProxyHandler,
+    ProxyServer,
     ProxySettings,
     SessionKey,
     from_cookie,
@@ -104,7 +103,7 @@ def _env(text: str) -> tuple[str, str]:
 def add_pool_arguments(
     group: argparse._ActionsContainer, *, min_workers: int = 1, ttl: float = 300.0
 ) -> None:
-    """Add the pool flags (``--min --max --ttl --health-interval
+    """Add the pool flags (``--min --max --ttl --health-interval --health-failures
     --idle-worker-timeout --no-reuse``) that ``herd serve`` and ``%herd start``
     share; they land as :class:`herd.Pool` keyword names (``min_workers``...).
     """
@@ -127,6 +126,13 @@ def add_pool_arguments(
         default=5.0,
         metavar="DURATION",
         help="health check period (0 = off)",
+    )
+    group.add_argument(
+        "--health-failures",
+        type=int,
+        default=3,
+        metavar="N",
+        help="failed health checks in a row before a running worker is declared dead",
     )
     group.add_argument(
         "--idle-worker-timeout",
@@ -376,47 +382,6 @@ def default_max_connections(fd_limit: int, max_workers: int) -> int:
     return max(1, (fd_limit - reserve) // 2)
 
 
-class CappedHTTPServer(HTTPServer):
-    """Tornado's HTTP server with at most ``max_connections`` client connections.
-
-    Past the cap a new connection gets a canned 503 and is closed at once,
-    without reading its request: refusing costs one write, and the connections
-    already open are served on (a flood of idle connections cannot take the
-    descriptors that health probes, spawns and the workers' own traffic need).
-    """
-
-    def initialize(self, *args: Any, max_connections: int = 10_000, **kwargs: Any) -> None:
-        super().initialize(*args, **kwargs)
-        self.max_connections = max_connections
-        self.refused = 0
-
-    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
-        if len(self._connections) < self.max_connections:
-            super().handle_stream(stream, address)
-            return
-        self.refused += 1
-        log.warning(
-            "refusing a connection: %d open (--max-connections %d)",
-            len(self._connections),
-            self.max_connections,
-        )
-        with contextlib.suppress(OSError):
-            stream.socket.send(_REFUSED)  # best effort: never wait on a refused client
-        stream.close()
-
-
-_REFUSED_BODY = json.dumps(
-    {"error": "too_many_connections", "message": "the gateway is at --max-connections"}
-).encode()
-_REFUSED = (
-    b"HTTP/1.1 503 Service Unavailable\r\n"
-    b"Content-Type: application/json\r\n"
-    b"Connection: close\r\n"
-    b"Retry-After: 1\r\n"
-    b"Content-Length: " + str(len(_REFUSED_BODY)).encode() + b"\r\n\r\n" + _REFUSED_BODY
-)
-
-
 class RepeatFilter(logging.Filter):
     """Lets a warning or error through at most once per ``interval`` seconds per
     logger and message template; the next one through says how many were dropped.
@@ -471,6 +436,7 @@ async def serve(args: argparse.Namespace) -> int:
         max_workers=args.max_workers,
         ttl=args.ttl,
         health_interval=args.health_interval,
+        health_failures=args.health_failures,
         idle_worker_timeout=args.idle_worker_timeout,
         worker_reuse=not args.no_reuse,
         acquire_timeout=args.acquire_timeout,
@@ -523,7 +489,7 @@ async def serve(args: argparse.Namespace) -> int:
             max_body_size=args.max_body_size,
             max_message_size=args.max_message_size,
         )
-        server = CappedHTTPServer(
+        server = ProxyServer(
             make_app(pool, settings, args.stats_path),
             max_connections=max_connections,
             max_header_size=args.max_header_size,

@@ -585,6 +585,7 @@ class _Herd:
                 min_idle=options.warm,
                 ttl=options.ttl,
                 health_interval=options.health_interval,
+                health_failures=options.health_failures,
                 idle_worker_timeout=options.idle_worker_timeout,
                 worker_reuse=not options.no_reuse,
             )

@@ -492,3 +492,15 @@ def test_repeated_warnings_are_let_through_once_a_second() -> None:
     record = make("spawn failed: %s", 100)
     assert repeat.filter(record)
     assert record.getMessage() == "spawn failed: 100 (99 more like this in the last 0s)"
+
+
+def test_a_request_head_over_the_limit_gets_431(serve: type[Serve]) -> None:
+    server = serve("--min", "0", "--max-header-size", "1K")
+    server.wait_ready()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Session-ID: s\r\nX-Pad: " + b"a" * 4096)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 431"), reply
+    assert b"Connection: close" in reply

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
 import os
+import resource
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import herd
+from herd.registry.memory import MemoryRegistry
 from herd.testing import FakeClock
 from tests.helpers import factory, pid_alive, wait_until
 
@@ -432,6 +436,186 @@ async def test_failing_health_check_goes_through_the_crash_path(tmp_path: Path) 
             assert session.worker.id != sick.id
 
 
+async def test_a_busy_worker_is_declared_dead_only_after_health_failures_in_a_row(
+    tmp_path: Path,
+) -> None:
+    marker = tmp_path / "busy"  # /health answers 503 while it exists: a busy spell
+    crashed: list[str] = []
+    async with herd.Pool(
+        factory(env={"WORKER_HEALTH_FILE": str(marker)}),
+        min_workers=0,
+        max_workers=1,
+        health_interval=None,  # probes only when the test says (default health_failures=3)
+        on_crash=crashed.append,
+    ) as pool:
+        async with pool.acquire("s") as session:
+            busy = session.worker
+            assert await count(session) == 1
+        marker.touch()
+        await pool.check_health()
+        await pool.check_health()
+        assert pool.sessions() == {"s": busy.id}  # two misses: busy, not dead
+        marker.unlink()
+        await pool.check_health()  # it answers again: the count starts over
+        marker.touch()
+        await pool.check_health()
+        await pool.check_health()
+        assert pool.sessions() == {"s": busy.id}
+        async with pool.acquire("s") as session:
+            assert await count(session) == 2  # its state survived the busy spells
+        await pool.check_health()  # the third miss in a row
+        await wait_until(lambda: crashed == ["s"], what="the crash path")
+        assert "3 in a row" in pool.stats().recent_crashes[-1].reason
+        await wait_until(lambda: not pid_alive(busy.pid), what="the dead worker killed")
+
+
+async def test_failed_probes_count_only_over_a_window_longer_than_a_busy_spell(
+    tmp_path: Path,
+) -> None:
+    marker = tmp_path / "busy"
+    async with herd.Pool(
+        factory(env={"WORKER_HEALTH_FILE": str(marker)}),
+        min_workers=0,
+        max_workers=1,
+        health_interval=30,  # 3 failures must span 60 s
+    ) as pool:
+        async with pool.acquire("s") as session:
+            busy = session.worker
+        marker.touch()
+        # A proxy's failed requests probe at once, many times a second: a burst of
+        # failures is still one busy spell, not a dead worker.
+        for _ in range(5):
+            assert await pool.check_worker(busy.id)
+        assert pool.sessions() == {"s": busy.id}
+        assert pid_alive(busy.pid)
+
+
+def _open_until_refused(held: list[int]) -> int | None:
+    """Open descriptors into ``held`` until the OS refuses; the refusal's errno."""
+    while True:
+        try:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError as refused:
+            return refused.errno
+
+
+@contextlib.contextmanager
+def no_free_file_descriptors() -> Iterator[None]:
+    """Use up this process's file descriptors, as a gateway under load does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+    try:
+        assert _open_until_refused(held) == errno.EMFILE
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_probe_that_fails_on_the_pools_side_counts_for_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    crashed: list[str] = []
+    async with herd.Pool(
+        factory(), min_workers=0, max_workers=1, health_interval=None, on_crash=crashed.append
+    ) as pool:
+        async with pool.acquire("s") as session:
+            worker = session.worker
+        with caplog.at_level(logging.ERROR, logger="herd.pool"), no_free_file_descriptors():
+            with pytest.raises(OSError, match="Too many open files"):
+                await worker.healthy()  # raised, not "unhealthy"
+            for _ in range(5):  # more than health_failures
+                await pool.check_health()
+            assert await pool.check_worker(worker.id)
+        assert pool.sessions() == {"s": worker.id}
+        assert crashed == []
+        failures = [r for r in caplog.records if "Too many open files" in r.getMessage()]
+        assert len(failures) == 1  # logged once, not once per probe
+        assert await worker.healthy()
+
+
+# -- registry failures ---------------------------------------------------------------
+
+
+class FlakyRegistry(MemoryRegistry):
+    """A MemoryRegistry whose next ``fail_gets`` lookups raise, as a registry that
+    is briefly down does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_gets = 0
+        self.failed = 0
+
+    async def get(self, session_id: str) -> str | None:
+        if self.fail_gets > 0:
+            self.fail_gets -= 1
+            self.failed += 1
+            raise ConnectionError("registry unreachable")
+        return await super().get(session_id)
+
+
+async def test_a_failing_registry_does_not_stop_eviction_or_refill(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = FlakyRegistry()
+    caplog.set_level(logging.ERROR, logger="herd.pool")
+    async with herd.Pool(
+        factory(), min_workers=1, max_workers=2, ttl=0.2, registry=registry
+    ) as pool:
+        registry.fail_gets = 3  # the clean-up after the first eviction fails, thrice
+        await (await pool.acquire("a")).close()
+        await wait_until(lambda: "a" not in pool.sessions(), what="the first eviction")
+        await wait_until(lambda: registry.failed == 3, what="the failed clean-ups")
+        await wait_until(lambda: not registry._owners, what="the retried clean-up")
+        # The maintenance goes on: the next session is evicted by itself too...
+        await (await pool.acquire("b")).close()
+        await wait_until(lambda: "b" not in pool.sessions(), what="the next eviction")
+        # ...and a dead worker is replaced to keep min_workers.
+        (dead,) = pool.workers()
+        kill_worker(dead)
+        await wait_until(
+            lambda: [w.id for w in pool.workers()] not in ([], [dead.id]), what="a refill"
+        )
+        await wait_until(lambda: pool.stats().available_workers == 1, what="the new worker")
+    logged = [r for r in caplog.records if "registry unreachable" in r.getMessage()]
+    assert len(logged) == 1  # once, not once per failed try
+    assert "registry clean-up failed" in logged[0].getMessage()
+
+
+# -- a client that gives up ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("leaves", ["while-queued", "as-the-worker-frees-up"])
+async def test_a_cancelled_acquire_at_the_cap_leaves_the_queue_and_pins_nothing(
+    leaves: str,
+) -> None:
+    async with herd.Pool(factory(), min_workers=0, max_workers=1, acquire_timeout=None) as pool:
+        a = await pool.acquire("a")
+        b = asyncio.ensure_future(acquire(pool, "b", None))
+        await wait_until(lambda: len(pool._waiters) == 1, what="b to queue")
+        if leaves == "while-queued":
+            b.cancel()  # the client disconnected
+            with pytest.raises(asyncio.CancelledError):
+                await b
+            assert not pool._waiters
+            await a.release()
+        else:
+            await a.release()  # hands the worker to b's queued acquire...
+            await asyncio.sleep(0)  # ...which pins it in this loop turn...
+            b.cancel()  # ...as the client goes, before b has seen its session
+        started = time.monotonic()
+        c = await pool.acquire("c", timeout=5)
+        assert time.monotonic() - started < 2  # not a TTL later
+        assert c.worker.id == a.worker.id
+        with pytest.raises(asyncio.CancelledError):
+            await b
+        assert pool.sessions() == {"c": c.worker.id}
+        await wait_until(lambda: pool.registry._owners == {"c": c.worker.id}, what="registry")
+        await c.release()
+
+
 # -- spawn failures -------------------------------------------------------------------
 
 
@@ -566,6 +750,7 @@ def test_bad_pool_options_raise_value_error() -> None:
         {"refill_delay": -1},
         {"ttl": -1},
         {"health_interval": float("nan")},
+        {"health_failures": 0},
         {"acquire_timeout": float("inf")},
     ):
         with pytest.raises(ValueError):  # noqa: PT011 - each case has its own message
@@ -576,6 +761,8 @@ def test_bad_pool_options_raise_value_error() -> None:
         herd.Pool(FakeFactory(), min_workers=1.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         herd.Pool(FakeFactory(), on_crash="print")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        herd.Pool(FakeFactory(), health_failures=2.5)  # type: ignore[arg-type]
 
 
 async def test_stats_reflect_the_pool() -> None:
