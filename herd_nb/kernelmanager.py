@@ -8,8 +8,12 @@ refills its spares in the background, one start at a time.
 
 Every kernel of the server is a herd worker: a kernel that cannot be served warm
 is started for its session inside the same pool (its sandbox, limits, crash
-path and ``max_workers``); kernelspecs without warm kernels get a pool of their
-own on first use, with no spares.
+path and ``max_workers``), and the request is answered once it is launched, as
+stock answers it (clients then wait for it to answer, as on stock; herd adopts
+the worker once it does); kernelspecs without warm kernels get a pool of their
+own on first use, with no spares. The server's ``transport_encryption`` policy,
+``use_pending_kernels`` and ZMQ context (``shared_context``) apply to every
+kernel, spares included.
 
 A handed-out kernel must look as if it had been started for its session:
 
@@ -573,9 +577,9 @@ class HerdKernelManager(AsyncMappingKernelManager):
         pending = self._herd_pending.get(kernel_id)
         if pending is not None:
             await asyncio.shield(pending)  # as stock: a kernel's start ends first
-        for task in (self._herd_finishing.get(kernel_id),):
-            if task is not None:
-                await asyncio.shield(task)
+        finishing = self._herd_finishing.get(kernel_id)
+        if finishing is not None:
+            await asyncio.shield(finishing)
         pool = self._herd_kernels.get(kernel_id)
         failed = kernel_id in self._herd_failed
         if pool is None and not failed:
