@@ -252,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
         "closed, the others are served on (default: from the file descriptor limit)",
     )
     net.add_argument(
+        "--idle-connection-timeout",
+        type=_arg(parse_duration),
+        default=60.0,
+        metavar="DURATION",
+        help="close a client connection that has not sent a whole request head for this "
+        "long (idle keep-alive, or a head trickling in)",
+    )
+    net.add_argument(
         "--max-message-size",
         type=_arg(parse_size),
         default=64 * 1024 * 1024,
@@ -494,7 +502,7 @@ async def serve(args: argparse.Namespace) -> int:
             max_connections=max_connections,
             max_header_size=args.max_header_size,
             max_body_size=2**62,  # the proxy enforces --max-body-size while streaming
-            idle_connection_timeout=300,
+            idle_connection_timeout=args.idle_connection_timeout or None,
         )
         server.add_sockets(sockets)
         report = factory.sandbox_report

@@ -504,3 +504,26 @@ def test_a_request_head_over_the_limit_gets_431(serve: type[Serve]) -> None:
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 431"), reply
     assert b"Connection: close" in reply
+
+
+def test_a_head_that_trickles_in_is_cut_off_after_the_idle_connection_timeout(
+    serve: type[Serve],
+) -> None:
+    server = serve("--min", "0", "--idle-connection-timeout", "1s")
+    server.wait_ready()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET / HT")  # a slowloris: the head never ends
+        for _ in range(20):
+            time.sleep(0.1)
+            try:
+                sock.sendall(b"T")
+            except OSError:
+                break
+        sock.settimeout(10)
+        try:
+            rest = sock.recv(65536)
+        except ConnectionResetError:
+            rest = b""
+    assert rest == b""  # closed
+    assert 0.9 < time.monotonic() - started < 5
