@@ -168,6 +168,16 @@ def census(pid: int) -> tuple[float, int]:
     return proc.memory_info().rss / 2**20, proc.num_fds()
 
 
+def fd_kinds(pid: int) -> dict[str, int]:
+    """The process's open descriptors by kind (socket, pipe, anon_inode:[pidfd], ...)."""
+    kinds: collections.Counter[str] = collections.Counter()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            kinds[target.split(":[")[0] if ":[" in target else target.rsplit("/", 1)[0]] += 1
+    return dict(kinds)
+
+
 async def main(args: argparse.Namespace) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = args.connections + args.slowloris + args.idle + 256
@@ -206,8 +216,10 @@ async def main(args: argparse.Namespace) -> None:
         loris_alive = await loris
         idle_held = len(await idlers)
         elapsed = time.monotonic() - started
-        await asyncio.sleep(2)
+        await asyncio.sleep(5)
         rss1, fds1 = census(gateway.pid)
+        kinds = fd_kinds(gateway.pid)
+        workers = len((await asyncio.to_thread(stats, port))["workers"])
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(gateway.pid, signal.SIGTERM)
@@ -232,7 +244,8 @@ async def main(args: argparse.Namespace) -> None:
     print(f"herd log lines about failed health checks: {declared}")
     print(f"slowloris connections still open at the end: {loris_alive} of {args.slowloris}")
     print(f"idle connections opened: {idle_held} of {args.idle}")
-    print(f"gateway RSS: {rss0:.1f} -> {rss1:.1f} MiB; fds: {fds0} -> {fds1}")
+    print(f"gateway RSS: {rss0:.1f} -> {rss1:.1f} MiB; fds: {fds0} -> {fds1} {kinds}")
+    print(f"workers at the end: {workers}")
     print(f"gateway log: {len(text.encode()) / 2**20:.1f} MiB ({log_path})")
 
 
