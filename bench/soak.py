@@ -200,6 +200,7 @@ async def main(args: argparse.Namespace) -> None:
                     raise RuntimeError(log_path.read_text()[-2000:]) from None
                 await asyncio.sleep(0.1)
         rss0, fds0 = census(gateway.pid)
+        kinds0 = fd_kinds(gateway.pid)
         tally = Tally()
         loop = asyncio.get_running_loop()
         until = loop.time() + args.duration
@@ -244,7 +245,9 @@ async def main(args: argparse.Namespace) -> None:
     print(f"herd log lines about failed health checks: {declared}")
     print(f"slowloris connections still open at the end: {loris_alive} of {args.slowloris}")
     print(f"idle connections opened: {idle_held} of {args.idle}")
-    print(f"gateway RSS: {rss0:.1f} -> {rss1:.1f} MiB; fds: {fds0} -> {fds1} {kinds}")
+    print(f"gateway RSS: {rss0:.1f} -> {rss1:.1f} MiB; fds: {fds0} -> {fds1}")
+    print(f"  fds by kind at start: {kinds0}")
+    print(f"  fds by kind at the end: {kinds}")
     print(f"workers at the end: {workers}")
     print(f"gateway log: {len(text.encode()) / 2**20:.1f} MiB ({log_path})")
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
@@ -294,6 +296,7 @@ class Herd(ExtensionApp):
         return ExecuteSessions(None, unavailable=why)
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        self._stop_on_sigint()
         for name, pool in list(self.pools.items()):
             try:
                 await pool.start()
@@ -356,12 +359,39 @@ class Herd(ExtensionApp):
             f"{', '.join(limits) or 'none'}; {cap}, {culling}"
         )
 
+    def _stop_on_sigint(self) -> None:
+        """Without a terminal, make SIGINT stop the server as SIGTERM does.
+
+        jupyter_server handles SIGINT itself only on a TTY (a confirmation
+        prompt); elsewhere Python's default raises ``KeyboardInterrupt`` wherever
+        the main thread is, and a handler that catches every exception (Tornado's,
+        around a request being streamed) can swallow it: the server, its kernels
+        and herd's workers then run on. An ignored SIGINT (a server started in the
+        background) stays ignored, and a handler someone installed stays.
+        """
+        serverapp: Any = self.serverapp
+        stop = getattr(serverapp, "_signal_stop", None)
+        if (
+            stop is None
+            or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
+            return
+        signal.signal(signal.SIGINT, stop)
+        self._sigint_was = signal.default_int_handler
+
+    _sigint_was: Any = None  # the SIGINT handler before _stop_on_sigint's, if it ran
+
     async def stop_extension(self) -> None:
         """Stop every pool: no worker outlives the server.
 
         Also runs after a start that failed part-way (``initialize_settings`` may
         not have run): it stops what exists.
         """
+        stop = getattr(self.serverapp, "_signal_stop", None)
+        if self._sigint_was is not None and signal.getsignal(signal.SIGINT) == stop:
+            with contextlib.suppress(ValueError):  # (not the main thread)
+                signal.signal(signal.SIGINT, self._sigint_was)  # as before the server
         executions = getattr(self, "executions", None)
         if executions is not None:
             await executions.aclose()

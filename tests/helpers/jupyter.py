@@ -19,6 +19,18 @@ from tests.test_cli import free_port
 TOKEN = "herd-test-token"
 
 
+# Runs the command that follows with SIGINT at its default action (same PID, by
+# exec), as a terminal starts it. A suite started in the background (`pytest &`)
+# has SIGINT ignored, children inherit that, and jupyter_server, without a TTY,
+# keeps whatever it inherited: a SIGINT would then do nothing.
+SIGINT_DEFAULT = (
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execvp(sys.argv[1], sys.argv[1:])",
+)
+
+
 class Server:
     """``python -m jupyter_server`` with herd_nb, token auth and ``config`` (a
     ``jupyter_server_config.py`` text), rooted at ``tmp``."""
@@ -62,7 +74,9 @@ class Server:
         # that logs more than a pipe holds (64 KiB) would block on its next line.
         self.log_path = tmp / "jupyter-server.log"
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, cwd=tmp)
+            self.proc = subprocess.Popen(
+                [*SIGINT_DEFAULT, *command], stdout=subprocess.DEVNULL, stderr=log, cwd=tmp
+            )
 
     def request(
         self,
