@@ -97,6 +97,18 @@ def servers() -> Iterator[list[Server]]:
             server.stop()
 
 
+def stock_and_herd(tmp_path: Path, servers: list[Server]) -> tuple[Server, Server]:
+    """A stock server and a herd_nb one with its defaults (2 spares), both serving;
+    added to ``servers`` (stock first) to be stopped after the test."""
+    stock = stock_server(tmp_path / "stock")
+    servers.append(stock)
+    herded = herd_server(tmp_path / "herd")
+    servers.append(herded)
+    wait_serving(stock)
+    herded.wait_ready(lambda pools: pools["kernels:python3"]["available_workers"] == 2)
+    return stock, herded
+
+
 def open_notebook(server: Server, path: str) -> dict[str, Any]:
     body = {
         "path": path,
@@ -335,12 +347,7 @@ async def test_spares_passed_over_for_a_changed_environment_are_explained_once(
 async def test_a_crashed_kernel_is_restarted_in_place_as_on_stock(
     tmp_path: Path, servers: list[Server]
 ) -> None:
-    stock = stock_server(tmp_path / "stock")
-    servers.append(stock)
-    herded = herd_server(tmp_path / "herd")
-    servers.append(herded)
-    wait_serving(stock)
-    herded.wait_ready(lambda pools: pools["kernels:python3"]["available_workers"] == 2)
+    stock, herded = stock_and_herd(tmp_path, servers)
 
     seen: dict[Server, dict[str, Any]] = {}
     for server in servers:
@@ -409,12 +416,7 @@ async def test_a_kernel_is_not_pid_1_and_its_own_sigterm_restarts_it_as_on_stock
 ) -> None:
     # herd runs a kernel under a small init in a PID namespace: were the kernel
     # PID 1 there, a signal it has no handler for (SIGTERM) would not kill it.
-    stock = stock_server(tmp_path / "stock")
-    servers.append(stock)
-    herded = herd_server(tmp_path / "herd")
-    servers.append(herded)
-    wait_serving(stock)
-    herded.wait_ready(lambda pools: pools["kernels:python3"]["available_workers"] == 2)
+    stock, herded = stock_and_herd(tmp_path, servers)
 
     seen: dict[Server, dict[str, Any]] = {}
     for server in servers:
@@ -511,12 +513,7 @@ async def test_a_kernels_orphans_are_reaped_as_on_stock(
     # that one reaps them is the host's business, not the kernel's). A herd
     # kernel's are adopted by the init of its sandbox, inside the tree herd runs
     # it in: that init must reap them, or each one is a zombie until the kernel ends.
-    stock = stock_server(tmp_path / "stock")
-    servers.append(stock)
-    herded = herd_server(tmp_path / "herd")
-    servers.append(herded)
-    wait_serving(stock)
-    herded.wait_ready(lambda pools: pools["kernels:python3"]["available_workers"] == 2)
+    stock, herded = stock_and_herd(tmp_path, servers)
 
     seen: dict[Server, list[str]] = {}
     for server in servers:
@@ -556,12 +553,7 @@ async def test_a_new_notebooks_first_cell_prints_as_on_stock(
     # WebSocket is open; the server nudges the kernel until its IOPub is
     # subscribed before it lets the cell through. A herd kernel, handed out warm
     # (or started for its session), must not lose what that first cell prints.
-    stock = stock_server(tmp_path / "stock")
-    servers.append(stock)
-    herded = herd_server(tmp_path / "herd")  # the default: 2 warm spares
-    servers.append(herded)
-    wait_serving(stock)
-    herded.wait_ready(lambda pools: pools["kernels:python3"]["available_workers"] == 2)
+    stock, herded = stock_and_herd(tmp_path, servers)  # herd's default: 2 warm spares
 
     seen: dict[Server, list[FirstCell]] = {stock: [], herded: []}
     closing = []
@@ -609,12 +601,7 @@ async def test_what_a_kernel_writes_outside_cells_reaches_the_servers_log_as_on_
 ) -> None:
     # A stock kernel inherits the server's stderr: what it writes there outside
     # IPython's capture (a C library, faulthandler, os.write) is in the server's log.
-    stock = stock_server(tmp_path / "stock")
-    servers.append(stock)
-    herded = herd_server(tmp_path / "herd")
-    servers.append(herded)
-    wait_serving(stock)
-    herded.wait_ready(lambda pools: pools["kernels:python3"]["available_workers"] == 2)
+    _, herded = stock_and_herd(tmp_path, servers)
     for server in servers:
         model = open_notebook(server, "fd.ipynb")
         ws = await KernelWS.connect(server.base, model["kernel"]["id"], TOKEN)

@@ -32,6 +32,17 @@ def config(**herd: Any) -> str:
     return "".join(f"c.Herd.{key} = {value!r}\n" for key, value in settings.items())
 
 
+def install_kernelspec(share: Path, name: str, argv: list[str], **metadata: Any) -> None:
+    """A kernelspec ``name`` running ``argv``, under ``share`` (a ``JUPYTER_PATH`` entry)."""
+    spec_dir = share / "kernels" / name
+    spec_dir.mkdir(parents=True)
+    spec = {"argv": argv, "display_name": name, "language": "python", "metadata": metadata}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+
+
+IPYKERNEL = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+
+
 def kernel_pool(server: Server) -> dict[str, Any]:
     pool: dict[str, Any] = server.stats()["kernels:python3"]
     return pool
@@ -125,17 +136,7 @@ async def test_the_environment_is_what_a_cold_start_gives(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A second kernelspec has no spares: its kernels are started for their session.
-    spec_dir = tmp_path / "share" / "kernels" / "cold-python"
-    spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(
-        json.dumps(
-            {
-                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                "display_name": "cold",
-                "language": "python",
-            }
-        )
-    )
+    install_kernelspec(tmp_path / "share", "cold-python", IPYKERNEL)
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share"))  # the server's kernelspecs
     server = start_server(tmp_path, config())
     try:
@@ -182,16 +183,8 @@ async def test_a_kernel_that_cannot_be_retargeted_is_started_for_its_session(
     # it never retargets it.
     launcher = tmp_path / "launch.py"
     launcher.write_text("from ipykernel import kernelapp\nkernelapp.launch_new_instance()\n")
-    spec_dir = tmp_path / "share" / "kernels" / "wrapped"
-    spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(
-        json.dumps(
-            {
-                "argv": [sys.executable, str(launcher), "-f", "{connection_file}"],
-                "display_name": "wrapped",
-                "language": "python",
-            }
-        )
+    install_kernelspec(
+        tmp_path / "share", "wrapped", [sys.executable, str(launcher), "-f", "{connection_file}"]
     )
     (tmp_path / "sub").mkdir()
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share"))
@@ -563,16 +556,6 @@ async def test_a_sigkilled_server_leaves_no_kernel(tmp_path: Path) -> None:
         await wait_until(lambda: tagged_processes(tag) == [], what="no process left")
     finally:
         server.stop()
-
-
-def install_kernelspec(share: Path, name: str, argv: list[str], **metadata: Any) -> None:
-    spec_dir = share / "kernels" / name
-    spec_dir.mkdir(parents=True)
-    spec = {"argv": argv, "display_name": name, "language": "python", "metadata": metadata}
-    (spec_dir / "kernel.json").write_text(json.dumps(spec))
-
-
-IPYKERNEL = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 
 
 async def test_pending_kernels_start_in_the_background_and_report_a_failed_start(
