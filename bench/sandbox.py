@@ -29,20 +29,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 
 import psutil
 
 import herd
 from herd import _cgroups
 from herd._procfs import children
-from herd._sandbox import init_command
+from herd._sandbox import Launch, init_command
 
 WORKER = r"""
 import http.server, sys
@@ -71,14 +72,14 @@ def factory(options: dict[str, object]) -> herd.ProcessFactory:
 def without_init(spawner: herd.ProcessFactory) -> herd.ProcessFactory:
     """The launcher as it was before the init: the same prefix, less the init."""
     init = init_command()
-    plan = spawner._sandbox.launch_plan
+    launch = spawner._sandbox.launch
 
-    def launch_plan(cgroup: object) -> tuple[tuple[str, ...], Callable[[], None]]:
-        prefix, preexec = plan(cgroup)  # type: ignore[arg-type]
-        assert prefix[-len(init) :] == init, prefix
-        return prefix[: -len(init)], preexec
+    async def without(name: str, env: Mapping[str, str] | None = None) -> Launch:
+        plan = await launch(name, env)
+        assert plan.prefix[-len(init) :] == init, plan.prefix
+        return dataclasses.replace(plan, prefix=plan.prefix[: -len(init)])
 
-    spawner._sandbox.launch_plan = launch_plan  # type: ignore[method-assign]
+    spawner._sandbox.launch = without  # type: ignore[method-assign]
     return spawner
 
 
@@ -95,25 +96,30 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def launch_ms(spawner: herd.ProcessFactory) -> tuple[float, float]:
+def timed(argv: list[str]) -> tuple[float, float]:
+    """Run ``argv`` as a worker is started, until it exits: wall and CPU ms."""
+    started, cpu = time.perf_counter(), cpu_seconds()
+    subprocess.run(argv, start_new_session=True, check=True)
+    return (time.perf_counter() - started) * 1000, (cpu_seconds() - cpu) * 1000
+
+
+async def launch_ms(spawner: herd.ProcessFactory) -> tuple[float, float]:
     """fork+exec of /bin/true the way spawn() starts a worker, until it exits:
     wall and CPU milliseconds."""
-    cgroup = spawner._sandbox.cgroup(f"bench-{time.monotonic_ns()}")
-    prefix, preexec = spawner._sandbox.launch_plan(cgroup)
-    started, cpu = time.perf_counter(), cpu_seconds()
-    subprocess.run([*prefix, "true"], preexec_fn=preexec, start_new_session=True, check=True)
-    elapsed, cpu = (time.perf_counter() - started) * 1000, (cpu_seconds() - cpu) * 1000
-    if cgroup is not None:
-        cgroup.remove()
-    return elapsed, cpu
+    plan = await spawner._sandbox.launch(f"bench-{time.monotonic_ns()}")
+    try:
+        return timed([*plan.prefix, "true"])
+    finally:
+        await plan.discard()
 
 
-def floor_ms(spawner: herd.ProcessFactory) -> tuple[float, float]:
+async def floor_ms(spawner: herd.ProcessFactory) -> tuple[float, float]:
     """A bare start of the init's interpreter where the init runs: in a namespace."""
-    prefix, preexec = spawner._sandbox.launch_plan(None)
-    started, cpu = time.perf_counter(), cpu_seconds()
-    subprocess.run([*prefix, *PYTHON_FLOOR], preexec_fn=preexec, start_new_session=True, check=True)
-    return (time.perf_counter() - started) * 1000, (cpu_seconds() - cpu) * 1000
+    plan = await spawner._sandbox.launch(f"bench-{time.monotonic_ns()}")
+    try:
+        return timed([*plan.prefix, *PYTHON_FLOOR])
+    finally:
+        await plan.discard()
 
 
 async def init_memory(spawner: herd.ProcessFactory, workers: int = 5) -> dict[str, float]:
@@ -144,15 +150,15 @@ async def run(reps: int) -> tuple[dict[str, Row], Row, Row]:
     floor: dict[str, list[float]] = {"launch": [], "cpu": []}
     for spawner in spawners.values():  # warm up: detection, imports, page cache
         await spawn_ms(spawner)
-        launch_ms(spawner)
-    floor_ms(spawners[NO_INIT])
+        await launch_ms(spawner)
+    await floor_ms(spawners[NO_INIT])
     for _ in range(reps):
         for name, spawner in spawners.items():
             samples[name]["spawn"].append(await spawn_ms(spawner))
-            wall, cpu = launch_ms(spawner)
+            wall, cpu = await launch_ms(spawner)
             samples[name]["launch"].append(wall)
             samples[name]["cpu"].append(cpu)
-        wall, cpu = floor_ms(spawners[NO_INIT])
+        wall, cpu = await floor_ms(spawners[NO_INIT])
         floor["launch"].append(wall)
         floor["cpu"].append(cpu)
     medians = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in samples.items()}

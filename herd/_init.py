@@ -33,6 +33,11 @@ The worker gets the environment the init was exec'd with, read back from
 C locale), and SIGPIPE and SIGXFSZ at their defaults (Python ignores them at
 start-up; :class:`subprocess.Popen` resets them for a child in the same way).
 
+Run as ``_init.py --launch PARENT FILE... -- COMMAND...`` it is herd's launcher
+instead, where util-linux's ``setpriv`` or ``dash`` is missing
+(:func:`herd._sandbox.launch_prefix`): it sets its parent-death signal, joins
+the worker's cgroups and execs the command (``unshare``, when sandboxed).
+
 Start-up cost is Python's own (``-I -S``: no ``site``, no ``PYTHON*``
 variables) and little more: only built-in modules are imported (``posix`` and
 ``_signal`` rather than ``os`` and ``signal``, which import ``enum`` and more).
@@ -67,6 +72,7 @@ _SYNCHRONOUS = frozenset(
 # Python ignores these at start-up; the worker gets them at their defaults.
 _RESET = (_signal.SIGPIPE, _signal.SIGXFSZ)
 _ENOENT, _ENOEXEC = 2, 8  # `errno` would be one more import
+_PR_SET_PDEATHSIG = 1
 
 
 def _environment() -> dict[bytes, bytes]:
@@ -189,8 +195,43 @@ def _init(parent: int, worker: int | None, waited: set[int]) -> int:
                 return _exit_code(status)
 
 
+def _launch(argv: list[str]) -> int:
+    """``--launch PARENT FILE... -- COMMAND...``: herd's launcher where setpriv
+    or dash is missing (:func:`herd._sandbox.launch_prefix`). Set the parent-death
+    signal, join the cgroups (``FILE``: ``cgroup.procs`` files), check that the
+    parent is still ``PARENT``, exec ``COMMAND``; an exit code if that failed."""
+    import ctypes  # only here: the init's own start stays free of it
+
+    try:
+        cut = argv.index("--")
+        parent, join, command = int(argv[0]), argv[1:cut], argv[cut + 1 :]
+    except (ValueError, IndexError):
+        print("herd launch: usage: _init.py --launch PARENT [FILE...] -- COMMAND", file=sys.stderr)
+        return 2
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)
+    if posix.getppid() != parent:  # it died before the signal was set
+        return 125
+    for path in join:
+        try:
+            fd = posix.open(path, posix.O_WRONLY)
+            try:
+                posix.write(fd, b"0")  # "0": the writing process itself
+            finally:
+                posix.close(fd)
+        except OSError as exc:
+            print(f"herd: cannot join the worker's cgroup {path}: {exc.strerror}", file=sys.stderr)
+            return 125
+    for signum in _RESET:
+        _signal.signal(signum, _signal.SIG_DFL)
+    failure = _exec(command, _environment())
+    print(f"herd launch: failed to execute {command[0]}: {failure.strerror}", file=sys.stderr)
+    return 127 if failure.errno == _ENOENT else 126
+
+
 def main(command: list[str]) -> int:
     """Run ``command`` as the worker; return the exit code for this process."""
+    if command[:1] == ["--launch"]:
+        return _launch(command[1:])
     if not command:
         print("herd init: usage: _init.py COMMAND [ARG...]", file=sys.stderr)
         return 2

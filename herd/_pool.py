@@ -365,7 +365,8 @@ class Pool(Generic[C]):
         self._background(self._maintenance_loop())
         if self.config.health_interval:
             self._background(self._health_loop(self.config.health_interval))
-        report = self._sandbox_report()
+        # Detection runs probe processes if no spawn has done it yet: off the loop.
+        report = await asyncio.to_thread(self._sandbox_report)
         log.info(
             "pool ready: %d worker(s), max %d; sandbox %s",
             len(self._slots),

@@ -367,8 +367,8 @@ class ProcessWorker:
         # Without a PID namespace a daemon may have left the process group: note
         # the tree now, while it is linked, and whatever carries the worker's tag.
         strays: list[int] = []
-        if not self.sandbox.prefix:
-            strays = descendants(self._proc.pid) + with_environ(f"{TAG_VARIABLE}={self.tag}")
+        if not self.sandbox.prefix:  # a scan of /proc: off the loop
+            strays = await asyncio.to_thread(_strays, self._proc.pid, self.tag)
         if not self._exited.done() and self._stops_on_sigterm():
             self._signal_group(signal.SIGTERM)
             try:
@@ -386,6 +386,11 @@ class ProcessWorker:
         self._stop_output()
         if self.cgroup is not None:  # rmdir may wait a moment for the kernel: off the loop
             await self._loop.run_in_executor(None, self.cgroup.remove)
+
+
+def _strays(pid: int, tag: str) -> list[int]:
+    """What a worker started: its process tree, and whatever carries its tag."""
+    return descendants(pid) + with_environ(f"{TAG_VARIABLE}={tag}")
 
 
 # connect() errors that are this side's shortage, not the worker's answer.
@@ -541,7 +546,6 @@ class ProcessFactory:
             start-up, or it was not healthy within ``start_timeout``; nothing is
             left running.
         """
-        report = self._sandbox.check()
         port = _PORTS.allocate()
         argv = [arg.replace("{port}", str(port)) for arg in self.command]
         tag = f"{os.getpid()}-{port}-{time.monotonic_ns()}"
@@ -552,27 +556,25 @@ class ProcessFactory:
                 f"cannot start worker: {argv[0]!r} not found or not executable", command=argv
             )
         try:
-            cgroup = self._sandbox.cgroup(f"{port}-{time.monotonic_ns()}")
+            launch = await self._sandbox.launch(f"{port}-{time.monotonic_ns()}", env)
         except BaseException:
             _PORTS.release(port)
             raise
-        prefix, preexec = self._sandbox.launch_plan(cgroup)
+        report, cgroup = launch.report, launch.cgroup
         try:
             proc = subprocess.Popen(
-                [*prefix, *argv],
+                [*launch.prefix, *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=preexec,
                 close_fds=True,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             _PORTS.release(port)
-            if cgroup is not None:
-                cgroup.remove()
+            await launch.discard()
             why = errno.errorcode.get(getattr(exc, "errno", None) or 0, "error")
             raise SpawnError(f"cannot start worker ({why}): {exc}", command=argv) from exc
         worker = ProcessWorker(

@@ -41,7 +41,7 @@ signal only), each with the reason; :func:`detect` caches it per process.
 
 from __future__ import annotations
 
-import ctypes
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -50,7 +50,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from ._procfs import children
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from ._cgroups import WorkerCgroup
 
 __all__ = [
+    "Launch",
     "Sandbox",
     "SandboxLevel",
     "SandboxMode",
@@ -66,7 +68,8 @@ __all__ = [
     "detect",
     "init_command",
     "init_ready",
-    "launcher",
+    "launch_prefix",
+    "launcher_tools",
     "namespaces",
     "returncode",
 ]
@@ -76,7 +79,6 @@ log = logging.getLogger("herd.sandbox")
 SandboxMode = bool | Literal["required"]
 SandboxLevel = Literal["full", "partial", "none"]
 
-_PR_SET_PDEATHSIG = 1
 # The init exits with 128+N when signal N killed the worker: 129 up to this.
 _LAST_EXIT_BY_SIGNAL = 128 + int(signal.SIGRTMAX)
 
@@ -183,14 +185,6 @@ def init_ready(launcher: int) -> bool:
     return any(children(init) for init in children(launcher))
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:  # pragma: no cover - every Linux libc has prctl
-        return None
-
-
 def namespaces(sandbox: SandboxMode) -> SandboxReport:
     """The namespaces a worker gets in this mode (none with ``sandbox=False``)."""
     if sandbox is False:
@@ -198,38 +192,81 @@ def namespaces(sandbox: SandboxMode) -> SandboxReport:
     return detect()
 
 
-def launcher(
-    sandbox: SandboxMode, join: Sequence[str] = ()
-) -> tuple[tuple[str, ...], Callable[[], None], SandboxReport]:
-    """The argv prefix, the ``preexec_fn`` and the report for one spawn.
+# The launcher's fast path: util-linux's setpriv sets the parent-death signal,
+# then dash joins the cgroups, checks that the parent is still the pool (it may
+# have died before the signal was set) and execs the worker. Dash because it
+# leaves the environment as it found it, except PWD, which the script puts
+# back ("-": PWD was not set; "=VALUE": it was); bash would add SHLVL.
+_LAUNCH_SCRIPT = (
+    "p=$1 w=$2; shift 2; case $w in -) unset PWD ;; *) PWD=${w#=} ;; esac; "
+    'while [ "$1" != -- ]; do echo 0 >"$1" || '
+    '{ echo "herd: cannot join the worker\'s cgroup $1" >&2; exit 125; }; shift; done; shift; '
+    '[ "$PPID" = "$p" ] || exit 125; exec "$@"'
+)
 
-    :param join: ``cgroup.procs`` files the child writes itself into before exec,
-        so that its program never runs outside its limits.
-    :raises herd.SpawnError: ``sandbox="required"`` and no namespace is possible.
+
+@functools.cache
+def launcher_tools() -> tuple[str, str] | None:
+    """``setpriv`` and ``dash`` for the launcher's fast path, if both work here.
+
+    Without them the launcher is herd's init in its ``--launch`` mode, which
+    starts an interpreter (a few milliseconds more per spawn).
     """
-    from ._exceptions import SpawnError
+    setpriv, dash = shutil.which("setpriv"), shutil.which("dash")
+    if setpriv is None or dash is None:
+        return None
+    try:
+        done = subprocess.run(
+            [setpriv, "--pdeathsig", "KILL", "--", dash, "-c", "exit 0"],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (setpriv, dash) if done.returncode == 0 else None  # util-linux < 2.33: no option
 
-    report = namespaces(sandbox)
-    if report.level == "none" and sandbox == "required":
-        raise SpawnError(f"sandbox='required' but no sandbox is possible: {report.reason}")
-    libc = _libc()
-    parent = os.getpid()
-    files = [os.fsencode(path) for path in join]
 
-    def preexec() -> None:
-        # Runs in the child between fork and exec: plain system calls only.
-        if libc is not None:
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-        for path in files:  # "0" moves the writing process itself
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
+def launch_prefix(
+    join: Sequence[str] = (), env: Mapping[str, str] | None = None
+) -> tuple[str, ...]:
+    """The argv prefix that starts a worker's command the way herd does.
 
-    return report.prefix, preexec, report
+    The launcher is the process the pool forks; before it execs the command
+    (or the sandbox's ``unshare``) it
+
+    - sets its parent-death signal to SIGKILL (it dies with the thread that
+      forked it: the pool's event loop thread);
+    - writes itself into each of ``join`` (``cgroup.procs`` files), so that the
+      command never runs outside its limits;
+    - exits (125) if its parent is already gone.
+
+    This is what a ``preexec_fn`` did, without running Python code between
+    ``fork`` and ``exec`` in a process that has threads, which CPython warns
+    is unsafe; and without ``preexec_fn``, ``subprocess`` may use ``vfork``,
+    so a spawn no longer copies the page tables of a large pool process.
+
+    :param join: ``cgroup.procs`` files to join.
+    :param env: the environment the command gets (``os.environ`` if ``None``):
+        the launcher passes it on exactly as given.
+    """
+    env = os.environ if env is None else env
+    parent = str(os.getpid())
+    tools = launcher_tools()
+    if tools is None:
+        init = init_command()
+        if not init:
+            from ._exceptions import SpawnError
+
+            raise SpawnError(
+                "cannot start workers: no setpriv and dash, and no Python interpreter "
+                "(sys.executable) to run herd's launcher"
+            )
+        return (*init, "--launch", parent, *join, "--")
+    setpriv, dash = tools
+    pwd = "=" + env["PWD"] if "PWD" in env else "-"
+    script = (dash, "-c", _LAUNCH_SCRIPT, "herd-launch")
+    return (setpriv, "--pdeathsig", "KILL", "--", *script, parent, pwd, *join, "--")
 
 
 def warn_once(report: SandboxReport) -> None:
@@ -242,17 +279,34 @@ def warn_once(report: SandboxReport) -> None:
 _warned: dict[str, bool] = {}
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How one worker process starts: what isolation it gets, its cgroup (if
+    any) and the argv prefix to put in front of its command."""
+
+    report: SandboxReport
+    cgroup: WorkerCgroup | None
+    prefix: tuple[str, ...]
+
+    async def discard(self) -> None:
+        """Remove the cgroup of a worker that did not start (off the event loop)."""
+        if self.cgroup is not None:
+            await asyncio.to_thread(self.cgroup.remove)
+
+
 class Sandbox:
     """The isolation plan shared by every worker of one factory.
 
-    Namespaces and the parent-death signal from :func:`launcher`, cgroup limits
-    from :mod:`herd._cgroups`. Factories of any kind of worker (processes,
-    Jupyter kernels) use it the same way::
+    Namespaces from :func:`detect`, the launcher from :func:`launch_prefix`,
+    cgroup limits from :mod:`herd._cgroups`. Factories of any kind of worker
+    (processes, Jupyter kernels) use it the same way::
 
-        report = sandbox.check()                # once per spawn: raises or warns
-        cgroup = sandbox.cgroup(tag)            # None without limits
-        prefix, preexec = sandbox.launch_plan(cgroup)
-        Popen([*prefix, *argv], preexec_fn=preexec, start_new_session=True)
+        launch = await sandbox.launch(name, env)  # raises, or warns once
+        Popen([*launch.prefix, *argv], env=env, start_new_session=True)
+        ...                                       # on failure: await launch.discard()
+
+    Everything that may block (detection runs probe processes; creating and
+    sweeping cgroups may wait on the kernel) runs off the event loop.
 
     :param mode: ``True``, ``False`` or ``"required"``.
     :raises ValueError: a bad mode or limit.
@@ -272,12 +326,17 @@ class Sandbox:
             raise ValueError(f"sandbox must be True, False or 'required', not {mode!r}")
         self.mode: SandboxMode = mode
         self.limits = Limits.validated(cpu_limit, memory_limit, pids_limit)
-        self._swept = False
+        self._prepared = False
+        self._preparing = threading.Lock()
 
     @property
     def report(self) -> SandboxReport:
         """``full``: namespaces, and cgroups for the configured limits; ``partial``:
-        part of that; ``none``: process group and parent-death signal only."""
+        part of that; ``none``: process group and parent-death signal only.
+
+        The first call in a process detects (a few probe processes); later calls
+        are cheap.
+        """
         from ._cgroups import detect as detect_cgroups
 
         found = namespaces(self.mode)
@@ -305,30 +364,59 @@ class Sandbox:
             warn_once(report)
         return report
 
-    def cgroup(self, tag: str) -> WorkerCgroup | None:
-        """A new worker cgroup with the limits (``None`` without limits or cgroups).
+    def prepare(self) -> None:
+        """Detect what this machine allows and sweep the cgroups of pools that
+        were killed; once per sandbox, blocking (:meth:`launch` runs it in a thread)."""
+        from ._cgroups import detect as detect_cgroups
+        from ._cgroups import sweep_stale
 
-        The first call also sweeps the cgroups of pools that were killed.
+        with self._preparing:
+            if self._prepared:
+                return
+            _ = self.report
+            launcher_tools()
+            groups = detect_cgroups()
+            if groups.version is not None:
+                for path in sweep_stale(groups):
+                    log.info("removed stale worker cgroup %s", path)
+            self._prepared = True
+
+    def cgroup(self, name: str) -> WorkerCgroup | None:
+        """A new worker cgroup with the limits (``None`` without limits or cgroups);
+        blocking.
+
+        :raises herd.SpawnError: the cgroup could not be created.
         """
-        from ._cgroups import WorkerCgroup, owner_prefix, sweep_stale
+        from ._cgroups import WorkerCgroup, owner_prefix
         from ._cgroups import detect as detect_cgroups
         from ._exceptions import SpawnError
 
         groups = detect_cgroups()
-        if not self._swept and groups.version is not None:
-            self._swept = True
-            for path in sweep_stale(groups):
-                log.info("removed stale worker cgroup %s", path)
         if not self.limits or groups.version is None:
             return None
         try:
-            return WorkerCgroup(groups, owner_prefix() + tag, self.limits)
+            return WorkerCgroup(groups, owner_prefix() + name, self.limits)
         except OSError as exc:
             raise SpawnError(f"cannot create the worker's cgroup: {exc}") from exc
 
-    def launch_plan(
-        self, cgroup: WorkerCgroup | None
-    ) -> tuple[tuple[str, ...], Callable[[], None]]:
-        """The argv prefix and ``preexec_fn`` for one worker process."""
-        prefix, preexec, _ = launcher(self.mode, cgroup.procs_files if cgroup else ())
-        return prefix, preexec
+    async def launch(self, name: str, env: Mapping[str, str] | None = None) -> Launch:
+        """Plan one worker's start: check the sandbox, create its cgroup (named
+        after ``name``), build the launcher for ``env`` (see :func:`launch_prefix`).
+
+        Call it on the thread that will fork the worker: the launcher checks
+        that its parent is this process, and dies with that thread.
+
+        :raises herd.SpawnError: ``mode="required"`` and the sandbox is not full,
+            or the cgroup could not be created.
+        """
+        if not self._prepared:
+            await asyncio.to_thread(self.prepare)
+        report = self.check()
+        cgroup = await asyncio.to_thread(self.cgroup, name) if self.limits else None
+        try:
+            prefix = launch_prefix(cgroup.procs_files if cgroup else (), env)
+        except BaseException:
+            if cgroup is not None:
+                await asyncio.to_thread(cgroup.remove)
+            raise
+        return Launch(report, cgroup, (*prefix, *report.prefix))

@@ -555,7 +555,6 @@ class KernelFactory:
             ``startup_timeout``.
         """
         directory = os.fspath(cwd) if cwd is not None else self.cwd
-        report = self._sandbox.check()
         if manager is None:
             manager = self.new_manager()
         launched: Any = manager
@@ -565,10 +564,10 @@ class KernelFactory:
         env = {**base, **self.env}
         self._check_command(manager, env)
         tag = f"{os.getpid()}-k-{time.monotonic_ns()}"
-        cgroup = self._sandbox.cgroup(tag)
-        prefix, preexec = self._sandbox.launch_plan(cgroup)
-        launched.herd_prefix = prefix
-        if not prefix:
+        launch = await self._sandbox.launch(tag, env)
+        report, cgroup = launch.report, launch.cgroup
+        launched.herd_prefix = launch.prefix
+        if not report.prefix:
             # Without a PID namespace, a kernel's strays are found by this tag
             # when it closes; in one, the kernel's environment stays as given.
             env[TAG_VARIABLE] = tag
@@ -576,7 +575,6 @@ class KernelFactory:
             await manager.start_kernel(
                 cwd=directory,
                 env=env,
-                preexec_fn=preexec,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
             )
@@ -590,8 +588,7 @@ class KernelFactory:
                 await asyncio.get_running_loop().run_in_executor(None, process.wait)
                 if process.stdout is not None:
                     process.stdout.close()  # the output pipe no worker will read
-            if cgroup is not None:
-                cgroup.remove()
+            await launch.discard()
             with contextlib.suppress(Exception):
                 await manager._async_cleanup_resources(restart=False)
             if not isinstance(exc, Exception):

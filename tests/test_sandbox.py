@@ -614,7 +614,7 @@ async def test_a_kernel_interrupt_raises_one_keyboard_interrupt() -> None:
 def test_init_ready_tells_when_signals_to_the_launchers_group_get_through() -> None:
     """Until the init has blocked the signals it forwards, the kernel drops those
     that PID 1 has no handler for: a close then goes straight to SIGKILL."""
-    prefix, _, _ = herd_sandbox.launcher(True)
+    prefix = (*herd_sandbox.launch_prefix(), *herd_sandbox.namespaces(True).prefix)
     launched = subprocess.Popen([*prefix, "sleep", "30"], start_new_session=True)
     try:
         assert not herd_sandbox.init_ready(launched.pid)  # Python is still starting
