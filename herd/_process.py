@@ -388,6 +388,25 @@ class ProcessWorker:
             await self._loop.run_in_executor(None, self.cgroup.remove)
 
 
+_PORT_RACE_RETRIES = 2
+
+
+class _PortTaken(SpawnError):
+    """The worker exited during start-up and another process holds its port."""
+
+
+def _taken(port: int) -> bool:
+    """Whether some socket holds ``port`` on the loopback address (a worker that
+    exited holds none): binding it, as a listening worker would, fails."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
 def _strays(pid: int, tag: str) -> list[int]:
     """What a worker started: its process tree, and whatever carries its tag."""
     return descendants(pid) + with_environ(f"{TAG_VARIABLE}={tag}")
@@ -542,10 +561,25 @@ class ProcessFactory:
     async def spawn(self) -> ProcessWorker:
         """Start one worker and return it once ``GET health_path`` answers 2xx.
 
+        A worker that exits during start-up because another process took its
+        port first (the port is free when herd picks it, but the OS may hand it
+        to any outgoing connection before the worker binds it) is started again
+        on a new port, up to twice: that is a race, not the worker's failure.
+
         :raises herd.SpawnError: the binary is missing, the process exited during
             start-up, or it was not healthy within ``start_timeout``; nothing is
             left running.
         """
+        for attempt in range(_PORT_RACE_RETRIES + 1):
+            try:
+                return await self._spawn_on_a_new_port()
+            except _PortTaken as taken:
+                if attempt == _PORT_RACE_RETRIES:
+                    raise
+                log.info("%s; starting it again on a new port", taken.message)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _spawn_on_a_new_port(self) -> ProcessWorker:
         port = _PORTS.allocate()
         argv = [arg.replace("{port}", str(port)) for arg in self.command]
         tag = f"{os.getpid()}-{port}-{time.monotonic_ns()}"
@@ -591,6 +625,17 @@ class ProcessFactory:
         )
         try:
             await self._until_healthy(worker)
+        except SpawnError as exc:
+            await worker.close()
+            if worker.returncode is not None and _taken(port):
+                raise _PortTaken(
+                    f"{exc.message}; its port {port} was taken by another process",
+                    command=exc.command,
+                    exit_code=exc.exit_code,
+                    output_tail=exc.output_tail,
+                    worker_id=exc.worker_id,
+                ) from None
+            raise
         except BaseException:
             await worker.close()
             raise

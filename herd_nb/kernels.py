@@ -103,6 +103,10 @@ class _HerdLaunch:
             await restart(now=now, newports=newports, **kw)
 
 
+# A kernel that lost a race for its ports is started again on new ones this often.
+_PORT_RACE_RETRIES = 2
+
+
 @functools.cache
 def _launch_class(base: type[AsyncKernelManager]) -> type[AsyncKernelManager]:
     return type(f"Herd{base.__name__}", (_HerdLaunch, base), {})
@@ -318,6 +322,39 @@ class KernelWorker(ProcessWorker):
                 output_tail=self.logs(20),
                 worker_id=self.id,
             ) from None
+
+    def _lost_a_port_race(self) -> bool:
+        """Whether the kernel exited during start-up because a port it was given
+        was taken (the ports are free when chosen; the OS may hand them to any
+        outgoing connection before the kernel binds them)."""
+        return self.returncode is not None and any(
+            "Address already in use" in line for line in self.logs(20)
+        )
+
+    async def _restart_on_new_ports(self) -> None:
+        """Start the kernel again in this worker on newly chosen ports, as
+        Jupyter's restarter does for a kernel that died at start-up."""
+        for client in (self._kernel_client, self._probe):
+            with contextlib.suppress(zmq.ZMQError):
+                if client.channels_running:
+                    client.stop_channels()
+        manager = self.manager
+        # New ports: a fresh connection file (jupyter_client would keep the old
+        # one, and its ports, across a restart).
+        manager.cleanup_connection_file()
+        for name in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):
+            setattr(manager, name, 0)
+        await manager.restart_kernel(now=True)
+        if not super().alive:
+            raise SpawnError(
+                f"kernel {self.kernel_name!r} could not be started again on new ports",
+                command=self.command,
+                output_tail=self.logs(20),
+                worker_id=self.id,
+            )
+        self._kernel_client = manager.client(context=manager.context)
+        own = Session(key=manager.session.key, signature_scheme=manager.session.signature_scheme)
+        self._probe = manager.client(session=own, context=manager.context)
 
     async def _nudge(self, timeout: float) -> None:
         """Ask ``kernel_info`` until IOPub carries an answer too.
@@ -608,9 +645,21 @@ class KernelFactory:
         if self.echo_output:
             worker.echo_fd = 2
         worker.cwd = directory if directory is not None else os.getcwd()
-        try:
-            await worker._until_ready(self.startup_timeout)
-        except BaseException:
-            await worker.close()
-            raise
-        return worker
+        for attempt in range(_PORT_RACE_RETRIES + 1):
+            try:
+                await worker._until_ready(self.startup_timeout)
+                return worker
+            except SpawnError as exc:
+                if attempt == _PORT_RACE_RETRIES or not worker._lost_a_port_race():
+                    await worker.close()
+                    raise
+                log.info("%s: a port was taken; starting it again on new ports", exc.message)
+                try:
+                    await worker._restart_on_new_ports()
+                except BaseException:
+                    await worker.close()
+                    raise
+            except BaseException:
+                await worker.close()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -179,3 +180,40 @@ def test_bad_options() -> None:
         herd_nb.KernelFactory(pids_limit=0)
     with pytest.raises(ValueError, match="startup_timeout"):
         herd_nb.KernelFactory(startup_timeout=-1)
+
+
+async def test_a_kernel_whose_port_was_taken_starts_again_on_new_ports(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first port chosen for the kernel is taken by another process before
+    the kernel binds it (as any outgoing connection may take it): the kernel
+    exits with ZMQ's "Address already in use", and is started again on new
+    ports, as Jupyter's restarter does, instead of failing the spawn."""
+    from jupyter_client.provisioning.local_provisioner import LocalPortCache
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    taken = listener.getsockname()[1]
+    handed = []
+    find = LocalPortCache.find_available_port
+
+    def find_taken_first(self: LocalPortCache, ip: str) -> int:
+        port = taken if not handed else find(self, ip)
+        handed.append(port)
+        return port
+
+    monkeypatch.setattr(LocalPortCache, "find_available_port", find_taken_first)
+    caplog.set_level("INFO", logger="herd_nb")
+    try:
+        worker = await herd_nb.KernelFactory("python3").spawn()
+        try:
+            assert handed[0] == taken
+            info = worker.manager.get_connection_info()
+            assert taken not in {info[f"{c}_port"] for c in ("shell", "iopub", "stdin", "control")}
+            assert await run(worker, "print(6 * 7)") == ("ok", "42\n")
+            assert "a port was taken; starting it again on new ports" in caplog.text
+        finally:
+            await worker.close()
+    finally:
+        listener.close()

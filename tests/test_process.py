@@ -6,13 +6,16 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import time
+from collections.abc import Iterator
 
 import psutil
 import pytest
 
 import herd
+from herd import _process
 from herd._process import OutputLog
 from tests.helpers import WORKER, factory, pid_alive, wait_until
 
@@ -227,3 +230,55 @@ async def test_sandboxed_workers_cannot_see_each_other() -> None:
             assert seen == [1, 2, 3]
     finally:
         await asyncio.gather(*(w.close() for w in workers))
+
+
+# -- a port taken between herd's pick and the worker's bind ---------------------------
+
+
+@pytest.fixture
+def first_port_taken(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The first port herd picks is taken at once by another process's listener,
+    as the OS may give it to anyone once herd's probe socket is closed."""
+    taken: list[int] = []
+    listeners: list[socket.socket] = []
+    allocate = _process._PORTS.allocate
+
+    def allocate_then_take() -> int:
+        port = allocate()
+        if not taken:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.bind(("127.0.0.1", port))
+            listener.listen()
+            listeners.append(listener)
+            taken.append(port)
+        return port
+
+    monkeypatch.setattr(_process._PORTS, "allocate", allocate_then_take)
+    yield taken
+    for listener in listeners:
+        listener.close()
+
+
+async def test_a_worker_whose_port_was_taken_starts_again_on_a_new_one(
+    first_port_taken: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="herd")
+    worker = await factory().spawn()
+    try:
+        assert first_port_taken
+        assert worker.port != first_port_taken[0]
+        assert (await worker.client.get("/health")).code == 200
+        assert f"its port {first_port_taken[0]} was taken by another process" in caplog.text
+    finally:
+        await worker.close()
+
+
+async def test_a_worker_that_fails_on_its_own_is_not_started_again(
+    first_port_taken: list[int],
+) -> None:
+    """Only a port that another process holds is a race: an exit with the port
+    free is the worker's failure, reported at once."""
+    first_port_taken.append(0)  # take nothing: the worker fails by itself
+    with pytest.raises(herd.SpawnError, match="exited with code 3") as caught:
+        await factory(env={"WORKER_EXIT_AT_START": "3"}).spawn()
+    assert "was taken" not in str(caught.value)
