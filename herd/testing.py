@@ -48,7 +48,10 @@ class FakeWorker:
     """A :class:`herd.Worker` with no process: its ``client`` is a plain dict.
 
     :meth:`crash` makes it die as a real worker would (the pool's exit watch
-    fires); :attr:`healthy_answer` decides what health checks see.
+    fires); :attr:`healthy_answer` decides what health checks see: ``True``,
+    ``False``, or an :class:`OSError` to raise, as a probe that could not be
+    made on the pool's side does (``OSError(errno.EMFILE, ...)``: no descriptor
+    left), which the pool counts as no answer at all.
     """
 
     _ids = itertools.count(1)
@@ -58,13 +61,17 @@ class FakeWorker:
         self.address = ""
         self.pid: int | None = None
         self.client: dict[str, Any] = {}
-        self.healthy_answer = True
+        self.healthy_answer: bool | OSError = True
         self.closed = False
         self._dead: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     async def healthy(self) -> bool:
-        """:attr:`healthy_answer`, or ``False`` once dead."""
-        return self.healthy_answer and not self._dead.done()
+        """:attr:`healthy_answer` (raised if an :class:`OSError`), or ``False`` once dead."""
+        if self._dead.done():
+            return False
+        if isinstance(self.healthy_answer, OSError):
+            raise self.healthy_answer
+        return self.healthy_answer
 
     async def wait(self) -> str:
         """Return when :meth:`crash` or :meth:`close` is called."""

@@ -20,7 +20,7 @@ import pytest
 
 import herd
 from herd.registry.memory import MemoryRegistry
-from herd.testing import FakeClock
+from herd.testing import FakeClock, FakeFactory
 from tests.helpers import factory, pid_alive, wait_until
 
 
@@ -467,6 +467,25 @@ async def test_a_busy_worker_is_declared_dead_only_after_health_failures_in_a_ro
         await wait_until(lambda: crashed == ["s"], what="the crash path")
         assert "3 in a row" in pool.stats().recent_crashes[-1].reason
         await wait_until(lambda: not pid_alive(busy.pid), what="the dead worker killed")
+
+
+async def test_a_fake_worker_can_fail_its_probe_on_the_pools_side() -> None:
+    """herd.testing's FakeWorker raises the OSError it is given, as a probe the
+    pool could not make does; the pool counts it as no answer, even at
+    health_failures=1, and the worker keeps its session."""
+    factory = FakeFactory()
+    async with herd.Pool(
+        factory, min_workers=0, max_workers=1, health_interval=None, health_failures=1
+    ) as pool:
+        async with pool.acquire("s") as session:
+            worker = session.worker
+        worker.healthy_answer = OSError(errno.EMFILE, "Too many open files")
+        for _ in range(3):
+            await pool.check_health()
+        assert pool.sessions() == {"s": worker.id}
+        worker.healthy_answer = False
+        await pool.check_health()
+        assert pool.sessions() == {}
 
 
 async def test_failed_probes_count_only_over_a_window_longer_than_a_busy_spell(
