@@ -20,9 +20,22 @@ against it, at once:
 Reported: requests answered by status, 5xx by their JSON ``error``, client
 connection errors, workers killed by the soak against workers herd declared
 dead or retired on its own (from its log), and the gateway's RSS and open
-descriptors at start and end. Target (issue 14): no healthy worker killed by
-herd, RSS and descriptors flat, every request answered. Everything stops by
-itself after ``--duration``.
+descriptors, sampled every ``--sample-every`` seconds, with its sockets sorted
+by whom they connect (clients, live workers, workers that are gone) and TCP
+state. Target (issue 14): no healthy worker killed by herd, RSS and descriptors
+flat, every request answered. Everything stops by itself after ``--duration``.
+
+"Flat" compares a **steady state** (the first sample ``--steady-after`` seconds
+in, default 60 or half the run if shorter, when every attack has started) with
+the **end** (5 s after the last client left), not with the start. The start is
+an idle gateway; the flood takes it to 7,000 open connections at once, and the
+RSS those took (IOStreams, buffers, parsers) stays with the process after they
+close: CPython's object arenas and glibc's heap keep their high-water mark
+instead of returning it to the OS. That plateau is not a leak; growth while the
+same load goes on is. So the RSS is flat if the end is within 10% of the steady
+state, and the descriptors are flat if the end holds no more than the steady
+state, no client connection (every client has left) and none of a worker
+that is gone (its pipe, a socket to its port, a socket in ``CLOSE_WAIT``).
 """
 
 from __future__ import annotations
@@ -178,6 +191,102 @@ def fd_kinds(pid: int) -> dict[str, int]:
     return dict(kinds)
 
 
+_TCP_STATES = {"01": "ESTABLISHED", "06": "TIME_WAIT", "08": "CLOSE_WAIT", "0A": "LISTEN"}
+
+
+def _tcp_sockets() -> dict[str, tuple[int, int, str]]:
+    """Socket inode -> (local port, remote port, state), from /proc/net/tcp{,6}."""
+    table = {}
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(name) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
+                table[fields[9]] = (local, remote, _TCP_STATES.get(fields[3], fields[3]))
+    return table
+
+
+def sockets(pid: int, port: int, worker_ports: set[int]) -> dict[str, int]:
+    """The process's TCP sockets by peer and state: ``client ESTABLISHED`` (its own
+    ``port``), ``worker ...`` (a live worker's port), ``gone ...`` (any other: a
+    worker that is gone), ``listening``; ``other`` for non-TCP sockets."""
+    table = _tcp_sockets()
+    kinds: collections.Counter[str] = collections.Counter()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if not target.startswith("socket:["):
+                continue
+            found = table.get(target[len("socket:[") : -1])
+            if found is None:
+                kinds["other"] += 1
+                continue
+            local, remote, state = found
+            if state == "LISTEN":
+                kinds["listening"] += 1
+            elif local == port:
+                kinds[f"client {state}"] += 1
+            else:
+                kinds[f"{'worker' if remote in worker_ports else 'gone'} {state}"] += 1
+    return dict(sorted(kinds.items()))
+
+
+def _worker_ports(port: int) -> set[int]:
+    workers = stats(port)["workers"]
+    return {int(worker["address"].rsplit(":", 1)[1]) for worker in workers}
+
+
+class Sample:
+    """The gateway at one moment: seconds into the run, RSS, descriptors."""
+
+    def __init__(self, at: float, pid: int, port: int) -> None:
+        self.at = at
+        self.workers = _worker_ports(port)
+        time.sleep(0.1)  # for the gateway to close that request's connection
+        self.rss, self.fds = census(pid)
+        self.kinds = fd_kinds(pid)
+        self.sockets = sockets(pid, port, self.workers)
+
+    def line(self) -> str:
+        return (
+            f"{self.at:5.0f} s  RSS {self.rss:6.1f} MiB  fds {self.fds:5d}  "
+            f"workers {len(self.workers):2d}  {self.sockets}"
+        )
+
+    def of_the_gone(self, start: Sample) -> dict[str, int]:
+        """Descriptors of workers that are gone: sockets to their ports, sockets in
+        CLOSE_WAIT, output pipes and pidfds beyond one per live worker (the event
+        loop's own pipes and anon inodes are those of ``start`` less its workers)."""
+        per_worker = {"pipe": "pipes", "anon_inode": "pidfds"}
+        found = {
+            "sockets": sum(n for kind, n in self.sockets.items() if kind.startswith("gone")),
+            "CLOSE_WAIT": sum(
+                n
+                for kind, n in self.sockets.items()
+                if kind.endswith("CLOSE_WAIT") and not kind.startswith("gone")
+            ),
+        }
+        for kind, name in per_worker.items():
+            base = start.kinds.get(kind, 0) - len(start.workers)
+            found[name] = max(0, self.kinds.get(kind, 0) - base - len(self.workers))
+        return {name: n for name, n in found.items() if n}
+
+    def clients(self) -> int:
+        return sum(n for kind, n in self.sockets.items() if kind.startswith("client"))
+
+
+async def sampler(
+    pid: int, port: int, every: float, started: float, samples: list[Sample], until: float
+) -> None:
+    loop = asyncio.get_running_loop()
+    while loop.time() + every < until:
+        await asyncio.sleep(every)
+        at = time.monotonic() - started
+        with contextlib.suppress(OSError, psutil.Error):
+            samples.append(await asyncio.to_thread(Sample, at, pid, port))
+
+
 async def main(args: argparse.Namespace) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = args.connections + args.slowloris + args.idle + 256
@@ -199,12 +308,14 @@ async def main(args: argparse.Namespace) -> None:
                 if time.monotonic() > deadline or gateway.poll() is not None:
                     raise RuntimeError(log_path.read_text()[-2000:]) from None
                 await asyncio.sleep(0.1)
-        rss0, fds0 = census(gateway.pid)
-        kinds0 = fd_kinds(gateway.pid)
         tally = Tally()
         loop = asyncio.get_running_loop()
         until = loop.time() + args.duration
         started = time.monotonic()
+        samples = [await asyncio.to_thread(Sample, 0.0, gateway.pid, port)]
+        watch = asyncio.ensure_future(
+            sampler(gateway.pid, port, args.sample_every, started, samples, until)
+        )
         clients = [
             asyncio.ensure_future(client(port, args.sessions, tally, until))
             for _ in range(args.connections)
@@ -213,14 +324,12 @@ async def main(args: argparse.Namespace) -> None:
         jobs = [asyncio.ensure_future(killer(port, args.kill_every, tally, until))]
         loris = asyncio.ensure_future(slowloris(port, args.slowloris, until))
         idlers = asyncio.ensure_future(idle(port, args.idle, until))
-        await asyncio.gather(*clients, *jobs)
+        await asyncio.gather(*clients, *jobs, watch)
         loris_alive = await loris
         idle_held = len(await idlers)
         elapsed = time.monotonic() - started
         await asyncio.sleep(5)
-        rss1, fds1 = census(gateway.pid)
-        kinds = fd_kinds(gateway.pid)
-        workers = len((await asyncio.to_thread(stats, port))["workers"])
+        end = await asyncio.to_thread(Sample, time.monotonic() - started, gateway.pid, port)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(gateway.pid, signal.SIGTERM)
@@ -245,10 +354,29 @@ async def main(args: argparse.Namespace) -> None:
     print(f"herd log lines about failed health checks: {declared}")
     print(f"slowloris connections still open at the end: {loris_alive} of {args.slowloris}")
     print(f"idle connections opened: {idle_held} of {args.idle}")
-    print(f"gateway RSS: {rss0:.1f} -> {rss1:.1f} MiB; fds: {fds0} -> {fds1}")
-    print(f"  fds by kind at start: {kinds0}")
-    print(f"  fds by kind at the end: {kinds}")
-    print(f"workers at the end: {workers}")
+    first = samples[0]
+    steady_at = min(args.steady_after, args.duration / 2)
+    steady = next((x for x in samples if x.at >= steady_at), samples[-1])
+    print("gateway, every sample (sockets by peer and TCP state):")
+    for sample in [*samples, end]:
+        print("  " + sample.line())
+    print(
+        f"gateway RSS: start {first.rss:.1f}, steady state ({steady.at:.0f} s) "
+        f"{steady.rss:.1f}, end {end.rss:.1f} MiB"
+    )
+    print(f"gateway fds: start {first.fds}, steady state {steady.fds}, end {end.fds}")
+    print(f"  fds by kind at start: {first.kinds}")
+    print(f"  fds by kind at the end: {end.kinds}")
+    gone = end.of_the_gone(first)
+    rss_flat = end.rss <= steady.rss * 1.10
+    fds_flat = end.fds <= steady.fds and not gone and not end.clients()
+    print(
+        f"flat (steady state -> end): RSS {'yes' if rss_flat else 'NO'} "
+        f"({end.rss - steady.rss:+.1f} MiB); fds {'yes' if fds_flat else 'NO'} "
+        f"({end.fds - steady.fds:+d}; of workers gone at the end: {gone or 'none'}; "
+        f"client connections at the end: {end.clients()})"
+    )
+    print(f"workers at the end: {len(end.workers)}")
     print(f"gateway log: {len(text.encode()) / 2**20:.1f} MiB ({log_path})")
 
 
@@ -261,4 +389,13 @@ if __name__ == "__main__":
     parser.add_argument("--kill-every", type=float, default=5)
     parser.add_argument("--slowloris", type=int, default=5000)
     parser.add_argument("--idle", type=int, default=2000)
+    parser.add_argument(
+        "--sample-every", type=float, default=10, help="seconds between RSS/fd samples"
+    )
+    parser.add_argument(
+        "--steady-after",
+        type=float,
+        default=60,
+        help="seconds in to take the steady state (at most half of --duration)",
+    )
     asyncio.run(main(parser.parse_args()))

@@ -17,7 +17,8 @@ Data flow of one HTTP request::
 
 Nothing buffers a whole body: memory stays flat for a 1 GB upload or download,
 and a chunked or ``text/event-stream`` response reaches the client chunk by chunk.
-Upstream connections are kept alive per worker (:class:`UpstreamPool`). Tornado's
+Upstream connections are kept alive per worker, and closed once idle for a while
+or once the worker has closed its end (:class:`UpstreamPool`). Tornado's
 own HTTP client opens a connection per request, so the upstream side drives
 :class:`tornado.http1connection.HTTP1Connection` in client mode directly.
 
@@ -247,12 +248,36 @@ class UpstreamPool:
 
     A connection is reused only if the worker left it open (checked with a
     non-blocking peek when it is taken) and idle for less than ``max_idle``.
+
+    At most ``per_worker`` idle connections are kept per address, and every
+    ``prune_interval`` seconds (while any are kept) :meth:`prune` closes those idle
+    for ``max_idle`` or more and those the worker closed: a killed or retired
+    worker's connections would otherwise sit in ``CLOSE_WAIT`` for good, since its
+    successor listens on another port and nobody asks for the old one again. So
+    the pool holds at most ``per_worker`` connections per live worker, and none a
+    ``max_idle`` after the traffic stops.
+
+    :param per_worker: idle connections kept per address at most.
+    :param max_idle: seconds an idle connection is kept.
+    :param prune_interval: seconds between prunes (``0``: none; a connection is then
+        checked only when it is taken).
     """
 
-    def __init__(self, *, per_worker: int = 32, max_idle: float = 30.0) -> None:
+    def __init__(
+        self, *, per_worker: int = 32, max_idle: float = 30.0, prune_interval: float = 1.0
+    ) -> None:
+        if per_worker < 0 or max_idle < 0 or prune_interval < 0:
+            raise ValueError("per_worker, max_idle and prune_interval must be >= 0")
         self.per_worker = per_worker
         self.max_idle = max_idle
+        self.prune_interval = prune_interval
+        # Oldest first; connect() takes the newest. An address with none has no key.
         self._idle: dict[str, deque[tuple[float, iostream.IOStream]]] = {}
+        self._pruner: asyncio.TimerHandle | None = None  # set while any are kept
+
+    def idle_count(self) -> int:
+        """Idle connections kept, all addresses together."""
+        return sum(len(idle) for idle in self._idle.values())
 
     async def connect(self, address: str, timeout: float) -> tuple[iostream.IOStream, bool]:
         """A connection to ``address`` and whether it is a reused one.
@@ -263,6 +288,8 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             since, stream = idle.pop()
+            if not idle:
+                del self._idle[address]
             if now - since < self.max_idle and _still_open(stream):
                 return stream, True
             stream.close()
@@ -283,11 +310,33 @@ class UpstreamPool:
 
     def put(self, address: str, stream: iostream.IOStream) -> None:
         """Keep ``stream`` for the next request to ``address``."""
-        idle = self._idle.setdefault(address, deque())
-        if len(idle) >= self.per_worker or stream.closed():
+        idle = self._idle.get(address)
+        if stream.closed() or len(idle or ()) >= self.per_worker:
             stream.close()
             return
+        if idle is None:
+            idle = self._idle[address] = deque()
         idle.append((time.monotonic(), stream))
+        self._schedule_prune()
+
+    def prune(self) -> int:
+        """Close the idle connections kept ``max_idle`` or longer and those whose
+        worker has closed its end (or sent bytes nobody asked for); how many."""
+        now = time.monotonic()
+        closed = 0
+        for address, idle in list(self._idle.items()):
+            keep: deque[tuple[float, iostream.IOStream]] = deque()
+            for since, stream in idle:
+                if now - since < self.max_idle and _still_open(stream):
+                    keep.append((since, stream))
+                else:
+                    stream.close()
+                    closed += 1
+            if keep:
+                self._idle[address] = keep
+            else:
+                del self._idle[address]
+        return closed
 
     def forget(self, address: str) -> None:
         """Close every idle connection to ``address`` (its worker is gone)."""
@@ -295,9 +344,29 @@ class UpstreamPool:
             stream.close()
 
     def close(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection (and stop pruning until one is kept again)."""
         for address in list(self._idle):
             self.forget(address)
+        if self._pruner is not None:
+            self._pruner.cancel()
+            self._pruner = None
+
+    def _schedule_prune(self) -> None:
+        if self._pruner is not None or not self.prune_interval:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on a loop (a test filling the pool by hand)
+            return
+        self._pruner = loop.call_later(self.prune_interval, self._prune_tick)
+
+    def _prune_tick(self) -> None:
+        self._pruner = None
+        closed = self.prune()
+        if closed:
+            log.debug("closed %d idle upstream connection(s); %d kept", closed, self.idle_count())
+        if self._idle:
+            self._schedule_prune()
 
 
 def _still_open(stream: iostream.IOStream) -> bool:
@@ -586,6 +655,8 @@ class ProxyHandler(RequestHandler):
         self._chunked_upstream = False
         self._websocket = False
         self._failed = False
+        self._request_sent = False  # the whole request went upstream (finish() called)
+        self._client_gone = False  # the client closed its connection (on_connection_close)
 
     # -- shared: routing and acquiring ---------------------------------------------------
 
@@ -783,9 +854,14 @@ class ProxyHandler(RequestHandler):
             if self._chunked_upstream:
                 await upstream.write(b"0\r\n\r\n")
             upstream.finish()
+            self._request_sent = True
             async with asyncio.timeout(self.settings_.upstream_timeout):
                 await response.head  # 504 only while waiting for the head
             open_after = await reading
+        except asyncio.CancelledError:
+            if self._client_gone and reading.cancelled():
+                return  # on_connection_close stopped the read: nobody to answer
+            raise
         except TimeoutError:
             self._discard_upstream()
             raise _Failure(
@@ -795,9 +871,9 @@ class ProxyHandler(RequestHandler):
             ) from None
         except (iostream.StreamClosedError, httputil.HTTPInputError) as exc:
             self._discard_upstream()
-            if response.started:
+            if response.started or self._client_gone:
                 self._abort()
-                return
+                return  # (a client that left says nothing about the worker)
             raise await self._worker_failed(exc) from None
         if self._done():  # the client went away while the response streamed
             return
@@ -810,7 +886,8 @@ class ProxyHandler(RequestHandler):
             self._stream = None
         else:
             self._discard_upstream()
-        self.finish()
+        if not self._client_gone:
+            self.finish()
 
     def _done(self) -> bool:
         return self._finished
@@ -1002,8 +1079,14 @@ class ProxyHandler(RequestHandler):
         return head
 
     def on_connection_close(self) -> None:
-        # The client vanished mid-request: stop the upstream request too.
-        self._discard_upstream()
+        # The client vanished mid-request: stop the upstream request too. Unless
+        # the exchange with the worker is over (a client that closes as soon as it
+        # has the body can be seen to leave before the read ends): that connection
+        # is still good, and _proxy puts it back.
+        self._client_gone = True
+        response = self._response
+        if not (self._request_sent and response is not None and response.complete):
+            self._discard_upstream()
         self._close_use()
 
     def on_finish(self) -> None:
