@@ -51,6 +51,7 @@ import sys
 TYPE_CHECKING = False  # mypy takes any name TYPE_CHECKING as true
 if TYPE_CHECKING:  # typeshed describes the C module only as `signal`
     import signal as _signal
+    from types import ModuleType
 else:
     import _signal
 
@@ -125,7 +126,7 @@ def _exec(command: list[str], env: dict[bytes, bytes]) -> OSError:
     return failure
 
 
-def _spawn(command: list[str], mask: set[int]) -> int:
+def _spawn(command: list[str], mask: set[int], plan: "object | None" = None) -> int:
     """Start the worker in a session of its own; its PID.
 
     Fork and exec rather than ``posix_spawn``, which leaves glibc's internal
@@ -143,6 +144,8 @@ def _spawn(command: list[str], mask: set[int]) -> int:
             for signum in _RESET:
                 _signal.signal(signum, _signal.SIG_DFL)
             _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+            if plan is not None:
+                _isolation().drop(plan)
             failure = _exec(command, env)
             posix.write(write_end, str(failure.errno).encode())
         finally:
@@ -157,13 +160,13 @@ def _spawn(command: list[str], mask: set[int]) -> int:
     return pid
 
 
-def _parent(command: list[str], mask: set[int], report: int) -> int:
+def _parent(command: list[str], mask: set[int], report: int, plan: "object | None") -> int:
     """PID 2: start the worker, tell the init its PID, wait for it; its exit code."""
     # Out of the launcher's process group: signals to that group reach the init
     # only, which forwards them. All signals stay blocked here (from the init).
     posix.setpgid(0, 0)
     try:
-        worker = _spawn(command, mask)
+        worker = _spawn(command, mask, plan)
     except OSError as exc:  # as unshare would have said it
         print(f"herd init: failed to execute {command[0]}: {exc.strerror}", file=sys.stderr)
         return 127 if exc.errno == _ENOENT else 126
@@ -228,25 +231,44 @@ def _launch(argv: list[str]) -> int:
     return 127 if failure.errno == _ENOENT else 126
 
 
+def _isolation() -> "ModuleType":
+    """:mod:`herd._isolate`, imported from beside this script (``-I`` keeps the
+    script's directory off ``sys.path``)."""
+    if "_isolate" not in sys.modules:
+        sys.path.insert(0, __file__.rpartition("/")[0] or ".")
+    import _isolate  # type: ignore[import-not-found]
+
+    return _isolate  # type: ignore[no-any-return]
+
+
 def main(command: list[str]) -> int:
     """Run ``command`` as the worker; return the exit code for this process."""
     if command[:1] == ["--launch"]:
         return _launch(command[1:])
-    if not command:
-        print("herd init: usage: _init.py COMMAND [ARG...]", file=sys.stderr)
-        return 2
     waited = {int(signum) for signum in _signal.valid_signals()} - _SYNCHRONOUS
     # Blocked before anything else: a signal that comes before the init waits
     # for it is queued, not lost (the kernel drops signals that PID 1 neither
     # handles nor blocks). The worker gets the mask the init started with.
     mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, waited)
+    plan = None
+    if command[:1] and command[0].startswith("--"):  # isolation options, then --
+        isolation = _isolation()
+        try:
+            plan, command = isolation.parse(command)
+            isolation.prepare(plan)
+        except (OSError, ValueError) as exc:
+            print(f"herd init: cannot isolate the worker: {exc}", file=sys.stderr)
+            return 125
+    if not command:
+        print("herd init: usage: _init.py COMMAND [ARG...]", file=sys.stderr)
+        return 2
     # An ignored SIGCHLD (inherited) would reap children behind our back.
     _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
     read_end, write_end = posix.pipe()
     parent = posix.fork()
     if parent == 0:
         posix.close(read_end)
-        return _parent(command, mask, write_end)
+        return _parent(command, mask, write_end, plan)
     posix.close(write_end)
     with open(read_end, "rb") as report:  # EOF: the parent could not start the worker
         answer = report.read()

@@ -54,6 +54,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
+from ._isolate import DEFAULT_CAPS
 from ._procfs import children
 
 if TYPE_CHECKING:
@@ -190,6 +191,12 @@ def namespaces(sandbox: SandboxMode) -> SandboxReport:
     if sandbox is False:
         return SandboxReport("none", "disabled (sandbox=False)")
     return detect()
+
+
+#: Whether sandboxed workers get :mod:`herd._isolate`'s ``--harden`` (read-only
+#: /sys and cgroups, masked /proc, a container's capabilities). Always, but for
+#: the tests that show what a worker could do without it.
+HARDEN = True
 
 
 # The launcher's fast path: util-linux's setpriv sets the parent-death signal,
@@ -341,6 +348,10 @@ class Sandbox:
 
         found = namespaces(self.mode)
         level, reasons = found.level, [found.reason]
+        if found.prefix and HARDEN:
+            reasons.append(
+                "/sys and the cgroups read-only, /proc masked, a container's capabilities"
+            )
         if self.limits:
             groups = detect_cgroups()
             if groups.version is None:
@@ -419,4 +430,10 @@ class Sandbox:
             if cgroup is not None:
                 await asyncio.to_thread(cgroup.remove)
             raise
-        return Launch(report, cgroup, (*prefix, *report.prefix))
+        return Launch(report, cgroup, (*prefix, *report.prefix, *self._init_options(report)))
+
+    def _init_options(self, report: SandboxReport) -> tuple[str, ...]:
+        """What herd's init does before the worker runs (:mod:`herd._isolate`)."""
+        if not report.prefix or not HARDEN:
+            return ()
+        return ("--harden", "--keep-caps", ",".join(map(str, DEFAULT_CAPS)), "--")

@@ -1,0 +1,240 @@
+"""A hostile tenant against the real gateway, as root: each attack must fail.
+
+Every attack runs twice: through ``herd serve`` as shipped, where it must fail,
+and through the same gateway with the protection under test turned off (a
+module flag flipped in that gateway's process), where it must succeed, so that
+each test shows the attack is real and the protection is what stops it.
+
+The tenant is ``tests/helpers/hostile.py``: a worker that runs any Python a
+request sends it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from herd import _cgroups
+from herd import _sandbox as herd_sandbox
+from tests.helpers import wait_until_sync
+from tests.test_cli import _answers, free_port
+
+HOSTILE = str(Path(__file__).parent / "helpers" / "hostile.py")
+GROUPS = _cgroups.detect()
+NAMESPACES = herd_sandbox.detect()
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the adversarial tests run as root"),
+    pytest.mark.skipif(NAMESPACES.level != "full", reason=f"no full sandbox: {NAMESPACES.reason}"),
+    pytest.mark.skipif(GROUPS.version != "v1", reason=f"cgroup v1 attacks: {GROUPS.reason}"),
+]
+
+
+class Gateway:
+    """``herd serve --memory 64M --pids 20`` of the hostile worker; ``unprotected``
+    turns ``flag`` (a module attribute, ``"module.NAME"``) off in its process."""
+
+    def __init__(self, unprotected: str | None = None) -> None:
+        self.port = free_port()
+        argv = ["serve", "--port", str(self.port), "--session-header", "X-Session-ID"]
+        argv += ["--memory", "64M", "--pids", "20", "--min", "2", "--max", "4"]
+        argv += ["--health-path", "/health", "--", sys.executable, HOSTILE, "{port}"]
+        if unprotected is None:
+            command = [sys.executable, "-m", "herd", *argv]
+        else:
+            module, _, name = unprotected.rpartition(".")
+            program = textwrap.dedent(
+                f"""
+                import sys, importlib
+                setattr(importlib.import_module({module!r}), {name!r}, False)
+                from herd.cli import main
+                sys.exit(main({argv!r}))
+                """
+            )
+            command = [sys.executable, "-c", program]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{self.port}"
+        wait_until_sync(lambda: _answers(base + "/herd/stats"), timeout=20, what="herd serve")
+        self.base = base
+
+    def run(self, session: str, code: str) -> dict[str, Any]:
+        """Send ``code`` to ``session``'s worker; its ``{ok, out, error}``."""
+        request = urllib.request.Request(
+            self.base + "/run",
+            data=textwrap.dedent(code).encode(),
+            headers={"X-Session-ID": session},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer: dict[str, Any] = json.loads(response.read())
+        return answer
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def herd_serve() -> Iterator[Gateway]:
+    gateway = Gateway()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+def unhardened() -> Iterator[Gateway]:
+    gateway = Gateway(unprotected="herd._sandbox.HARDEN")
+    yield gateway
+    gateway.stop()
+
+
+OWN_MEMORY_CGROUP = """
+    def own(controller):
+        for line in open("/proc/self/cgroup"):
+            _, names, path = line.rstrip("\\n").split(":", 2)
+            if controller in names.split(","):
+                return "/sys/fs/cgroup/" + controller + path
+"""
+
+
+def attack(gateway: Gateway, session: str, code: str) -> dict[str, Any]:
+    return gateway.run(session, textwrap.dedent(OWN_MEMORY_CGROUP) + textwrap.dedent(code))
+
+
+LEAVE_CGROUP = """
+    import os
+    for controller in ("memory", "pids"):
+        with open(f"/sys/fs/cgroup/{controller}/cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+    print(own("memory"), own("pids"))
+"""
+
+
+def test_a_worker_cannot_leave_its_cgroups(herd_serve: Gateway, unhardened: Gateway) -> None:
+    escaped = attack(unhardened, "escape", LEAVE_CGROUP)
+    assert escaped["ok"], escaped
+    assert escaped["out"].split() == ["/sys/fs/cgroup/memory/", "/sys/fs/cgroup/pids/"]
+    held = attack(herd_serve, "escape", LEAVE_CGROUP)
+    assert not held["ok"]
+    assert "Read-only file system" in held["error"]
+
+
+RAISE_OWN_LIMIT = """
+    import os
+    # memory+swap first: the memory limit may not exceed it.
+    for name in ("memory.memsw.limit_in_bytes", "memory.limit_in_bytes"):
+        if os.path.exists(own("memory") + "/" + name):
+            with open(own("memory") + "/" + name, "w") as f:
+                f.write(str(1 << 40))
+    print(open(own("memory") + "/memory.limit_in_bytes").read())
+"""
+
+
+def test_a_worker_cannot_raise_its_own_limits(herd_serve: Gateway, unhardened: Gateway) -> None:
+    raised = attack(unhardened, "raise", RAISE_OWN_LIMIT)
+    assert raised["ok"], raised
+    assert int(raised["out"]) > 64 << 20
+    held = attack(herd_serve, "raise", RAISE_OWN_LIMIT)
+    assert "Read-only file system" in held["error"]
+
+
+LOWER_A_NEIGHBOURS_LIMIT = """
+    import os
+    mine = own("memory")
+    folder = os.path.dirname(mine)
+    others = [os.path.join(folder, n) for n in os.listdir(folder)]
+    others = [p for p in others if os.path.isdir(p) and p != mine]
+    for other in others:
+        with open(other + "/memory.limit_in_bytes", "w") as f:
+            f.write(str(32 << 20))
+    print(len(others))
+"""
+
+
+def test_a_worker_cannot_change_a_neighbours_limits(
+    herd_serve: Gateway, unhardened: Gateway
+) -> None:
+    for gateway in (unhardened, herd_serve):
+        gateway.run("neighbour", "pass")  # a second session: a neighbour exists
+    lowered = attack(unhardened, "victim", LOWER_A_NEIGHBOURS_LIMIT)
+    assert lowered["ok"], lowered
+    assert int(lowered["out"]) >= 1
+    held = attack(herd_serve, "victim", LOWER_A_NEIGHBOURS_LIMIT)
+    assert "Read-only file system" in held["error"]
+
+
+RELEASE_AGENT = """
+    import os
+    # The classic container escape: a release_agent runs as root on the host.
+    print(os.access("/sys/fs/cgroup/memory/release_agent", os.W_OK))
+"""
+
+REMOUNT = """
+    import subprocess
+    done = subprocess.run(
+        ["mount", "-o", "remount,rw", "/sys/fs/cgroup/memory"], capture_output=True, text=True
+    )
+    print(done.returncode, done.stderr.splitlines()[0])
+    done = subprocess.run(
+        ["mount", "-t", "cgroup", "-o", "memory", "cgroup", "/tmp"], capture_output=True, text=True
+    )
+    print(done.returncode, done.stderr.splitlines()[0])
+"""
+
+
+def test_a_worker_cannot_reach_the_release_agent_or_remount_the_cgroups(
+    herd_serve: Gateway, unhardened: Gateway
+) -> None:
+    """(Writing the host's release_agent for real would change the host: the
+    attack only asks whether it could.)"""
+    assert attack(unhardened, "agent", RELEASE_AGENT)["out"].strip() == "True"
+    assert attack(herd_serve, "agent", RELEASE_AGENT)["out"].strip() == "False"
+    held = attack(herd_serve, "agent", REMOUNT)["out"].splitlines()
+    assert len(held) == 2
+    assert all(line.startswith("32 ") and "permission denied" in line for line in held), held
+
+
+async def kernel_attack(code: str) -> str:
+    """Run ``code`` in a herd_nb kernel with a memory limit; what it printed or raised."""
+    import herd_nb
+
+    worker = await herd_nb.KernelFactory("python3", memory_limit=256 << 20).spawn()
+    try:
+        printed: list[str] = []
+
+        def hook(msg: dict[str, Any]) -> None:
+            content = msg["content"]
+            if msg["msg_type"] == "stream":
+                printed.append(content["text"])
+            elif msg["msg_type"] == "error":
+                printed.append(f"{content['ename']}: {content['evalue']}")
+
+        full = textwrap.dedent(OWN_MEMORY_CGROUP) + textwrap.dedent(code)
+        await worker.client.execute_interactive(full, output_hook=hook, timeout=30)
+        return "".join(printed)
+    finally:
+        await worker.close()
+
+
+async def test_a_kernel_cannot_leave_its_cgroups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for herd_nb's kernels: they start under the same init."""
+    with monkeypatch.context() as unprotected:
+        unprotected.setattr(herd_sandbox, "HARDEN", False)
+        escaped = await kernel_attack(LEAVE_CGROUP)
+    assert escaped.split() == ["/sys/fs/cgroup/memory/", "/sys/fs/cgroup/pids/"]
+    held = await kernel_attack(LEAVE_CGROUP)
+    assert "Read-only file system" in held
