@@ -500,6 +500,7 @@ async def serve(args: argparse.Namespace) -> int:
         server = ProxyServer(
             make_app(pool, settings, args.stats_path),
             max_connections=max_connections,
+            tunnels=settings.tunnels,
             max_header_size=args.max_header_size,
             max_body_size=2**62,  # the proxy enforces --max-body-size while streaming
             idle_connection_timeout=args.idle_connection_timeout or None,

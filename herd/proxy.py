@@ -84,6 +84,7 @@ __all__ = [
     "ProxySettings",
     "Route",
     "SessionKey",
+    "TunnelCount",
     "UpstreamPool",
     "from_callable",
     "from_cookie",
@@ -203,6 +204,18 @@ def from_callable(find: Callable[[httputil.HTTPServerRequest], str | None]) -> S
 # -- settings ---------------------------------------------------------------------------
 
 
+class TunnelCount:
+    """How many WebSocket tunnels are open: shared by :class:`ProxySettings` (whose
+    handlers count them) and :class:`ProxyServer` (whose connection cap includes them).
+    """
+
+    def __init__(self) -> None:
+        self.open = 0
+
+    def __repr__(self) -> str:
+        return f"<TunnelCount open={self.open}>"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ProxySettings:
     """How a :class:`ProxyHandler` forwards requests.
@@ -219,6 +232,9 @@ class ProxySettings:
     :param max_message_size: the largest WebSocket message from a client, in bytes
         (a bigger one closes the connection with 1009).
     :param upstreams: the keep-alive connection pool (one is made if omitted).
+    :param tunnels: counts the open WebSocket tunnels; give the same counter to
+        :class:`ProxyServer` so that they count against its ``max_connections``
+        (Tornado lets go of a connection once it is a tunnel).
     """
 
     pool: Pool[Any]
@@ -230,6 +246,7 @@ class ProxySettings:
     max_body_size: int | None = None
     max_message_size: int = 64 * 1024 * 1024
     upstreams: UpstreamPool = dataclasses.field(default_factory=lambda: UpstreamPool())
+    tunnels: TunnelCount = dataclasses.field(default_factory=lambda: TunnelCount())
 
     def __post_init__(self) -> None:
         if self.prefix and (not self.prefix.startswith("/") or self.prefix.endswith("/")):
@@ -399,20 +416,34 @@ class ProxyServer(HTTPServer):
     arguments besides; TLS connections keep Tornado's head handling.
     """
 
-    def initialize(self, *args: Any, max_connections: int | None = None, **kwargs: Any) -> None:
+    def initialize(
+        self,
+        *args: Any,
+        max_connections: int | None = None,
+        tunnels: TunnelCount | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().initialize(*args, **kwargs)
         if max_connections is not None and max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, not {max_connections}")
         self.max_connections = max_connections
+        #: The WebSocket tunnels of the handlers behind this server (their
+        #: :class:`ProxySettings`' ``tunnels``): they count as connections.
+        self.tunnels = tunnels if tunnels is not None else TunnelCount()
         #: Connections refused at the cap so far.
         self.refused = 0
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections open: those Tornado serves, and the WebSocket tunnels."""
+        return len(self._connections) + self.tunnels.open
+
     def handle_stream(self, stream: iostream.IOStream, address: tuple[Any, ...]) -> None:
         cap = self.max_connections
-        if cap is not None and len(self._connections) >= cap:
+        if cap is not None and self.open_connections >= cap:
             self.refused += 1
             log.warning(
-                "refusing a connection: %d open (max_connections %d)", len(self._connections), cap
+                "refusing a connection: %d open (max_connections %d)", self.open_connections, cap
             )
             with contextlib.suppress(OSError):
                 stream.socket.send(_REFUSED)  # best effort: never wait on a refused client
@@ -997,6 +1028,8 @@ class ProxyHandler(RequestHandler):
         # From here on, whatever fails (a dup at the fd limit, a transport that
         # cannot start, cancellation) releases the client's socket, the worker's
         # connection and the session's use: a use left open pins the session forever.
+        tunnels = self.settings_.tunnels
+        tunnels.open += 1  # no longer Tornado's to count: ours, until it closes
         try:
             stream = self.detach()  # Tornado lets go of the connection here
             # The client sends nothing before our 101, so Tornado holds none of its
@@ -1025,6 +1058,7 @@ class ProxyHandler(RequestHandler):
             elif worker_side.done.done() and not worker_side.meter.saw_close:
                 client_side.send(_close_frame(1011, "the worker went away"))
         finally:
+            tunnels.open -= 1
             if sock is not None:
                 sock.close()
             client_side.close()

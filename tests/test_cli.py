@@ -449,6 +449,38 @@ def test_connections_past_the_cap_get_503_and_the_rest_are_served_on(
     assert 1 <= output.count("refusing a connection") < 5, output
 
 
+def test_websocket_tunnels_count_against_the_connection_cap(serve: type[Serve]) -> None:
+    """Tornado lets go of a connection once it is a tunnel: without counting them
+    a client could hold any number of descriptors through WebSockets."""
+    import asyncio
+
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    server = serve("--min", "1", "--max", "2", "--max-connections", "4")
+    server.wait_ready()
+
+    async def tunnels_then_one_more() -> bytes:
+        open_ = []
+        request = HTTPRequest(f"ws://127.0.0.1:{server.port}/ws", headers={"X-Session-ID": "s1"})
+        for _ in range(4):
+            ws = await asyncio.wait_for(websocket_connect(request), 10)
+            await ws.write_message("hello")
+            assert await ws.read_message() == "hello"
+            open_.append(ws)
+        try:
+            loop = asyncio.get_running_loop()
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra:
+                return await loop.run_in_executor(None, http_get, extra, "/state", "s1")
+        finally:
+            for ws in open_:
+                ws.close()
+
+    assert asyncio.run(tunnels_then_one_more()).startswith(b"HTTP/1.1 503")
+    wait_until_sync(lambda: server.get("/state")[0] == 200, timeout=10, what="served again")
+    assert server.stop() == 0
+
+
 def test_the_soft_descriptor_limit_is_raised_and_sets_the_cap() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
