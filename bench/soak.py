@@ -296,7 +296,10 @@ async def main(args: argparse.Namespace) -> None:
     log_path = Path(tempfile.mkdtemp()) / "herd-serve.log"
     argv = [sys.executable, "-m", "herd", "serve", "--port", str(port), "--min", "4"]
     argv += ["--max", str(args.max), "--health-path", "/health", "--ttl", "5m"]
-    argv += ["--", sys.executable, str(WORKER), "{port}"]
+    # Process isolation: the sockets are told apart by peer through the gateway's
+    # /proc/net/tcp, which shows its own network only (a tenant's upstream
+    # sockets live in the worker's network namespace).
+    argv += ["--isolation", "process", "--", sys.executable, str(WORKER), "{port}"]
     gateway = start(argv, log_path)
     try:
         deadline = time.monotonic() + 30

@@ -8,9 +8,15 @@ cost no more than a connect and a status line, with an exact timeout.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
 
+from tornado.concurrent import Future
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from tornado.iostream import IOStream
+from tornado.simple_httpclient import SimpleAsyncHTTPClient
+from tornado.tcpclient import TCPClient
 
 __all__ = ["HTTPWorkerClient", "probe"]
 
@@ -26,9 +32,13 @@ class HTTPWorkerClient:
     error statuses are returned, not raised, so callers see the worker's answer.
     """
 
-    def __init__(self, address: str) -> None:
+    def __init__(
+        self, address: str, *, open_socket: Callable[[], socket.socket] | None = None
+    ) -> None:
         self.address = address
         self.base_url = f"http://{address}"
+        self._open_socket = open_socket
+        self._http: AsyncHTTPClient | None = None
 
     def url(self, path: str) -> str:
         """The absolute URL of ``path`` on this worker."""
@@ -50,7 +60,7 @@ class HTTPWorkerClient:
         """
         if body is None and method in ("POST", "PUT", "PATCH"):
             body = b""
-        response = await AsyncHTTPClient().fetch(
+        response = await self._http_client().fetch(
             self.url(path),
             method=method,
             body=body,
@@ -62,6 +72,17 @@ class HTTPWorkerClient:
         if response.code == 599 and response.error is not None:
             raise response.error
         return response
+
+    def _http_client(self) -> AsyncHTTPClient:
+        if self._open_socket is None:
+            return AsyncHTTPClient()  # the loop's shared one
+        if self._http is None:
+            # A worker in a network of its own: a client whose connections are
+            # made from sockets in that namespace.
+            http = SimpleAsyncHTTPClient(force_instance=True)
+            http.tcp_client = _SocketTCPClient(self._open_socket, resolver=http.resolver)
+            self._http = http
+        return self._http
 
     async def get(self, path: str, **kwargs: object) -> HTTPResponse:
         """``GET path``; see :meth:`request`."""
@@ -75,12 +96,52 @@ class HTTPWorkerClient:
         return f"HTTPWorkerClient({self.base_url!r})"
 
 
-async def probe(host: str, port: int, path: str, timeout: float) -> int | None:
-    """``GET path`` once; the status code, or ``None`` if nothing answered in time."""
+class _SocketTCPClient(TCPClient):
+    """A Tornado TCP client whose sockets come from ``open_socket``."""
+
+    def __init__(self, open_socket: Callable[[], socket.socket], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._open = open_socket
+
+    def _create_stream(
+        self, max_buffer_size: int | None, af: socket.AddressFamily, addr: tuple[Any, ...], *_: Any
+    ) -> tuple[IOStream, Future[IOStream]]:
+        sock = self._open()
+        try:
+            stream = IOStream(sock, max_buffer_size=max_buffer_size)
+        except BaseException:
+            sock.close()
+            raise
+        return stream, stream.connect(addr)
+
+
+async def probe(
+    host: str,
+    port: int,
+    path: str,
+    timeout: float,
+    *,
+    open_socket: Callable[[], socket.socket] | None = None,
+) -> int | None:
+    """``GET path`` once; the status code, or ``None`` if nothing answered in time.
+
+    :param open_socket: makes the socket to connect from (a worker's network
+        namespace); a plain one if ``None``.
+    """
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            if open_socket is None:
+                reader, writer = await asyncio.open_connection(host, port)
+            else:
+                sock = open_socket()
+                try:
+                    sock.setblocking(False)
+                    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+                except BaseException:
+                    sock.close()
+                    raise
+                reader, writer = await asyncio.open_connection(sock=sock)
             writer.write(
                 f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                 "User-Agent: herd-health\r\nConnection: close\r\n\r\n".encode("latin-1")

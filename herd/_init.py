@@ -135,6 +135,8 @@ def _spawn(command: list[str], mask: set[int], plan: "object | None" = None) -> 
     :raises OSError: the command could not be exec'd.
     """
     env = _environment()
+    if plan is not None:
+        _isolation().environment(plan, env)
     read_end, write_end = posix.pipe()  # close-on-exec: EOF says the exec worked
     pid = posix.fork()
     if pid == 0:  # single-threaded: any code is safe between fork and exec

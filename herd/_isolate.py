@@ -6,7 +6,7 @@ when the sandbox asks for more than namespaces, so it uses built-in modules and
 
 Two levels, each asked for by options in front of the worker's command::
 
-    _init.py --harden [--keep-caps 0,1,...] [--no-new-privs] [--user UID:GID]
+    _init.py --harden [--keep-caps 0,1,...] [--no-new-privs] [--user UID:GID[:NAME]]
              [--view --ro PATH ... --rw PATH ... --hide PATH ...] -- COMMAND...
 
 ``--harden`` (every sandboxed worker): in the worker's mount namespace ``/sys``
@@ -26,9 +26,12 @@ files or ``/sys``. ``--hide`` paths inside a bound path are covered (secrets in
 ``/etc``). The way bubblewrap builds a sandbox's root: pivot into a tmpfs, bind
 from the old root, pivot into the new root, detach the old one.
 
-``--no-new-privs`` and ``--user`` apply to the worker alone, between its fork
-and its exec; the init keeps its own privileges (the worker cannot reach it:
-different capabilities, so no ``ptrace`` and no ``/proc/1/root``).
+``--loopback`` brings up the loopback interface of a new network namespace.
+``--home PATH`` gives a view an empty writable directory at ``PATH`` (owned by
+``--user``) if nothing is bound there. ``--no-new-privs`` and ``--user`` apply
+to the worker alone, between its fork and its exec; the init keeps its own
+privileges (the worker cannot reach it: different capabilities, so no
+``ptrace`` and no ``/proc/1/root``).
 """
 
 # Built-in modules only at import: herd's init imports this at every isolated start.
@@ -74,10 +77,13 @@ class Plan:
         self.keep_caps: tuple[int, ...] | None = None  # None: leave capabilities alone
         self.no_new_privs = False
         self.user: tuple[int, int] | None = None
+        self.user_name: str | None = None
         self.view = False
         self.ro: list[str] = []
         self.rw: list[str] = []
         self.hide: list[str] = []
+        self.home: str | None = None
+        self.loopback = False
 
 
 def parse(argv: list[str]) -> tuple[Plan, list[str]]:
@@ -89,7 +95,7 @@ def parse(argv: list[str]) -> tuple[Plan, list[str]]:
     i = 0
     while i < len(argv) and argv[i] != "--":
         name = argv[i]
-        if name in ("--harden", "--no-new-privs", "--view"):
+        if name in ("--harden", "--no-new-privs", "--view", "--loopback"):
             setattr(plan, name[2:].replace("-", "_"), True)
             i += 1
             continue
@@ -99,10 +105,14 @@ def parse(argv: list[str]) -> tuple[Plan, list[str]]:
         if name == "--keep-caps":
             plan.keep_caps = tuple(int(c) for c in value.split(",") if c)
         elif name == "--user":
-            uid, _, gid = value.partition(":")
+            uid, _, rest = value.partition(":")
+            gid, _, user_name = rest.partition(":")
             plan.user = (int(uid), int(gid or uid))
+            plan.user_name = user_name or None
         elif name in ("--ro", "--rw", "--hide"):
             getattr(plan, name[2:]).append(value)
+        elif name == "--home":
+            plan.home = value
         else:
             raise ValueError(f"unknown option {name}")
         i += 2
@@ -316,6 +326,14 @@ def _view(plan: Plan, cwd: str) -> None:
             _mount("tmpfs", target, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV, "size=0")
         elif _exists(target):
             _mount(old + "/dev/null", target, None, _MS_BIND)
+    # A home of its own where none is bound: empty, writable, gone with the worker.
+    if plan.home and plan.home.startswith("/") and not _exists(new + plan.home):
+        try:
+            _makedirs(new + plan.home)
+            if plan.user is not None:
+                posix.chown(new + plan.home, plan.user[0], plan.user[1])
+        except OSError:  # under a read-only bind: the worker has no home to write
+            pass
     _harden(new)
     _proc = "/proc"
     posix.chdir(new)
@@ -336,16 +354,49 @@ _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "armv7l": 218, "ppc64le": 203, 
 )
 
 
-def prepare(plan: Plan) -> None:
-    """In the init, before the worker is forked: the mounts of the plan.
+def _loopback_up() -> None:
+    """Bring ``lo`` up: a new network namespace has it, down."""
+    c = _c()
+    fd = c.socket(2, 2, 0)  # AF_INET, SOCK_DGRAM: any socket takes interface ioctls
+    _check(0 if fd >= 0 else -1, "socket")
+    try:
+        import ctypes
 
-    :raises OSError: a mount failed (the init then exits: no worker runs
+        request = ctypes.create_string_buffer(b"lo", 40)  # struct ifreq
+        _check(c.ioctl(fd, _SIOCGIFFLAGS, request), "SIOCGIFFLAGS lo")
+        flags = int.from_bytes(request.raw[16:18], "little") | _IFF_UP
+        ctypes.memmove(ctypes.addressof(request) + 16, flags.to_bytes(2, "little"), 2)
+        _check(c.ioctl(fd, _SIOCSIFFLAGS, request), "SIOCSIFFLAGS lo")
+    finally:
+        posix.close(fd)
+
+
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 1
+
+
+def prepare(plan: Plan) -> None:
+    """In the init, before the worker is forked: the loopback and the mounts.
+
+    :raises OSError: a step failed (the init then exits: no worker runs
         without the isolation it was started with).
     """
+    if plan.loopback:
+        _loopback_up()
     if plan.view:
         _view(plan, posix.getcwd())
     elif plan.harden:
         _harden("")
+
+
+def environment(plan: Plan, env: dict[bytes, bytes]) -> None:
+    """The worker's environment, for ``--user``: its own ``HOME`` (``--home``),
+    ``USER`` and ``LOGNAME``, as a login would set them."""
+    if plan.user is None:
+        return
+    if plan.home:
+        env[b"HOME"] = plan.home.encode()
+    if plan.user_name:
+        env[b"USER"] = env[b"LOGNAME"] = plan.user_name.encode()
 
 
 def drop(plan: Plan) -> None:

@@ -32,14 +32,15 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ._cgroups import WorkerCgroup
 from ._client import HTTPWorkerClient, probe
 from ._config import Duration, duration_seconds
 from ._exceptions import SpawnError
+from ._netns import NetNamespace
 from ._procfs import descendants, with_environ
-from ._sandbox import Sandbox, SandboxMode, SandboxReport, init_ready
+from ._sandbox import Isolation, Sandbox, SandboxMode, SandboxReport, init_ready
 from ._sandbox import returncode as sandbox_returncode
 
 __all__ = ["OutputLog", "ProcessFactory", "ProcessWorker"]
@@ -160,10 +161,13 @@ class ProcessWorker:
         sandbox: SandboxReport,
         tag: str,
         cgroup: WorkerCgroup | None = None,
+        netns: NetNamespace | None = None,
     ) -> None:
         self.id = f"w-{next(_worker_ids)}"
         self.tag = tag
         self.cgroup = cgroup
+        #: The worker's own network namespace (tenant isolation), or ``None``.
+        self.netns = netns
         self.port = port
         self.command = command
         self.started_at = time.time()
@@ -171,7 +175,9 @@ class ProcessWorker:
         self._health_path = health_path
         self._health_timeout = health_timeout
         self._stop_timeout = stop_timeout
-        self._client = HTTPWorkerClient(f"{HOST}:{port}")
+        self._client = HTTPWorkerClient(
+            f"{HOST}:{port}", open_socket=self.open_socket if netns is not None else None
+        )
         self._output = OutputLog(log_lines)
         #: A file descriptor that gets a copy of everything the worker writes (say
         #: ``2``, the parent's stderr, as an inherited stderr would), or ``None``.
@@ -204,6 +210,17 @@ class ProcessWorker:
             self._loop.add_reader(self._pidfd, self._on_exit)
 
     # -- public surface (the Worker protocol) ------------------------------------------
+
+    def open_socket(self) -> socket.socket:
+        """A new TCP socket from which the worker's ``address`` is reachable: in
+        its network namespace if it has one of its own (then only from here).
+
+        :raises OSError: its namespace is not there yet (the worker is starting)
+            or could not be entered.
+        """
+        if self.netns is not None:
+            return self.netns.socket()
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 
     @property
     def address(self) -> str:
@@ -255,7 +272,9 @@ class ProcessWorker:
         """
         if self._exited.done():
             return False
-        status = await _probe_here(self.port, self._health_path, self._health_timeout)
+        status = await _probe_here(
+            self.port, self._health_path, self._health_timeout, self.open_socket
+        )
         return status is not None and 200 <= status < 300
 
     async def wait(self) -> str:
@@ -332,6 +351,8 @@ class ProcessWorker:
             os.close(self._pidfd)
             self._pidfd = None
         launcher = self._proc.wait()  # the pidfd is readable: the child has exited
+        if self.netns is not None:
+            self.netns.close()
         self._drain_output()
         if self._owns_port:
             _PORTS.release(self.port)
@@ -416,7 +437,9 @@ def _strays(pid: int, tag: str) -> list[int]:
 _LOCAL_CONNECT_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.ENOBUFS, errno.ENOMEM})
 
 
-async def _probe_here(port: int, path: str, timeout: float) -> int | None:
+async def _probe_here(
+    port: int, path: str, timeout: float, open_socket: Callable[[], socket.socket]
+) -> int | None:
     """:func:`probe`, except that a failure on this side raises :class:`OSError`.
 
     :func:`probe` folds every error into "no answer"; a health check must tell
@@ -424,7 +447,7 @@ async def _probe_here(port: int, path: str, timeout: float) -> int | None:
     (``EMFILE``, ``ENFILE``, ``ENOBUFS``) or no local port (``EADDRNOTAVAIL``).
     """
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # raises: ours to fix
+    sock = open_socket()  # raises: ours to fix
     writer: asyncio.StreamWriter | None = None
     try:
         sock.setblocking(False)
@@ -480,6 +503,14 @@ class ProcessFactory:
     :param sandbox: ``True`` (default): isolate workers as far as the machine allows;
         ``False``: no namespaces (the Go ``WithInsecureSandbox``); ``"required"``:
         refuse to spawn without a sandbox.
+    :param isolation: ``"process"`` (default): each worker is contained in its
+        namespaces and limits, which it cannot undo; ``"tenant"``: it also sees
+        only its own files (system directories, its program, interpreter and
+        working directory read-only, a private ``/tmp`` and home), has no
+        capabilities and cannot gain any (``no_new_privs``). For workers that
+        run other people's code; needs namespaces (root, or user namespaces).
+    :param user: run the workers as this user (a name or a UID, with its primary
+        group); needs root.
     :param cwd: working directory of the workers.
     :param inherit_env: start from this process's environment.
     :param log_lines: how many lines of output each worker keeps (``worker.logs()``).
@@ -513,6 +544,8 @@ class ProcessFactory:
         cpu_limit: float | None = None,
         memory_limit: int | None = None,
         pids_limit: int | None = None,
+        isolation: Isolation = "process",
+        user: str | int | None = None,
     ) -> None:
         if isinstance(command, str) or not command:
             raise ValueError("command must be a non-empty list of strings, e.g. ['python', ...]")
@@ -539,7 +572,12 @@ class ProcessFactory:
         self.inherit_env = inherit_env
         self.log_lines = log_lines
         self._sandbox = Sandbox(
-            sandbox, cpu_limit=cpu_limit, memory_limit=memory_limit, pids_limit=pids_limit
+            sandbox,
+            cpu_limit=cpu_limit,
+            memory_limit=memory_limit,
+            pids_limit=pids_limit,
+            isolation=isolation,
+            user=user,
         )
         self.limits = self._sandbox.limits
 
@@ -590,7 +628,9 @@ class ProcessFactory:
                 f"cannot start worker: {argv[0]!r} not found or not executable", command=argv
             )
         try:
-            launch = await self._sandbox.launch(f"{port}-{time.monotonic_ns()}", env)
+            launch = await self._sandbox.launch(
+                f"{port}-{time.monotonic_ns()}", env, argv=argv, cwd=self.cwd
+            )
         except BaseException:
             _PORTS.release(port)
             raise
@@ -622,6 +662,7 @@ class ProcessFactory:
             sandbox=report,
             tag=tag,
             cgroup=cgroup,
+            netns=NetNamespace(proc.pid) if launch.own_network else None,
         )
         try:
             await self._until_healthy(worker)
@@ -662,7 +703,11 @@ class ProcessFactory:
                     worker_id=worker.id,
                 )
             last = await probe(
-                HOST, worker.port, self.health_path, min(self.health_timeout, remaining)
+                HOST,
+                worker.port,
+                self.health_path,
+                min(self.health_timeout, remaining),
+                open_socket=worker.open_socket,
             )
             if last is not None and 200 <= last < 300:
                 return

@@ -61,24 +61,33 @@ if TYPE_CHECKING:
     from ._cgroups import WorkerCgroup
 
 __all__ = [
+    "Isolation",
     "Launch",
     "Sandbox",
     "SandboxLevel",
     "SandboxMode",
     "SandboxReport",
     "detect",
+    "hidden_paths",
     "init_command",
     "init_ready",
     "launch_prefix",
     "launcher_tools",
     "namespaces",
+    "network_namespaces",
+    "resolve_user",
     "returncode",
+    "view_paths",
 ]
 
 log = logging.getLogger("herd.sandbox")
 
 SandboxMode = bool | Literal["required"]
 SandboxLevel = Literal["full", "partial", "none"]
+#: ``"process"``: a worker is contained (its namespaces, its limits, which it
+#: cannot undo); ``"tenant"``: it is also kept from everything that is not its
+#: own (a filesystem view of its own, no capabilities, its own network).
+Isolation = Literal["process", "tenant"]
 
 # The init exits with 128+N when signal N killed the worker: 129 up to this.
 _LAST_EXIT_BY_SIGNAL = 128 + int(signal.SIGRTMAX)
@@ -193,9 +202,10 @@ def namespaces(sandbox: SandboxMode) -> SandboxReport:
     return detect()
 
 
-#: Whether sandboxed workers get :mod:`herd._isolate`'s ``--harden`` (read-only
-#: /sys and cgroups, masked /proc, a container's capabilities). Always, but for
-#: the tests that show what a worker could do without it.
+#: Whether sandboxed workers with limits (and tenants) get :mod:`herd._isolate`'s
+#: ``--harden`` (read-only /sys and cgroups, masked /proc, a container's
+#: capabilities). Always, but for the tests that show what a worker could do
+#: without it.
 HARDEN = True
 
 
@@ -286,6 +296,108 @@ def warn_once(report: SandboxReport) -> None:
 _warned: dict[str, bool] = {}
 
 
+@functools.cache
+def network_namespaces() -> str | None:
+    """``None`` if workers can get network namespaces of their own that this
+    process can still reach, else why not."""
+    from ._netns import available
+
+    why_not = available()
+    if why_not is not None:
+        return why_not
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return "util-linux 'unshare' is not installed"
+    return _probe([unshare, "--net"])
+
+
+def _home_of(uid: int) -> str:
+    import pwd
+
+    return pwd.getpwuid(uid).pw_dir
+
+
+def resolve_user(user: str | int) -> tuple[str, int, int]:
+    """``(name, uid, gid)`` of a user given by name or UID (its primary group).
+
+    :raises ValueError: no such user.
+    """
+    import pwd
+
+    try:
+        entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+    except (KeyError, OverflowError):
+        raise ValueError(f"no such user: {user!r}") from None
+    return entry.pw_name, entry.pw_uid, entry.pw_gid
+
+
+# What a tenant's worker sees of the host, read-only: the system's directories.
+_SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+# Secrets under them that it does not see (covered in its view).
+_SECRETS = (
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/sudoers",
+    "/etc/sudoers.d",
+    "/etc/ssh",
+    "/etc/ssl/private",
+    "/etc/jupyter",
+)
+
+
+@functools.cache
+def _interpreter_paths() -> tuple[str, ...]:
+    """This interpreter's prefixes and import path (editable installs included)."""
+    found = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+    found += [entry for entry in sys.path if entry and os.path.isdir(entry)]
+    return tuple(dict.fromkeys(os.path.realpath(path) for path in found))
+
+
+def _covered(path: str, by: Sequence[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in by)
+
+
+def view_paths(argv: Sequence[str], cwd: str, env: Mapping[str, str] | None) -> list[str]:
+    """What a tenant's worker sees read-only: the system directories, its program
+    (the command and any argument that is a file, with their directories), the
+    interpreter running it, this interpreter and its import path, and ``cwd``."""
+    paths = [path for path in _SYSTEM if os.path.lexists(path)]
+    search = (env if env is not None else os.environ).get("PATH")
+    program = shutil.which(argv[0], path=search) if argv else None
+    candidates = [program] if program else []
+    files = [os.path.join(cwd, arg) for arg in argv[1:]]
+    candidates += [path for path in files if os.path.isfile(path)]
+    for candidate in candidates:
+        real = os.path.realpath(candidate)
+        folder = os.path.dirname(real)
+        if os.path.basename(real).startswith("python"):
+            folder = os.path.dirname(folder)  # a Python's prefix: bin/.. holds lib/
+        paths.append(folder)
+    paths += _interpreter_paths()
+    paths.append(os.path.realpath(cwd))
+    kept: list[str] = []
+    for path in sorted(dict.fromkeys(paths), key=len):
+        if path != "/" and not _covered(path, kept):
+            kept.append(path)
+    return kept
+
+
+def hidden_paths(cwd: str) -> list[str]:
+    """What a tenant's worker does not see inside what it sees: secrets under
+    /etc, and the hidden entries of its working directory (``.env``, ``.ssh``,
+    ``.git``: where a program's own secrets are kept)."""
+    found = [path for path in _SECRETS if os.path.lexists(path)]
+    try:
+        names = os.listdir(cwd)
+    except OSError:
+        names = []
+    real = os.path.realpath(cwd)
+    found += [os.path.join(real, name) for name in sorted(names) if name.startswith(".")]
+    return found
+
+
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """How one worker process starts: what isolation it gets, its cgroup (if
@@ -294,6 +406,9 @@ class Launch:
     report: SandboxReport
     cgroup: WorkerCgroup | None
     prefix: tuple[str, ...]
+    #: The worker gets a network namespace of its own: reach it through
+    #: :class:`herd._netns.NetNamespace` of its launcher.
+    own_network: bool = False
 
     async def discard(self) -> None:
         """Remove the cgroup of a worker that did not start (off the event loop)."""
@@ -316,7 +431,10 @@ class Sandbox:
     sweeping cgroups may wait on the kernel) runs off the event loop.
 
     :param mode: ``True``, ``False`` or ``"required"``.
-    :raises ValueError: a bad mode or limit.
+    :param isolation: ``"process"`` or ``"tenant"`` (see :data:`Isolation`).
+    :param user: run workers as this user (a name or a UID), with its primary
+        group; needs root.
+    :raises ValueError: a bad mode, isolation, limit or user.
     """
 
     def __init__(
@@ -326,13 +444,21 @@ class Sandbox:
         cpu_limit: float | None = None,
         memory_limit: int | None = None,
         pids_limit: int | None = None,
+        isolation: Isolation = "process",
+        user: str | int | None = None,
     ) -> None:
         from ._cgroups import Limits
 
         if mode not in (True, False, "required"):
             raise ValueError(f"sandbox must be True, False or 'required', not {mode!r}")
+        if isolation not in ("process", "tenant"):
+            raise ValueError(f"isolation must be 'process' or 'tenant', not {isolation!r}")
         self.mode: SandboxMode = mode
         self.limits = Limits.validated(cpu_limit, memory_limit, pids_limit)
+        self.isolation: Isolation = isolation
+        self.user = resolve_user(user) if user is not None else None
+        #: The user's home (its HOME when workers run as that user).
+        self.user_home = _home_of(self.user[1]) if self.user is not None else None
         self._prepared = False
         self._preparing = threading.Lock()
 
@@ -348,10 +474,34 @@ class Sandbox:
 
         found = namespaces(self.mode)
         level, reasons = found.level, [found.reason]
-        if found.prefix and HARDEN:
+        tenant = self.isolation == "tenant"
+        prefix = found.prefix
+        if prefix and self._hardened:
+            caps = "no capabilities, no_new_privs" if tenant else "a container's capabilities"
+            reasons.append(f"/sys and the cgroups read-only, /proc masked, {caps}")
+        if prefix and tenant:
             reasons.append(
-                "/sys and the cgroups read-only, /proc masked, a container's capabilities"
+                "a filesystem view of its own (system directories, its interpreter, program "
+                "and working directory read-only; a private /tmp)"
             )
+            why_not = network_namespaces()
+            if why_not is None:
+                # unshare moves itself into the new network (and IPC, UTS)
+                # namespaces; the init brings the loopback up.
+                prefix = (prefix[0], "--net", "--ipc", "--uts", *prefix[1:])
+                reasons.append("a network of its own (loopback only)")
+            else:
+                level = "partial" if level == "full" else level
+                reasons.append(f"network NOT isolated: {why_not}")
+        elif tenant:
+            reasons.append("tenant isolation NOT possible without namespaces")
+        if self.user is not None:
+            name, uid, gid = self.user
+            if prefix and os.geteuid() == 0:
+                reasons.append(f"as user {name} ({uid}:{gid})")
+            else:
+                level = "partial" if level == "full" else level
+                reasons.append(f"user {name!r} NOT applied: needs root and namespaces")
         if self.limits:
             groups = detect_cgroups()
             if groups.version is None:
@@ -359,7 +509,15 @@ class Sandbox:
                 reasons.append(f"limits NOT enforced: {groups.reason}")
             else:
                 reasons.append(f"limits by {groups.reason}")
-        return SandboxReport(level, "; ".join(reasons), found.prefix)
+        return SandboxReport(level, "; ".join(reasons), prefix)
+
+    @property
+    def _hardened(self) -> bool:
+        """Whether workers get ``--harden``: when they have limits to keep, and
+        always as tenants. (Without limits a worker keeps root's capabilities, as
+        any process of a root server has: a notebook can then start a sandboxed
+        pool of its own.)"""
+        return HARDEN and (self.isolation == "tenant" or bool(self.limits))
 
     def check(self) -> SandboxReport:
         """The report; raises for ``"required"`` short of full, else warns once.
@@ -384,7 +542,7 @@ class Sandbox:
         with self._preparing:
             if self._prepared:
                 return
-            _ = self.report
+            _ = self.report  # detects namespaces (and the network's, for tenants)
             launcher_tools()
             groups = detect_cgroups()
             if groups.version is not None:
@@ -410,9 +568,22 @@ class Sandbox:
         except OSError as exc:
             raise SpawnError(f"cannot create the worker's cgroup: {exc}") from exc
 
-    async def launch(self, name: str, env: Mapping[str, str] | None = None) -> Launch:
+    async def launch(
+        self,
+        name: str,
+        env: Mapping[str, str] | None = None,
+        *,
+        argv: Sequence[str] = (),
+        cwd: str | None = None,
+        writable: Sequence[str] = (),
+    ) -> Launch:
         """Plan one worker's start: check the sandbox, create its cgroup (named
         after ``name``), build the launcher for ``env`` (see :func:`launch_prefix`).
+
+        With ``isolation="tenant"`` the worker sees only what it needs: ``argv``
+        (its command, to find its program and interpreter), ``cwd`` (its working
+        directory, read-only) and ``writable`` (files or directories it must
+        write, such as a kernel's connection directory).
 
         Call it on the thread that will fork the worker: the launcher checks
         that its parent is this process, and dies with that thread.
@@ -430,10 +601,41 @@ class Sandbox:
             if cgroup is not None:
                 await asyncio.to_thread(cgroup.remove)
             raise
-        return Launch(report, cgroup, (*prefix, *report.prefix, *self._init_options(report)))
+        options = self._init_options(report, argv, cwd or os.getcwd(), writable, env)
+        own_network = "--net" in report.prefix
+        return Launch(report, cgroup, (*prefix, *report.prefix, *options), own_network)
 
-    def _init_options(self, report: SandboxReport) -> tuple[str, ...]:
+    def _init_options(
+        self,
+        report: SandboxReport,
+        argv: Sequence[str],
+        cwd: str,
+        writable: Sequence[str],
+        env: Mapping[str, str] | None,
+    ) -> tuple[str, ...]:
         """What herd's init does before the worker runs (:mod:`herd._isolate`)."""
-        if not report.prefix or not HARDEN:
+        if not report.prefix:
             return ()
-        return ("--harden", "--keep-caps", ",".join(map(str, DEFAULT_CAPS)), "--")
+        tenant = self.isolation == "tenant"
+        options: list[str] = []
+        if self._hardened:
+            caps = "" if tenant else ",".join(map(str, DEFAULT_CAPS))
+            options += ["--harden", "--keep-caps", caps]
+        if "--net" in report.prefix:
+            options.append("--loopback")
+        if tenant:
+            options += ["--no-new-privs", "--view"]
+            for path in view_paths(argv, cwd, env):
+                options += ["--ro", path]
+            for path in writable:
+                options += ["--rw", os.path.realpath(path)]
+            for path in hidden_paths(cwd):
+                options += ["--hide", path]
+        home = (env if env is not None else os.environ).get("HOME")
+        if self.user is not None and os.geteuid() == 0:
+            name, uid, gid = self.user
+            options += ["--user", f"{uid}:{gid}:{name}"]
+            home = self.user_home
+        if home and (tenant or self.user is not None):
+            options += ["--home", home]
+        return (*options, "--") if options else ()

@@ -292,6 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--cwd", default=None, help="working directory of workers")
     add_limit_arguments(worker)
+    worker.add_argument(
+        "--isolation",
+        choices=("tenant", "process"),
+        default="tenant",
+        help="tenant: each worker sees only its own files (system directories, its "
+        "program and the working directory read-only, a private /tmp and home), has no "
+        "capabilities and its own network; process: namespaces and limits only (the "
+        "workers share the host's files and network)",
+    )
+    worker.add_argument(
+        "--user",
+        default=None,
+        metavar="USER",
+        help="run the workers as this user (a name or UID); needs root",
+    )
     serve.add_argument(
         "--loop",
         default="auto",
@@ -434,6 +449,8 @@ async def serve(args: argparse.Namespace) -> int:
         start_timeout=args.start_timeout,
         sandbox=not args.no_sandbox,
         cwd=args.cwd,
+        isolation=args.isolation,
+        user=int(args.user) if args.user and args.user.isdigit() else args.user,
         cpu_limit=args.cpu,
         memory_limit=args.memory,
         pids_limit=args.pids,

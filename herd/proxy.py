@@ -296,9 +296,16 @@ class UpstreamPool:
         """Idle connections kept, all addresses together."""
         return sum(len(idle) for idle in self._idle.values())
 
-    async def connect(self, address: str, timeout: float) -> tuple[iostream.IOStream, bool]:
+    async def connect(
+        self,
+        address: str,
+        timeout: float,
+        open_socket: Callable[[], socket.socket] | None = None,
+    ) -> tuple[iostream.IOStream, bool]:
         """A connection to ``address`` and whether it is a reused one.
 
+        :param open_socket: makes a new connection's socket (a worker in a network
+            namespace of its own is reachable only from sockets made there).
         :raises OSError: the worker refused or did not answer in time.
         """
         idle = self._idle.get(address)
@@ -311,7 +318,7 @@ class UpstreamPool:
                 return stream, True
             stream.close()
         host, _, port = address.rpartition(":")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = open_socket() if open_socket is not None else socket.socket()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stream = iostream.IOStream(sock)
         try:
@@ -384,6 +391,25 @@ class UpstreamPool:
             log.debug("closed %d idle upstream connection(s); %d kept", closed, self.idle_count())
         if self._idle:
             self._schedule_prune()
+
+
+def _socket_maker(worker: object) -> Callable[[], socket.socket] | None:
+    """The worker's ``open_socket`` (a worker with a network of its own has one)."""
+    open_socket = getattr(worker, "open_socket", None)
+    return open_socket if callable(open_socket) else None
+
+
+async def _connected(worker: object, host: str, port: int) -> socket.socket:
+    """A socket connected to the worker, made where the worker can be reached."""
+    open_socket = _socket_maker(worker)
+    sock = open_socket() if open_socket is not None else socket.socket()
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _still_open(stream: iostream.IOStream) -> bool:
@@ -843,7 +869,7 @@ class ProxyHandler(RequestHandler):
         self._address = session.worker.address
         try:
             stream, reused = await self.settings_.upstreams.connect(
-                self._address, self.settings_.connect_timeout
+                self._address, self.settings_.connect_timeout, _socket_maker(session.worker)
             )
         except OSError as exc:
             raise await self._worker_failed(exc) from None
@@ -1006,7 +1032,9 @@ class ProxyHandler(RequestHandler):
         worker_side = _Pipe(_FrameMeter(None), expect_head=True)
         try:
             async with asyncio.timeout(self.settings_.connect_timeout):
-                await loop.create_connection(lambda: worker_side, host, int(port))
+                await loop.create_connection(
+                    lambda: worker_side, sock=await _connected(self.session.worker, host, int(port))
+                )
         except (OSError, TimeoutError) as exc:
             raise await self._worker_failed(exc) from None
         try:

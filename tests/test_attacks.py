@@ -11,6 +11,7 @@ request sends it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -39,13 +40,13 @@ pytestmark = [
 
 
 class Gateway:
-    """``herd serve --memory 64M --pids 20`` of the hostile worker; ``unprotected``
-    turns ``flag`` (a module attribute, ``"module.NAME"``) off in its process."""
+    """``herd serve --memory 64M --pids 20 FLAGS`` of the hostile worker;
+    ``unprotected`` turns a module attribute (``"module.NAME"``) off in its process."""
 
-    def __init__(self, unprotected: str | None = None) -> None:
+    def __init__(self, *flags: str, unprotected: str | None = None, cwd: str | None = None) -> None:
         self.port = free_port()
         argv = ["serve", "--port", str(self.port), "--session-header", "X-Session-ID"]
-        argv += ["--memory", "64M", "--pids", "20", "--min", "2", "--max", "4"]
+        argv += ["--memory", "64M", "--pids", "20", "--min", "2", "--max", "4", *flags]
         argv += ["--health-path", "/health", "--", sys.executable, HOSTILE, "{port}"]
         if unprotected is None:
             command = [sys.executable, "-m", "herd", *argv]
@@ -60,7 +61,9 @@ class Gateway:
                 """
             )
             command = [sys.executable, "-c", program]
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd
+        )
         base = f"http://127.0.0.1:{self.port}"
         wait_until_sync(lambda: _answers(base + "/herd/stats"), timeout=20, what="herd serve")
         self.base = base
@@ -77,6 +80,15 @@ class Gateway:
             answer: dict[str, Any] = json.loads(response.read())
         return answer
 
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.base + "/herd/stats", timeout=10) as response:
+            answer: dict[str, Any] = json.loads(response.read())
+        return answer
+
+    def worker_of(self, session: str) -> dict[str, Any]:
+        self.run(session, "pass")
+        return next(w for w in self.stats()["workers"] if w["session_id"] == session)
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -88,16 +100,20 @@ class Gateway:
         self.proc.stdout.close()
 
 
+# The cgroup attacks run against process isolation, the weaker level (and what
+# herd_nb's kernels get): a tenant's view has no /sys at all.
+
+
 @pytest.fixture
 def herd_serve() -> Iterator[Gateway]:
-    gateway = Gateway()
+    gateway = Gateway("--isolation", "process")
     yield gateway
     gateway.stop()
 
 
 @pytest.fixture
 def unhardened() -> Iterator[Gateway]:
-    gateway = Gateway(unprotected="herd._sandbox.HARDEN")
+    gateway = Gateway("--isolation", "process", unprotected="herd._sandbox.HARDEN")
     yield gateway
     gateway.stop()
 
@@ -238,3 +254,148 @@ async def test_a_kernel_cannot_leave_its_cgroups(monkeypatch: pytest.MonkeyPatch
     assert escaped.split() == ["/sys/fs/cgroup/memory/", "/sys/fs/cgroup/pids/"]
     held = await kernel_attack(LEAVE_CGROUP)
     assert "Read-only file system" in held
+
+
+# -- a tenant cannot reach what is not its own ---------------------------------------
+
+
+@pytest.fixture
+def tenant_gateways(tmp_path: Path) -> Iterator[tuple[Gateway, Gateway, Path]]:
+    """``herd serve`` as shipped (tenant isolation) and with ``--isolation process``,
+    both run from a directory that holds the gateway's own secrets: a hidden
+    ``.env``, and a log beside it in a folder the workers have no business in."""
+    home = tmp_path / "gateway"
+    home.mkdir()
+    (home / ".env").write_text("API_TOKEN=gateway-secret\n")
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "gateway.log").write_text("session=alice token=gateway-secret\n")
+    tenant = Gateway(cwd=str(home))
+    process = Gateway("--isolation", "process", cwd=str(home))
+    try:
+        yield tenant, process, private
+    finally:
+        tenant.stop()
+        process.stop()
+
+
+def read(path: str) -> str:
+    return f"""
+        try:
+            print(open({path!r}).read())
+        except OSError as exc:
+            print(type(exc).__name__)
+    """
+
+
+def test_a_tenant_cannot_read_another_sessions_files(
+    tenant_gateways: tuple[Gateway, Gateway, Path],
+) -> None:
+    for gateway in tenant_gateways[:2]:
+        gateway.run("alice", "open('/tmp/alice-notes.txt', 'w').write('alice-secret')")
+    tenant, process, _ = tenant_gateways
+    assert process.run("mallory", read("/tmp/alice-notes.txt"))["out"].strip() == "alice-secret"
+    held = tenant.run("mallory", read("/tmp/alice-notes.txt"))["out"].strip()
+    assert held == "FileNotFoundError"
+    # (Its /tmp holds only the way to its working directory, here under /tmp.)
+    listing = tenant.run("mallory", "import os; print(os.listdir('/tmp'))")["out"]
+    assert "alice" not in listing
+
+
+def test_a_tenant_cannot_read_the_gateways_files(
+    tenant_gateways: tuple[Gateway, Gateway, Path],
+) -> None:
+    tenant, process, private = tenant_gateways
+    log = str(private / "gateway.log")
+    assert "gateway-secret" in process.run("mallory", read(log))["out"]
+    assert "gateway-secret" in process.run("mallory", read(".env"))["out"]
+    assert tenant.run("mallory", read(log))["out"].strip() == "FileNotFoundError"
+    assert "gateway-secret" not in tenant.run("mallory", read(".env"))["out"]
+    assert tenant.run("mallory", read("/etc/shadow"))["out"].strip() == ""
+    # Its program and interpreter are there, read-only.
+    program = tenant.run("mallory", read(HOSTILE))["out"]
+    assert "A hostile tenant" in program
+    assert "OSError" in tenant.run("mallory", f"open({HOSTILE!r}, 'a')")["error"]
+
+
+CONNECT = """
+    import socket
+    with socket.socket() as sock:
+        sock.settimeout(5)
+        print(sock.connect_ex(("127.0.0.1", {port})))
+"""
+
+
+def test_a_tenant_cannot_connect_to_another_workers_port(
+    tenant_gateways: tuple[Gateway, Gateway, Path],
+) -> None:
+    tenant, process, _ = tenant_gateways
+    for gateway, expected in ((process, "0"), (tenant, str(errno.ECONNREFUSED))):
+        victim = gateway.worker_of("alice")
+        port = int(victim["address"].rpartition(":")[2])
+        answer = gateway.run("mallory", CONNECT.format(port=port))
+        assert answer["out"].strip() == expected, (gateway, answer)
+    # Nor to the gateway itself.
+    assert tenant.run("mallory", CONNECT.format(port=tenant.port))["out"].strip() == str(
+        errno.ECONNREFUSED
+    )
+
+
+SIGNAL = """
+    import os
+    try:
+        os.kill({pid}, 0)
+        print("can signal")
+    except OSError as exc:
+        print(type(exc).__name__)
+"""
+
+
+def test_a_worker_cannot_see_or_signal_another_worker(
+    tenant_gateways: tuple[Gateway, Gateway, Path],
+) -> None:
+    unsandboxed = Gateway("--no-sandbox")
+    try:
+        victim = unsandboxed.worker_of("alice")["pid"]
+        assert unsandboxed.run("mallory", SIGNAL.format(pid=victim))["out"].strip() == "can signal"
+    finally:
+        unsandboxed.stop()
+    for gateway in tenant_gateways[:2]:
+        victim = gateway.worker_of("alice")["pid"]  # its host PID
+        held = gateway.run("mallory", SIGNAL.format(pid=victim))["out"].strip()
+        assert held == "ProcessLookupError"
+        pids = gateway.run(
+            "mallory", "import os; print([p for p in os.listdir('/proc') if p.isdigit()])"
+        )
+        assert sorted(map(int, json.loads(pids["out"].replace("'", '"')))) == [1, 2, 3]
+
+
+STATUS = """
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    print(fields["CapEff"].strip(), fields["NoNewPrivs"].strip())
+"""
+
+
+def test_a_tenant_has_no_capabilities_and_cannot_gain_any(
+    tenant_gateways: tuple[Gateway, Gateway, Path],
+) -> None:
+    tenant, process, _ = tenant_gateways
+    assert process.run("a", STATUS)["out"].split() != ["0000000000000000", "1"]
+    assert tenant.run("a", STATUS)["out"].split() == ["0000000000000000", "1"]
+
+
+def test_user_runs_workers_as_that_user() -> None:
+    gateway = Gateway("--user", "nobody")
+    try:
+        answer = gateway.run("a", "import os; print(os.getuid(), os.getgid(), os.getcwd())")
+        uid, gid, _ = answer["out"].split()
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        assert (int(uid), int(gid)) == (nobody.pw_uid, nobody.pw_gid)
+        # Its home and /tmp are its own, and writable.
+        code = "import os; open(os.path.expanduser('~/x'), 'w'); open('/tmp/y', 'w')"
+        wrote = gateway.run("a", code)
+        assert wrote["ok"], wrote
+    finally:
+        gateway.stop()

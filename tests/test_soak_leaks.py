@@ -98,7 +98,9 @@ def gateway() -> Iterator[tuple[subprocess.Popen[str], str]]:
     port = free_port()
     argv = [sys.executable, "-m", "herd", "serve", "--port", str(port), "--min", "1"]
     argv += ["--max", "2", "--health-path", "/health", "--health-interval", "0"]
-    argv += ["--", sys.executable, WEB_WORKER, "{port}"]
+    # Process isolation: the gateway's /proc/PID/net/tcp shows the sockets of its
+    # own network, and a tenant's upstream sockets live in the worker's.
+    argv += ["--isolation", "process", "--", sys.executable, WEB_WORKER, "{port}"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
