@@ -35,6 +35,7 @@ from ._protocols import Worker as Worker
 from ._protocols import WorkerFactory as WorkerFactory
 from ._session import AcquireContext as AcquireContext
 from ._session import Session as Session
+from ._session import session_tag as session_tag
 from ._session import validate_session_id as validate_session_id
 from ._stats import CrashInfo as CrashInfo
 from ._stats import NodeStats as NodeStats
@@ -68,5 +69,6 @@ __all__ = [
     "WorkerFactory",
     "WorkerState",
     "WorkerStats",
+    "session_tag",
     "validate_session_id",
 ]

@@ -65,7 +65,7 @@ from ._exceptions import (
     SpawnError,
 )
 from ._protocols import C, SessionRegistry, Worker, WorkerFactory
-from ._session import AcquireContext, Session, validate_session_id
+from ._session import AcquireContext, Session, session_tag, validate_session_id
 from ._stats import CrashInfo, PoolStats, Sampler, WorkerStats
 from .registry.memory import MemoryRegistry
 
@@ -554,7 +554,9 @@ class Pool(Generic[C]):
         pin = task.result()
         if pin.used or pin.ended or self._pins.get(pin.session_id) is not pin:
             return
-        log.debug("session %s: every acquire gave up; unpinned at once", pin.session_id)
+        log.debug(
+            "session %s: every acquire gave up; unpinned at once", session_tag(pin.session_id)
+        )
         self._end_pin(pin)
         self._unregister(pin.session_id, pin.slot.worker.id)
 
@@ -583,7 +585,7 @@ class Pool(Generic[C]):
         except BaseException:
             self._end_pin(pin)
             raise
-        log.debug("session %s pinned to worker %s", session_id, slot.worker.id)
+        log.debug("session %s pinned to worker %s", session_tag(session_id), slot.worker.id)
         return pin
 
     async def _obtain_worker(self) -> _Slot[C]:
@@ -850,7 +852,7 @@ class Pool(Generic[C]):
             "worker %s died (%s)%s",
             slot.worker.id,
             reason,
-            f" while pinned to session {pin.session_id}" if pin else "",
+            f" while pinned to session {session_tag(pin.session_id)}" if pin else "",
         )
         self._retire(slot, f"died: {reason}")
         self._crashes.append(
@@ -906,7 +908,7 @@ class Pool(Generic[C]):
                     if inspect.isawaitable(result):
                         await result
             except Exception:
-                log.exception("on_crash(%r) raised", session_id)
+                log.exception("on_crash(%s) raised", session_tag(session_id))
 
         self._background(call())
 
@@ -1059,7 +1061,9 @@ class Pool(Generic[C]):
             expired = [p for p in self._pins.values() if p.uses == 0 and now - p.last_active >= ttl]
             for pin in expired:
                 log.info(
-                    "session %s idle for %.0fs: evicted", pin.session_id, now - pin.last_active
+                    "session %s idle for %.0fs: evicted",
+                    session_tag(pin.session_id),
+                    now - pin.last_active,
                 )
                 self._end_pin(pin)
                 self._unregistered[pin.session_id] = pin.slot.worker.id

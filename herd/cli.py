@@ -15,14 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import os
 import re
 import resource
 import signal
 import socket
 import sys
 import time
+import urllib.parse
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -32,6 +35,7 @@ from tornado.netutil import bind_sockets
 from . import __version__
 from ._pool import Pool
 from ._process import ProcessFactory
+from ._session import session_tag
 from .proxy import (
     ProxyHandler,
     ProxyServer,
@@ -213,7 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--stats-path",
         metavar="PATH",
         default="/herd/stats",
-        help="serve PoolStats as JSON here ('' to disable)",
+        help="serve PoolStats as JSON here ('' to disable); session IDs show as tags "
+        "unless an admin token is set and the request presents it",
+    )
+    net.add_argument(
+        "--admin-token",
+        default=None,
+        metavar="TOKEN",
+        help="the stats route's token (Authorization: Bearer TOKEN): with it, the stats "
+        "show session IDs; $HERD_ADMIN_TOKEN keeps it out of the process list",
     )
     net.add_argument(
         "--acquire-timeout",
@@ -334,14 +346,74 @@ def _session_key(args: argparse.Namespace) -> SessionKey:
 
 
 class StatsHandler(tornado.web.RequestHandler):
-    """``GET``: the pool's :class:`~herd.PoolStats` as JSON."""
+    """``GET``: the pool's :class:`~herd.PoolStats` as JSON.
 
-    def initialize(self, pool: Pool[Any]) -> None:
+    Session IDs are bearer credentials: without ``admin_token`` every session ID
+    in the answer is replaced by its :func:`~herd.session_tag` (the tag the logs
+    show); with one, a request must present it (``Authorization: Bearer TOKEN``
+    or ``token TOKEN``) and gets the IDs, each with its tag.
+    """
+
+    def initialize(self, pool: Pool[Any], admin_token: str | None = None) -> None:
         self.pool = pool
+        self.admin_token = admin_token
 
     def get(self) -> None:
         self.set_header("Content-Type", "application/json")
-        self.write(json.dumps(self.pool.stats().as_dict()))
+        self.set_header("Cache-Control", "no-store")
+        stats = self.pool.stats().as_dict()
+        if self.admin_token is None:
+            self.write(json.dumps(_without_session_ids(stats)))
+            return
+        scheme, _, given = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() not in ("bearer", "token") or not hmac.compare_digest(
+            given.strip().encode(), self.admin_token.encode()
+        ):
+            self.set_status(401)
+            self.set_header("WWW-Authenticate", 'Bearer realm="herd"')
+            self.write(
+                {"error": "unauthorized", "message": "the stats need the gateway's admin token"}
+            )
+            return
+        self.write(json.dumps(_with_session_tags(stats)))
+
+
+def _without_session_ids(stats: dict[str, Any]) -> dict[str, Any]:
+    """``stats`` with every session ID replaced by its tag."""
+    for row in (*stats["workers"], *stats["recent_crashes"]):
+        if row.get("session_id") is not None:
+            row["session_id"] = session_tag(row["session_id"])
+    return stats
+
+
+def _with_session_tags(stats: dict[str, Any]) -> dict[str, Any]:
+    """``stats`` with each session's tag beside its ID (to match the logs)."""
+    for row in (*stats["workers"], *stats["recent_crashes"]):
+        session_id = row.get("session_id")
+        row["session_tag"] = session_tag(session_id) if session_id is not None else None
+    return stats
+
+
+def _logged_uri(handler: ProxyHandler) -> str:
+    """The request's URI with its session ID (a path segment or a query value)
+    replaced by the session's tag."""
+    route = handler.route
+    uri = handler.request.uri or ""
+    if route is None:
+        return uri
+    tag = session_tag(route.session_id)
+    if route.prefix:  # the ID was the first path segment
+        return "/" + tag + route.uri
+    path, sep, query = uri.partition("?")
+    if not sep:
+        return uri
+    fields = []
+    for field in query.split("&"):
+        name, eq, value = field.partition("=")
+        if eq and urllib.parse.unquote_plus(value) == route.session_id:
+            field = f"{name}={tag}"
+        fields.append(field)
+    return path + "?" + "&".join(fields)
 
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:
@@ -350,9 +422,11 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
         return
     took = 1000.0 * handler.request.request_time()
     session = worker = "-"
+    uri = handler.request.uri
     if isinstance(handler, ProxyHandler):
         if handler.route is not None:
-            session = handler.route.session_id
+            session = session_tag(handler.route.session_id)
+            uri = _logged_uri(handler)
         if handler.session is not None:
             worker = handler.session.worker.id
     level = logging.INFO if status < 500 else logging.WARNING
@@ -361,18 +435,21 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
         "%d %s %s session=%s worker=%s %.1fms",
         status,
         handler.request.method,
-        handler.request.uri,
+        uri,
         session,
         worker,
         took,
     )
 
 
-def make_app(pool: Pool[Any], settings: ProxySettings, stats_path: str) -> tornado.web.Application:
+def make_app(
+    pool: Pool[Any], settings: ProxySettings, stats_path: str, admin_token: str | None = None
+) -> tornado.web.Application:
     """The gateway's Tornado application: stats route (if any), then the proxy."""
     routes: list[Any] = []
     if stats_path:
-        routes.append((re.escape(stats_path), StatsHandler, {"pool": pool}))
+        options = {"pool": pool, "admin_token": admin_token}
+        routes.append((re.escape(stats_path), StatsHandler, options))
     routes.append((r"/.*", ProxyHandler, {"settings": settings}))
     return tornado.web.Application(
         routes, log_function=_log_request, websocket_max_message_size=settings.max_message_size
@@ -515,7 +592,12 @@ async def serve(args: argparse.Namespace) -> int:
             max_message_size=args.max_message_size,
         )
         server = ProxyServer(
-            make_app(pool, settings, args.stats_path),
+            make_app(
+                pool,
+                settings,
+                args.stats_path,
+                args.admin_token or os.environ.get("HERD_ADMIN_TOKEN") or None,
+            ),
             max_connections=max_connections,
             tunnels=settings.tunnels,
             max_header_size=args.max_header_size,

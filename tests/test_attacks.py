@@ -30,6 +30,7 @@ from tests.helpers import wait_until_sync
 from tests.test_cli import _answers, free_port
 
 HOSTILE = str(Path(__file__).parent / "helpers" / "hostile.py")
+ADMIN_TOKEN = "test-admin-token"
 GROUPS = _cgroups.detect()
 NAMESPACES = herd_sandbox.detect()
 pytestmark = [
@@ -61,8 +62,9 @@ class Gateway:
                 """
             )
             command = [sys.executable, "-c", program]
+        env = {**os.environ, "HERD_ADMIN_TOKEN": ADMIN_TOKEN}
         self.proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env
         )
         base = f"http://127.0.0.1:{self.port}"
         wait_until_sync(lambda: _answers(base + "/herd/stats"), timeout=20, what="herd serve")
@@ -81,7 +83,11 @@ class Gateway:
         return answer
 
     def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.base + "/herd/stats", timeout=10) as response:
+        """The gateway's stats, with session IDs (the admin token's view)."""
+        request = urllib.request.Request(
+            self.base + "/herd/stats", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
             answer: dict[str, Any] = json.loads(response.read())
         return answer
 

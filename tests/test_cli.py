@@ -110,7 +110,8 @@ def test_readme_command_routes_sessions_and_stops_cleanly(serve: type[Serve]) ->
     workers = [row["pid"] for row in stats["workers"]]
     assert server.stop() == 0
     output = server.output()
-    assert "session=s1 worker=w-" in output  # logs name session and worker
+    assert "session=s-" in output  # logs tag the session and name the worker
+    assert "session=s1" not in output
     assert "stopped" in output
     assert not any(
         psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in workers
@@ -134,6 +135,52 @@ def test_the_issue_example_with_python_http_server(serve: type[Serve]) -> None:
     assert status == 200
     assert b"Directory listing" in body
     assert server.stop() == 0
+
+
+SECRET_ID = "3f9c2b7e8a1d4c6f9e0b5a7d2c8f1e4b"  # a session ID as the README says: random
+
+
+@pytest.mark.parametrize("routing", ["header", "path", "query"])
+def test_session_ids_stay_out_of_logs_and_unauthenticated_stats(
+    serve: type[Serve], routing: str
+) -> None:
+    """Whoever presents a session's ID reaches its worker: an ID read from the
+    log or from the stats route is a stolen session."""
+    flags = {"header": [], "path": ["--session-path"], "query": ["--session-query", "sid"]}
+    server = serve("--min", "1", *flags[routing])
+    server.wait_ready()
+    path = {"header": "/state", "path": f"/{SECRET_ID}/state", "query": f"/state?sid={SECRET_ID}"}
+    assert server.get(path[routing], session=SECRET_ID)[0] == 200
+    stats = server.get("/herd/stats", session=None)[2].decode()
+    assert SECRET_ID not in stats
+    (pinned,) = [w["session_id"] for w in json.loads(stats)["workers"] if w["session_id"]]
+    assert pinned.startswith("s-")
+    assert server.stop() == 0
+    output = server.output()
+    assert SECRET_ID not in output
+    assert f"session={pinned}" in output  # the log's tag is the stats' tag
+
+
+def test_the_admin_token_shows_the_stats_with_session_ids(serve: type[Serve]) -> None:
+    os.environ["HERD_ADMIN_TOKEN"] = "t0ken"
+    try:
+        server = serve("--min", "1")
+    finally:
+        del os.environ["HERD_ADMIN_TOKEN"]
+    server.wait_ready()
+    assert server.get("/state", session=SECRET_ID)[0] == 200
+    for wrong in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "t0ken"}):
+        status, _, body = server.get("/herd/stats", session=None, **wrong)
+        assert status == 401
+        assert json.loads(body)["error"] == "unauthorized"
+        assert SECRET_ID.encode() not in body
+    status, _, body = server.get("/herd/stats", session=None, Authorization="Bearer t0ken")
+    assert status == 200
+    (row,) = [w for w in json.loads(body)["workers"] if w["session_id"]]
+    assert row["session_id"] == SECRET_ID
+    assert row["session_tag"].startswith("s-")
+    assert server.stop() == 0
+    assert f"session={row['session_tag']}" in server.output()
 
 
 def test_sigint_stops_cleanly_too(serve: type[Serve]) -> None:
@@ -169,9 +216,13 @@ def test_python_dash_m_and_flags_for_path_routing_and_limits(serve: type[Serve])
 
 
 def _answers(url: str) -> bool:
+    """Whether an HTTP server answers at ``url`` (any status: a 401 is an answer)."""
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
             response.read()
+    except urllib.error.HTTPError as error:
+        error.close()
+        return True
     except OSError:
         return False
     return True
