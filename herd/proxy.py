@@ -76,7 +76,7 @@ from ._exceptions import (
     SpawnError,
 )
 from ._pool import Pool
-from ._session import Session, validate_session_id
+from ._session import Session, session_tag, validate_session_id
 
 __all__ = [
     "ProxyHandler",
@@ -1073,7 +1073,7 @@ class ProxyHandler(RequestHandler):
             log.info(
                 "websocket %s session=%s worker=%s open",
                 route.uri,
-                route.session_id,
+                session_tag(route.session_id),
                 self.session.worker.id,
             )
             client_side.send(head + worker_side.take_early_bytes())
@@ -1095,7 +1095,7 @@ class ProxyHandler(RequestHandler):
             log.info(
                 "websocket %s session=%s worker=%s closed after %.1fs",
                 route.uri,
-                route.session_id,
+                session_tag(route.session_id),
                 self.session.worker.id,
                 time.monotonic() - started,
             )
