@@ -131,6 +131,21 @@ class Herd(ExtensionApp):
         config=True,
         help="Isolate workers (True), not (False), or refuse without ('required').",
     )
+    isolation = TEnum(
+        ["process", "tenant"],
+        default_value="process",
+        config=True,
+        help="Isolation of the process pool's workers (c.Herd.command): 'tenant' gives "
+        "each a filesystem view and a network of its own, no capabilities. Kernels get "
+        "'process' (a notebook works on the user's files, as on stock Jupyter).",
+    )
+    user = Unicode(
+        None,
+        allow_none=True,
+        config=True,
+        help="Run the process pool's workers (c.Herd.command) as this user (a name or a "
+        "UID); needs root.",
+    )
     session_header = Unicode(
         "X-Session-ID",
         config=True,
@@ -183,6 +198,8 @@ class Herd(ExtensionApp):
                 cpu_limit=self.cpu_limit,
                 memory_limit=self.memory_limit,
                 pids_limit=self.pids_limit,
+                isolation="tenant" if self.isolation == "tenant" else "process",
+                user=int(self.user) if self.user and self.user.isdigit() else self.user,
             )
             pool: herd.Pool[Any] = herd.Pool(
                 factory,

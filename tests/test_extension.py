@@ -245,3 +245,51 @@ def test_kernels_get_no_cap_and_no_culling_unless_configured(tmp_path: Path) -> 
     # Jupyter's own culler, configured, wins over c.Herd.ttl.
     manager, _ = pools("--Herd.ttl=60", "--MappingKernelManager.cull_idle_timeout=600")
     assert manager.cull_idle_timeout == 600
+
+
+HOSTILE = str(Path(__file__).parent / "helpers" / "hostile.py")
+
+
+def test_the_process_pool_can_isolate_its_workers_as_tenants_and_as_a_user(
+    tmp_path: Path,
+) -> None:
+    """``c.Herd.isolation = "tenant"`` and ``c.Herd.user`` reach the process pool."""
+    import pwd
+    import tempfile
+    import urllib.request
+
+    if os.geteuid() != 0:
+        pytest.skip("running workers as another user needs root")
+    outside = Path(tempfile.mkdtemp())  # not the server's: no worker may read it
+    (outside / "secret.txt").write_text("server-secret")
+    config = (
+        f"c.Herd.command = [{sys.executable!r}, {HOSTILE!r}, '{{port}}']\n"
+        "c.Herd.health_path = '/health'\n"
+        "c.Herd.min_workers = 1\n"
+        "c.Herd.warm_kernels = 0\n"
+        "c.Herd.isolation = 'tenant'\n"
+        "c.Herd.user = 'nobody'\n"
+    )
+    server = Server(tmp_path, config)
+    try:
+        server.wait_ready(lambda pools: pools["process"]["total_workers"] >= 1)
+        code = (
+            "import os\n"
+            f"print(os.getuid(), os.path.exists('/sys'), os.path.exists({str(outside)!r}))"
+        )
+        request = urllib.request.Request(
+            server.base + "/herd/proxy/run",
+            data=code.encode(),
+            method="POST",
+            headers={"Authorization": f"token {TOKEN}", "X-Session-ID": "t"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            answer = json.loads(reply.read())
+        assert answer["out"].split() == [str(pwd.getpwnam("nobody").pw_uid), "False", "False"]
+        stats = server.json("/herd/api/stats")["pools"]["process"]
+        assert "a filesystem view of its own" in stats["sandbox_reason"]
+        assert "as user nobody" in stats["sandbox_reason"]
+    finally:
+        server.stop()
+        (outside / "secret.txt").unlink()
+        outside.rmdir()
