@@ -44,7 +44,13 @@ class Gateway:
     """``herd serve --memory 64M --pids 20 FLAGS`` of the hostile worker;
     ``unprotected`` turns a module attribute (``"module.NAME"``) off in its process."""
 
-    def __init__(self, *flags: str, unprotected: str | None = None, cwd: str | None = None) -> None:
+    def __init__(
+        self,
+        *flags: str,
+        unprotected: str | None = None,
+        cwd: str | None = None,
+        admin_token: str | None = ADMIN_TOKEN,
+    ) -> None:
         self.port = free_port()
         argv = ["serve", "--port", str(self.port), "--session-header", "X-Session-ID"]
         argv += ["--memory", "64M", "--pids", "20", "--min", "2", "--max", "4", *flags]
@@ -62,7 +68,9 @@ class Gateway:
                 """
             )
             command = [sys.executable, "-c", program]
-        env = {**os.environ, "HERD_ADMIN_TOKEN": ADMIN_TOKEN}
+        env = dict(os.environ)
+        if admin_token is not None:
+            env["HERD_ADMIN_TOKEN"] = admin_token
         self.proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env
         )
@@ -405,3 +413,28 @@ def test_user_runs_workers_as_that_user() -> None:
         assert wrote["ok"], wrote
     finally:
         gateway.stop()
+
+
+def test_the_stats_route_gives_no_session_to_replay() -> None:
+    """A session ID read from the stats, replayed, reaches its session's worker:
+    with the admin token it does (the attack, as it was for everyone); without
+    it the stats show tags, and a tag replayed reaches a new, empty session."""
+    plant = "import builtins; builtins.secret = 'victim-data'"
+    steal = "import builtins; print(getattr(builtins, 'secret', None))"
+    exposed = Gateway()  # with the admin token: the IDs, as anyone had them before
+    try:
+        exposed.run("victim-3f9c2b7e", plant)
+        (stolen,) = [w["session_id"] for w in exposed.stats()["workers"] if w["session_id"]]
+        assert exposed.run(stolen, steal)["out"].strip() == "victim-data"
+    finally:
+        exposed.stop()
+    public = Gateway(admin_token=None)
+    try:
+        public.run("victim-3f9c2b7e", plant)
+        with urllib.request.urlopen(public.base + "/herd/stats", timeout=10) as response:
+            stats = json.loads(response.read())
+        (tag,) = [w["session_id"] for w in stats["workers"] if w["session_id"]]
+        assert tag != "victim-3f9c2b7e"
+        assert public.run(tag, steal)["out"].strip() == "None"
+    finally:
+        public.stop()
