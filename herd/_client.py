@@ -18,7 +18,7 @@ from tornado.iostream import IOStream
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from tornado.tcpclient import TCPClient
 
-__all__ = ["HTTPWorkerClient", "probe"]
+__all__ = ["HTTPWorkerClient", "connect_socket", "probe"]
 
 
 class HTTPWorkerClient:
@@ -115,6 +115,24 @@ class _SocketTCPClient(TCPClient):
         return stream, stream.connect(addr)
 
 
+async def connect_socket(
+    host: str, port: int, open_socket: Callable[[], socket.socket] | None = None
+) -> socket.socket:
+    """A non-blocking TCP socket connected to ``host:port``, made by
+    ``open_socket`` (a worker's network namespace) or plainly.
+
+    :raises OSError: the connection was refused or failed; the socket is closed.
+    """
+    sock = open_socket() if open_socket is not None else socket.socket()
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def probe(
     host: str,
     port: int,
@@ -134,13 +152,7 @@ async def probe(
             if open_socket is None:
                 reader, writer = await asyncio.open_connection(host, port)
             else:
-                sock = open_socket()
-                try:
-                    sock.setblocking(False)
-                    await asyncio.get_running_loop().sock_connect(sock, (host, port))
-                except BaseException:
-                    sock.close()
-                    raise
+                sock = await connect_socket(host, port, open_socket)
                 reader, writer = await asyncio.open_connection(sock=sock)
             writer.write(
                 f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"

@@ -69,6 +69,7 @@ from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.httpserver import HTTPServer
 from tornado.web import RequestHandler, stream_request_body
 
+from ._client import connect_socket
 from ._exceptions import (
     InvalidSessionIdError,
     PoolClosedError,
@@ -397,19 +398,6 @@ def _socket_maker(worker: object) -> Callable[[], socket.socket] | None:
     """The worker's ``open_socket`` (a worker with a network of its own has one)."""
     open_socket = getattr(worker, "open_socket", None)
     return open_socket if callable(open_socket) else None
-
-
-async def _connected(worker: object, host: str, port: int) -> socket.socket:
-    """A socket connected to the worker, made where the worker can be reached."""
-    open_socket = _socket_maker(worker)
-    sock = open_socket() if open_socket is not None else socket.socket()
-    try:
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _still_open(stream: iostream.IOStream) -> bool:
@@ -1032,9 +1020,10 @@ class ProxyHandler(RequestHandler):
         worker_side = _Pipe(_FrameMeter(None), expect_head=True)
         try:
             async with asyncio.timeout(self.settings_.connect_timeout):
-                await loop.create_connection(
-                    lambda: worker_side, sock=await _connected(self.session.worker, host, int(port))
+                connected = await connect_socket(
+                    host, int(port), _socket_maker(self.session.worker)
                 )
+                await loop.create_connection(lambda: worker_side, sock=connected)
         except (OSError, TimeoutError) as exc:
             raise await self._worker_failed(exc) from None
         try:
