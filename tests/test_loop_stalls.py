@@ -65,6 +65,15 @@ async def longest_stall(work: Awaitable[object]) -> float:
     return longest
 
 
+async def stall_of_a_start(spawner: herd.ProcessFactory, min_workers: int) -> float:
+    """The longest stall while a pool of ``spawner`` starts (it is shut down after)."""
+    pool = herd.Pool(spawner, min_workers=min_workers, max_workers=1)
+    try:
+        return await longest_stall(pool.start())
+    finally:
+        await pool.shutdown()
+
+
 @pytest.fixture
 def fresh_detection() -> Iterator[None]:
     """Forget what this process detected, before and after the test."""
@@ -85,11 +94,7 @@ async def test_sandbox_detection_does_not_block_the_loop(
     worker to start still reports its sandbox level, so it detects too."""
     monkeypatch.setattr(herd_sandbox, "_probe", slowed(herd_sandbox._probe))
     monkeypatch.setattr(subprocess, "run", slowed(subprocess.run))
-    pool = herd.Pool(factory(sandbox=True), min_workers=min_workers, max_workers=1)
-    try:
-        assert await longest_stall(pool.start()) < STALL
-    finally:
-        await pool.shutdown()
+    assert await stall_of_a_start(factory(sandbox=True), min_workers) < STALL
 
 
 @needs_cgroups
@@ -97,11 +102,7 @@ async def test_the_stale_cgroup_sweep_does_not_block_the_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(_cgroups, "sweep_stale", slowed(_cgroups.sweep_stale))
-    pool = herd.Pool(factory(memory_limit=256 << 20), min_workers=1, max_workers=1)
-    try:
-        assert await longest_stall(pool.start()) < STALL
-    finally:
-        await pool.shutdown()
+    assert await stall_of_a_start(factory(memory_limit=256 << 20), 1) < STALL
 
 
 @needs_cgroups
