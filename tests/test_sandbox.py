@@ -626,3 +626,31 @@ def test_init_ready_tells_when_signals_to_the_launchers_group_get_through() -> N
         if launched.poll() is None:
             os.killpg(launched.pid, signal.SIGKILL)
             launched.wait()
+
+
+def test_what_tenant_isolation_cannot_enforce_is_named_and_required_refuses_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where a machine cannot give a tenant its own network (not root), the level
+    says partial and the reason says why; ``sandbox="required"`` refuses."""
+    if NAMESPACES.level == "none":
+        pytest.skip(NAMESPACES.reason)
+    monkeypatch.setattr(herd_sandbox, "network_namespaces", lambda: "not root: no setns")
+    report = herd_sandbox.Sandbox(True, isolation="tenant").report
+    assert report.level == "partial"
+    assert "network NOT isolated: not root: no setns" in report.reason
+    assert "--net" not in report.prefix
+    with pytest.raises(herd.SpawnError, match="network NOT isolated"):
+        herd_sandbox.Sandbox("required", isolation="tenant").check()
+    monkeypatch.undo()
+    if herd_sandbox.network_namespaces() is None and NAMESPACES.level == "full":
+        report = herd_sandbox.Sandbox("required", isolation="tenant").check()
+        assert report.level == "full"
+        assert "a network of its own" in report.reason
+
+
+def test_an_unknown_user_or_isolation_is_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="no such user"):
+        herd.ProcessFactory(["true"], user="no-such-user-here")
+    with pytest.raises(ValueError, match="isolation must be"):
+        herd.ProcessFactory(["true"], isolation="jail")  # type: ignore[arg-type]
