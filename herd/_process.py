@@ -40,7 +40,7 @@ from ._config import Duration, duration_seconds
 from ._exceptions import SpawnError
 from ._netns import NetNamespace
 from ._procfs import descendants, with_environ
-from ._sandbox import Isolation, Sandbox, SandboxMode, SandboxReport, init_ready
+from ._sandbox import Isolation, Network, Sandbox, SandboxMode, SandboxReport, init_ready
 from ._sandbox import returncode as sandbox_returncode
 
 __all__ = ["OutputLog", "ProcessFactory", "ProcessWorker"]
@@ -511,6 +511,10 @@ class ProcessFactory:
         run other people's code; needs namespaces (root, or user namespaces).
     :param user: run the workers as this user (a name or a UID, with its primary
         group); needs root.
+    :param network: with ``isolation="tenant"``: ``"private"`` (default), each
+        worker has a network of its own, loopback only; ``"host"``: the host's,
+        for workers that must reach the outside (an API), at the price of
+        reaching each other's ports (``sandbox_reason`` says so).
     :param cwd: working directory of the workers.
     :param inherit_env: start from this process's environment.
     :param log_lines: how many lines of output each worker keeps (``worker.logs()``).
@@ -546,6 +550,7 @@ class ProcessFactory:
         pids_limit: int | None = None,
         isolation: Isolation = "process",
         user: str | int | None = None,
+        network: Network = "private",
     ) -> None:
         if isinstance(command, str) or not command:
             raise ValueError("command must be a non-empty list of strings, e.g. ['python', ...]")
@@ -578,6 +583,7 @@ class ProcessFactory:
             pids_limit=pids_limit,
             isolation=isolation,
             user=user,
+            network=network,
         )
         self.limits = self._sandbox.limits
 

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Isolation",
     "Launch",
+    "Network",
     "Sandbox",
     "SandboxLevel",
     "SandboxMode",
@@ -88,6 +89,8 @@ SandboxLevel = Literal["full", "partial", "none"]
 #: cannot undo); ``"tenant"``: it is also kept from everything that is not its
 #: own (a filesystem view of its own, no capabilities, its own network).
 Isolation = Literal["process", "tenant"]
+#: A tenant's network: its own (``"private"``) or the host's (``"host"``).
+Network = Literal["private", "host"]
 
 # The init exits with 128+N when signal N killed the worker: 129 up to this.
 _LAST_EXIT_BY_SIGNAL = 128 + int(signal.SIGRTMAX)
@@ -434,7 +437,10 @@ class Sandbox:
     :param isolation: ``"process"`` or ``"tenant"`` (see :data:`Isolation`).
     :param user: run workers as this user (a name or a UID), with its primary
         group; needs root.
-    :raises ValueError: a bad mode, isolation, limit or user.
+    :param network: a tenant's network: ``"private"`` (its own, loopback only)
+        or ``"host"`` (the host's: for workers that must reach the outside, such
+        as an API; they can then reach each other's ports too).
+    :raises ValueError: a bad mode, isolation, network, limit or user.
     """
 
     def __init__(
@@ -446,6 +452,7 @@ class Sandbox:
         pids_limit: int | None = None,
         isolation: Isolation = "process",
         user: str | int | None = None,
+        network: Network = "private",
     ) -> None:
         from ._cgroups import Limits
 
@@ -453,6 +460,9 @@ class Sandbox:
             raise ValueError(f"sandbox must be True, False or 'required', not {mode!r}")
         if isolation not in ("process", "tenant"):
             raise ValueError(f"isolation must be 'process' or 'tenant', not {isolation!r}")
+        if network not in ("private", "host"):
+            raise ValueError(f"network must be 'private' or 'host', not {network!r}")
+        self.network: Network = network
         self.mode: SandboxMode = mode
         self.limits = Limits.validated(cpu_limit, memory_limit, pids_limit)
         self.isolation: Isolation = isolation
@@ -484,8 +494,14 @@ class Sandbox:
                 "a filesystem view of its own (system directories, its interpreter, program "
                 "and working directory read-only; a private /tmp)"
             )
-            why_not = network_namespaces()
-            if why_not is None:
+            why_not = network_namespaces() if self.network == "private" else None
+            if self.network == "host":
+                level = "partial" if level == "full" else level
+                reasons.append(
+                    "network NOT isolated: the host's, as asked (network='host'): workers "
+                    "can reach each other's ports and the host's services"
+                )
+            elif why_not is None:
                 # unshare moves itself into the new network (and IPC, UTS)
                 # namespaces; the init brings the loopback up.
                 prefix = (prefix[0], "--net", "--ipc", "--uts", *prefix[1:])

@@ -314,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
         "workers share the host's files and network)",
     )
     worker.add_argument(
+        "--network",
+        choices=("private", "host"),
+        default="private",
+        help="a tenant's network: private (its own, loopback only) or host (the host's, "
+        "to reach the outside; workers can then reach each other's ports)",
+    )
+    worker.add_argument(
         "--user",
         default=None,
         metavar="USER",
@@ -527,6 +534,7 @@ async def serve(args: argparse.Namespace) -> int:
         sandbox=not args.no_sandbox,
         cwd=args.cwd,
         isolation=args.isolation,
+        network=args.network,
         user=int(args.user) if args.user and args.user.isdigit() else args.user,
         cpu_limit=args.cpu,
         memory_limit=args.memory,

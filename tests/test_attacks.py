@@ -438,3 +438,20 @@ def test_the_stats_route_gives_no_session_to_replay() -> None:
         assert public.run(tag, steal)["out"].strip() == "None"
     finally:
         public.stop()
+
+
+def test_a_tenant_on_the_hosts_network_is_told_and_reported() -> None:
+    """``--network host`` (for workers that must reach an API) keeps the rest of
+    tenant isolation; the stats say the network is not isolated."""
+    gateway = Gateway("--network", "host")
+    try:
+        reached = gateway.run("a", CONNECT.format(port=gateway.port))["out"].strip()
+        assert reached == "0"
+        stats = gateway.stats()
+        assert stats["sandbox"] == "partial"
+        assert "network NOT isolated: the host's, as asked" in stats["sandbox_reason"]
+        assert (
+            gateway.run("a", "import os; print(os.path.exists('/sys'))")["out"].strip() == "False"
+        )
+    finally:
+        gateway.stop()
