@@ -362,10 +362,35 @@ def _covered(path: str, by: Sequence[str]) -> bool:
     return any(path == root or path.startswith(root.rstrip("/") + "/") for root in by)
 
 
+# Folders that hold other people's things: a program or a working directory
+# right in one of them is bound alone, never the whole folder.
+_SHARED = frozenset(
+    {
+        "/",
+        "/tmp",
+        "/var/tmp",
+        "/dev/shm",
+        "/run",
+        "/var",
+        "/home",
+        "/root",
+        "/mnt",
+        "/media",
+        "/srv",
+        "/opt",
+    }
+)
+
+
 def view_paths(argv: Sequence[str], cwd: str, env: Mapping[str, str] | None) -> list[str]:
     """What a tenant's worker sees read-only: the system directories, its program
     (the command and any argument that is a file, with their directories), the
-    interpreter running it, this interpreter and its import path, and ``cwd``."""
+    interpreter running it, this interpreter and its import path, and ``cwd``.
+
+    A file right in a shared folder (``/tmp/app.py``, ``/home/x``) is bound alone,
+    and a working directory that is such a folder not at all: binding ``/tmp``
+    would show the worker every other one's files there.
+    """
     paths = [path for path in _SYSTEM if os.path.lexists(path)]
     search = (env if env is not None else os.environ).get("PATH")
     program = shutil.which(argv[0], path=search) if argv else None
@@ -377,27 +402,29 @@ def view_paths(argv: Sequence[str], cwd: str, env: Mapping[str, str] | None) -> 
         folder = os.path.dirname(real)
         if os.path.basename(real).startswith("python"):
             folder = os.path.dirname(folder)  # a Python's prefix: bin/.. holds lib/
-        paths.append(folder)
-    paths += _interpreter_paths()
-    paths.append(os.path.realpath(cwd))
+        paths.append(real if folder in _SHARED else folder)
+    paths += [path for path in _interpreter_paths() if path not in _SHARED]
+    real_cwd = os.path.realpath(cwd)
+    if real_cwd not in _SHARED:
+        paths.append(real_cwd)
     kept: list[str] = []
     for path in sorted(dict.fromkeys(paths), key=len):
-        if path != "/" and not _covered(path, kept):
+        if not _covered(path, kept):
             kept.append(path)
     return kept
 
 
-def hidden_paths(cwd: str) -> list[str]:
+def hidden_paths(folders: Sequence[str]) -> list[str]:
     """What a tenant's worker does not see inside what it sees: secrets under
-    /etc, and the hidden entries of its working directory (``.env``, ``.ssh``,
-    ``.git``: where a program's own secrets are kept)."""
+    /etc, and the hidden entries (``.env``, ``.ssh``, ``.git``: where a program's
+    own secrets are kept) of ``folders`` (its working directory, its program's)."""
     found = [path for path in _SECRETS if os.path.lexists(path)]
-    try:
-        names = os.listdir(cwd)
-    except OSError:
-        names = []
-    real = os.path.realpath(cwd)
-    found += [os.path.join(real, name) for name in sorted(names) if name.startswith(".")]
+    for folder in folders:
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        found += [os.path.join(folder, name) for name in sorted(names) if name.startswith(".")]
     return found
 
 
@@ -641,11 +668,13 @@ class Sandbox:
             options.append("--loopback")
         if tenant:
             options += ["--no-new-privs", "--view"]
-            for path in view_paths(argv, cwd, env):
+            seen = view_paths(argv, cwd, env)
+            for path in seen:
                 options += ["--ro", path]
             for path in writable:
                 options += ["--rw", os.path.realpath(path)]
-            for path in hidden_paths(cwd):
+            own = [p for p in seen if os.path.isdir(p) and not _covered(p, _SYSTEM)]
+            for path in hidden_paths([p for p in own if p not in _interpreter_paths()]):
                 options += ["--hide", path]
         home = (env if env is not None else os.environ).get("HOME")
         if self.user is not None and os.geteuid() == 0:

@@ -50,11 +50,12 @@ class Gateway:
         unprotected: str | None = None,
         cwd: str | None = None,
         admin_token: str | None = ADMIN_TOKEN,
+        program: str = HOSTILE,
     ) -> None:
         self.port = free_port()
         argv = ["serve", "--port", str(self.port), "--session-header", "X-Session-ID"]
         argv += ["--memory", "64M", "--pids", "20", "--min", "2", "--max", "4", *flags]
-        argv += ["--health-path", "/health", "--", sys.executable, HOSTILE, "{port}"]
+        argv += ["--health-path", "/health", "--", sys.executable, program, "{port}"]
         if unprotected is None:
             command = [sys.executable, "-m", "herd", *argv]
         else:
@@ -455,3 +456,32 @@ def test_a_tenant_on_the_hosts_network_is_told_and_reported() -> None:
         )
     finally:
         gateway.stop()
+
+
+def test_a_program_right_in_tmp_does_not_open_the_hosts_tmp() -> None:
+    """The view binds a program's folder, but never a shared one such as /tmp:
+    a program at /tmp/x.py gets that file alone, and its /tmp stays private."""
+    import shutil
+    import uuid
+
+    name = uuid.uuid4().hex
+    program, secret = f"/tmp/hostile-{name}.py", Path(f"/tmp/secret-{name}.txt")
+    shutil.copy(HOSTILE, program)
+    secret.write_text("someone else's")
+    try:
+        gateway = Gateway(program=program)
+        try:
+            answer = gateway.run(
+                "a",
+                f"import os; print(os.path.exists({str(secret)!r}), sorted(os.listdir('/tmp')))"
+                "; open('/tmp/mine', 'w').write('x')",
+            )
+            assert answer["ok"], answer
+            seen, listing = answer["out"].split(" ", 1)
+            assert seen == "False"
+            assert secret.name not in listing
+        finally:
+            gateway.stop()
+    finally:
+        os.unlink(program)
+        secret.unlink()
