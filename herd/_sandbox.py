@@ -674,7 +674,7 @@ class Sandbox:
             for path in writable:
                 options += ["--rw", os.path.realpath(path)]
             own = [p for p in seen if os.path.isdir(p) and not _covered(p, _SYSTEM)]
-            for path in hidden_paths([p for p in own if p not in _interpreter_paths()]):
+            for path in hidden_paths(own):
                 options += ["--hide", path]
         home = (env if env is not None else os.environ).get("HOME")
         if self.user is not None and os.geteuid() == 0:
