@@ -3,6 +3,7 @@
     python bench/proxy.py                 # full run (1 GiB transfers), a few minutes
     python bench/proxy.py --quick         # 2 s load runs, 256 MiB transfers
     python bench/proxy.py --json out.json
+    python bench/proxy.py --isolation     # herd serve: tenant against process isolation
 
 Needs jupyter_server and jupyter-server-proxy 4.x (``pip install -e '.[bench]'``)
 and uses wrk for HTTP load when it is installed (Debian: ``apt-get install wrk``),
@@ -15,6 +16,17 @@ echo, streaming upload and download) serves all three paths:
 - herd: ``herd serve`` runs the backend as its worker, routed by ``X-Session-ID``;
 - jsp: ``jupyter server`` with jupyter-server-proxy, ``/proxy/<port>/`` to the
   backend, authenticated with a token header.
+
+``herd serve`` runs with ``--isolation process`` (workers on the host's network),
+as it did before tenant isolation became its default.
+
+``--isolation`` measures something else: what tenant isolation costs the
+gateway. Two ``herd serve`` run the same backend, one with ``--isolation
+tenant`` (each worker in a network namespace of its own, reached through
+sockets the gateway creates there with ``setns``), one with ``--isolation
+process`` (the host's network); rounds of HTTP load and WebSocket echoes
+alternate between them (in turn first and second), and the table has the
+medians over the rounds and their ratios.
 
 Loopback only; every run is bounded in time and every process is stopped.
 """
@@ -30,6 +42,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -293,6 +306,16 @@ def download(target: Target, size: int) -> tuple[float | None, int | None, str]:
 # -- the run ----------------------------------------------------------------------------
 
 
+def herd_serve(port: int, backend_py: str, isolation: str) -> list[str]:
+    """``herd serve`` with the backend as its worker, one session per client header."""
+    return [
+        *(sys.executable, "-m", "herd", "serve", "--port", str(port)),
+        *("--min", "1", "--max", "2", "--health-path", "/health"),
+        *("--isolation", isolation, "--log-level", "warning"),
+        *("--", sys.executable, backend_py, "{port}"),
+    ]
+
+
 def jsp_version() -> str:
     try:
         from importlib.metadata import version
@@ -306,6 +329,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs, 256 MiB transfers")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--isolation",
+        action="store_true",
+        help="herd serve --isolation tenant against --isolation process instead",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds per gateway with --isolation (5; quick 3)"
+    )
     args = parser.parse_args()
     seconds = 2.0 if args.quick else 5.0
     size = (256 if args.quick else 1024) << 20
@@ -314,6 +345,10 @@ def main() -> None:
     backend_py = os.path.join(workdir, "backend.py")
     with open(backend_py, "w") as f:
         f.write(BACKEND)
+    if args.isolation:
+        rounds = args.rounds or (3 if args.quick else 5)
+        compare_isolation(backend_py, seconds, rounds, args.json)
+        return
     backend_port, herd_port, jsp_port = free_port(), free_port(), free_port()
     results: dict[str, dict[str, object]] = {}
     use_wrk = shutil.which("wrk") is not None
@@ -321,30 +356,7 @@ def main() -> None:
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(running([sys.executable, backend_py, str(backend_port)]))
-        herd_proc = stack.enter_context(
-            running(
-                [
-                    sys.executable,
-                    "-m",
-                    "herd",
-                    "serve",
-                    "--port",
-                    str(herd_port),
-                    "--min",
-                    "1",
-                    "--max",
-                    "2",
-                    "--health-path",
-                    "/health",
-                    "--log-level",
-                    "warning",
-                    "--",
-                    sys.executable,
-                    backend_py,
-                    "{port}",
-                ]
-            )
-        )
+        herd_proc = stack.enter_context(running(herd_serve(herd_port, backend_py, "process")))
         targets = [
             Target("direct", f"http://127.0.0.1:{backend_port}", {}, None),
             Target(
@@ -397,6 +409,88 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+
+
+# -- tenant against process isolation --------------------------------------------------
+
+ISOLATIONS = ("tenant", "process")
+# key: (label, format)
+METRICS = {
+    "rps_c1": ("HTTP req/s, 1 conn", "{:.0f}"),
+    "p50_c1": ("HTTP p50 ms, 1 conn", "{:.3f}"),
+    "rps_c10": ("HTTP req/s, 10 conn", "{:.0f}"),
+    "p50_c10": ("HTTP p50 ms, 10 conn", "{:.2f}"),
+    "ws_64B": ("WebSocket echo round trips/s 64B", "{:.0f}"),
+}
+
+
+def one_round(target: Target, seconds: float, use_wrk: bool) -> dict[str, float]:
+    row: dict[str, float] = {}
+    for connections in (1, 10):
+        if use_wrk:
+            load = wrk(target, connections, seconds)
+        else:
+            load = asyncio.run(python_load(target, connections, seconds))
+        assert load.errors == 0, (target.name, load)
+        row[f"rps_c{connections}"] = load.rps
+        row[f"p50_c{connections}"] = load.p50_ms
+    row["ws_64B"] = asyncio.run(ws_round_trips(target, 64, seconds))
+    return row
+
+
+def compare_isolation(backend_py: str, seconds: float, rounds: int, json_path: str | None) -> None:
+    """Alternating rounds against two gateways that differ only in ``--isolation``."""
+    use_wrk = shutil.which("wrk") is not None
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in ISOLATIONS}
+    load = os.getloadavg()[0]
+    with contextlib.ExitStack() as stack:
+        targets = []
+        for isolation in ISOLATIONS:
+            port = free_port()
+            proc = stack.enter_context(running(herd_serve(port, backend_py, isolation)))
+            headers = {"X-Session-ID": "bench"}
+            targets.append(Target(isolation, f"http://127.0.0.1:{port}", headers, proc.pid))
+        for target in targets:
+            wait_http(target.base + "/", target.headers)
+            one_round(target, 1.0, use_wrk)  # warm up: the session's worker, connections
+        for n in range(rounds):
+            # Each gateway goes first in every other round: what a round does to
+            # the machine (caches, the CPU's clock) falls on both alike.
+            for target in targets if n % 2 == 0 else targets[::-1]:
+                samples[target.name].append(one_round(target, seconds, use_wrk))
+            print(f"  round {n + 1}/{rounds}", file=sys.stderr, flush=True)
+    print_isolation(samples, rounds, seconds, use_wrk, load)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(samples, f, indent=2)
+
+
+def print_isolation(
+    samples: dict[str, list[dict[str, float]]],
+    rounds: int,
+    seconds: float,
+    use_wrk: bool,
+    load: float,
+) -> None:
+    tool = "wrk" if use_wrk else "python load generator"
+    print(
+        f"herd serve: --isolation tenant against process ({tool}; {rounds} alternating rounds "
+        f"of {seconds:g} s; medians; {os.cpu_count()} cores)"
+    )
+    print(f"load average at the start: {load:.2f}, at the end: {os.getloadavg()[0]:.2f}")
+    header = ["tenant", "process", "tenant/process", "per round"]
+    print(f"{'':34}" + "".join(f"{h:>16}" for h in header))
+    tenant, process = samples["tenant"], samples["process"]
+    for key, (label, form) in METRICS.items():
+        medians = [statistics.median(row[key] for row in rows) for rows in (tenant, process)]
+        ratios = [t[key] / p[key] for t, p in zip(tenant, process, strict=True)]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        cells = [form.format(m) for m in medians] + [f"{medians[0] / medians[1]:.2f}", spread]
+        print(f"{label:34}" + "".join(f"{c:>16}" for c in cells))
+    print(
+        "\n(per round: the lowest and highest tenant/process ratio of one round, "
+        "both measured back to back)"
+    )
 
 
 def print_table(results: dict[str, dict[str, object]], size: int, use_wrk: bool) -> None:

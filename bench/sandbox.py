@@ -3,10 +3,12 @@
     python bench/sandbox.py            # 40 spawns per mode
     python bench/sandbox.py --quick    # 10
 
-Two measurements per mode, interleaved so that machine noise hits all alike:
+Two measurements per mode, interleaved (in a new order every round) so that
+machine noise hits all alike:
 
 - ``spawn``: ``ProcessFactory.spawn()`` of a tiny HTTP worker until it is healthy
-  (Python's own start-up dominates this; the differences are what count);
+  (Python's own start-up dominates this; the differences are what count, in
+  steps: from about 70 ms the health polls are 38 ms apart);
 - ``launch``: fork + exec of ``/bin/true`` through herd's launcher (namespaces,
   herd's init, parent-death signal, joining the cgroups) until it exits: the
   bare overhead, as wall time and as the CPU time of the whole process tree
@@ -16,7 +18,12 @@ Two measurements per mode, interleaved so that machine noise hits all alike:
 Modes: no sandbox (``sandbox=False``); namespaces without herd's init (the
 launcher before the init: the worker is PID 1 of its namespace); namespaces
 (``sandbox=True``: the init is PID 1); namespaces plus cgroup limits
-(``cpu_limit``, ``memory_limit``, ``pids_limit``). A bare start of the
+(``cpu_limit``, ``memory_limit``, ``pids_limit``); then tenant isolation
+(``isolation="tenant"``: a filesystem view built by the init, no capabilities,
+a network namespace of its own), without and with the limits, and once more
+without its network namespace (the same launch less ``unshare --net --ipc
+--uts`` and the init's ``--loopback``: the worker on the host's network), so
+that the view and the network namespace are priced apart. A bare start of the
 init's interpreter (``python -I -S -c pass``) in a namespace is timed alongside:
 the floor of what an init in Python can cost.
 
@@ -31,12 +38,14 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import random
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import psutil
 
@@ -56,12 +65,19 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 
 LIMITS = {"cpu_limit": 1.0, "memory_limit": 256 << 20, "pids_limit": 64}
 NO_INIT = "namespaces, no init"
+HOST_NETWORK = "tenant, host network"
+TENANT = {"sandbox": True, "isolation": "tenant"}
 MODES = {
     "no sandbox": {"sandbox": False},
     NO_INIT: {"sandbox": True},
     "namespaces": {"sandbox": True},
     "namespaces + cgroups": {"sandbox": True, **LIMITS},
+    HOST_NETWORK: TENANT,
+    "tenant": TENANT,
+    "tenant + cgroups": {**TENANT, **LIMITS},
 }
+# What unshare and the init do for a tenant's network namespace, dropped for HOST_NETWORK.
+NETWORK_OPTIONS = ("--net", "--ipc", "--uts", "--loopback")
 PYTHON_FLOOR = [sys.executable, "-I", "-S", "-c", "pass"]
 
 
@@ -74,10 +90,25 @@ def without_init(spawner: herd.ProcessFactory) -> herd.ProcessFactory:
     init = init_command()
     launch = spawner._sandbox.launch
 
-    async def without(name: str, env: Mapping[str, str] | None = None) -> Launch:
-        plan = await launch(name, env)
+    async def without(name: str, env: Mapping[str, str] | None = None, **kw: Any) -> Launch:
+        plan = await launch(name, env, **kw)
         assert plan.prefix[-len(init) :] == init, plan.prefix
         return dataclasses.replace(plan, prefix=plan.prefix[: -len(init)])
+
+    spawner._sandbox.launch = without  # type: ignore[method-assign]
+    return spawner
+
+
+def without_network(spawner: herd.ProcessFactory) -> herd.ProcessFactory:
+    """A tenant's launch on the host's network: no network, IPC and UTS
+    namespaces, no loopback to bring up; the view and the rest as they are."""
+    launch = spawner._sandbox.launch
+
+    async def without(name: str, env: Mapping[str, str] | None = None, **kw: Any) -> Launch:
+        plan = await launch(name, env, **kw)
+        assert plan.own_network, plan  # else this mode would measure nothing
+        prefix = tuple(arg for arg in plan.prefix if arg not in NETWORK_OPTIONS)
+        return dataclasses.replace(plan, prefix=prefix, own_network=False)
 
     spawner._sandbox.launch = without  # type: ignore[method-assign]
     return spawner
@@ -145,6 +176,7 @@ Row = dict[str, float]
 async def run(reps: int) -> tuple[dict[str, Row], Row, Row]:
     spawners = {name: factory(options) for name, options in MODES.items()}
     without_init(spawners[NO_INIT])
+    without_network(spawners[HOST_NETWORK])
     kinds = ("spawn", "launch", "cpu")
     samples = {n: {k: list[float]() for k in kinds} for n in MODES}
     floor: dict[str, list[float]] = {"launch": [], "cpu": []}
@@ -152,8 +184,14 @@ async def run(reps: int) -> tuple[dict[str, Row], Row, Row]:
         await spawn_ms(spawner)
         await launch_ms(spawner)
     await floor_ms(spawners[NO_INIT])
+    order = list(spawners)
+    shuffle = random.Random(0).shuffle
     for _ in range(reps):
-        for name, spawner in spawners.items():
+        # A new order every round: what a mode leaves the kernel to finish (a
+        # cgroup to take down, a network namespace to free) falls on any mode.
+        shuffle(order)
+        for name in order:
+            spawner = spawners[name]
             samples[name]["spawn"].append(await spawn_ms(spawner))
             wall, cpu = await launch_ms(spawner)
             samples[name]["launch"].append(wall)
@@ -197,6 +235,16 @@ def main() -> None:
         f"to a spawn; CPU {added['cpu']:+.2f} ms = Python's start {python:.2f} + its own work "
         f"{own:.2f};\nper worker RSS {memory['rss']:.1f} MiB, PSS {memory['pss']:.1f} MiB, "
         f"USS {memory['uss']:.1f} MiB (PID 1 and its fork)"
+    )
+    kinds = ("launch", "spawn", "cpu")
+    view = {k: results[HOST_NETWORK][k] - with_init[k] for k in kinds}
+    network = {k: results["tenant"][k] - results[HOST_NETWORK][k] for k in kinds}
+    print(
+        f"tenant: the view (with no capabilities, /proc and /sys hardened) adds "
+        f"{view['launch']:+.2f} ms to a launch, {view['spawn']:+.2f} ms to a spawn, "
+        f"CPU {view['cpu']:+.2f} ms;\n        the network namespace adds "
+        f"{network['launch']:+.2f} ms to a launch, {network['spawn']:+.2f} ms to a spawn, "
+        f"CPU {network['cpu']:+.2f} ms"
     )
     extra = results["namespaces + cgroups"]["launch"] - base["launch"] - added["launch"]
     verdict = "ok" if extra <= 5 else "MISS"
