@@ -461,7 +461,8 @@ class ExecuteSessions:
             if self._pinned(session_id) is None:
                 self._cells.pop(session_id, None)
             elif self.ttl and now - cells.last_used >= self.ttl:
-                log.info("herd: session %s unused for %gs: ending it", session_id, self.ttl)
+                tag = herd.session_tag(session_id)
+                log.info("herd: session %s unused for %gs: ending it", tag, self.ttl)
                 await self.end(session_id)
                 ended.append(session_id)
         return ended
@@ -552,7 +553,9 @@ class ExecuteHandler(_ExecuteBase):
         elif (error := job.exception()) is not None:
             if not self._streaming:
                 raise error
-            log.error("herd: execute in session %s failed", session_id, exc_info=error)
+            log.error(
+                "herd: execute in session %s failed", herd.session_tag(session_id), exc_info=error
+            )
             self.emit(_done("error", None, f"herd: {error!r}"))
         self.finish(set_content_type="application/x-ndjson")
 
