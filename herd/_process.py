@@ -410,6 +410,9 @@ class ProcessWorker:
 
 
 _PORT_RACE_RETRIES = 2
+# Start-up probes: the longest pause between two, while the start is younger than
+# _PROBE_YOUNG seconds, and after.
+_PROBE_YOUNG, _PROBE_PAUSE_YOUNG, _PROBE_PAUSE_MAX = 2.0, 0.02, 0.1
 
 
 class _PortTaken(SpawnError):
@@ -696,6 +699,7 @@ class ProcessFactory:
         if self.start_health_check_delay:
             await asyncio.wait([exited], timeout=self.start_health_check_delay)
         pause = 0.005
+        started = loop.time()
         last: int | None = None
         while not exited.done():
             remaining = deadline - loop.time()
@@ -718,7 +722,11 @@ class ProcessFactory:
             if last is not None and 200 <= last < 300:
                 return
             await asyncio.wait([exited], timeout=min(pause, max(deadline - loop.time(), 0)))
-            pause = min(pause * 1.5, 0.1)
+            # Every 20 ms at most while a start is young (most workers are up
+            # within a second or two: a longer pause is latency added to a
+            # session's first request), then every 100 ms at most.
+            young = loop.time() - started < _PROBE_YOUNG
+            pause = min(pause * 1.5, _PROBE_PAUSE_YOUNG if young else _PROBE_PAUSE_MAX)
         raise SpawnError(
             f"worker {worker.id} {exited.result()} during start-up",
             command=worker.command,
