@@ -22,17 +22,20 @@ or once the worker has closed its end (:class:`UpstreamPool`). Tornado's
 own HTTP client opens a connection per request, so the upstream side drives
 :class:`tornado.http1connection.HTTP1Connection` in client mode directly.
 
-A WebSocket is a tunnel: the client's handshake goes to the worker as it is,
-the worker's answer (its accept value, its choice of subprotocol) comes back as
-it is, and from then on two asyncio protocols pass frames as bytes both ways,
-with pause/resume backpressure; a header-only frame meter enforces the message
-size (1009) and notices a worker that vanishes without a close frame (1011).
+A WebSocket is a tunnel: the client's handshake goes to the worker as it is
+(but what :meth:`ProxyHandler.forward_headers` and ``forward_uri`` take out), the
+worker's answer (its accept value, its choice of subprotocol) comes back as it is
+(plus the handler's default headers, if it sets any), and from then on two
+asyncio protocols pass frames as bytes both ways, with pause/resume
+backpressure; a header-only frame meter enforces the message size (1009) and
+notices a worker that vanishes without a close frame (1011).
 
 Errors are JSON bodies ``{"error": ..., "message": ...}``: no key or an invalid
 session ID → 400; a body whose length is ambiguous (two ``Content-Length``
 values, ``+3``, ``Content-Length`` with ``Transfer-Encoding``) or a WebSocket
-upgrade on a method other than GET → 400, before any worker is involved; body too
-large → 413; a request head over the server's ``max_header_size`` → 431 (with
+upgrade on a method other than GET → 400, before any worker is involved (and a
+WebSocket handshake that :meth:`ProxyHandler.check_websocket_origin` refuses → 403);
+body too large → 413; a request head over the server's ``max_header_size`` → 431 (with
 :class:`ProxyServer`); pool exhausted → 503 with ``Retry-After``; worker dead,
 refused or not starting → 502 (a refused connection sends the worker through the
 pool's crash path at once); no response head within ``upstream_timeout`` → 504.
@@ -678,7 +681,22 @@ class ProxyHandler(RequestHandler):
     Mount it with a :class:`ProxySettings` (or its fields as keyword arguments)::
 
         (r"/(.*)", ProxyHandler, {"settings": ProxySettings(pool=pool)})
+
+    Hooks for a subclass that puts the proxy behind an application's own login
+    (herd_nb's ``HerdProxyHandler`` uses them to apply Jupyter's rules); each is
+    called on the loop thread, once per request, and does nothing by default:
+
+    - :meth:`set_default_headers` (Tornado's): headers every answer carries, the
+      JSON errors and the worker's responses alike (see :meth:`clear`);
+    - :meth:`check_websocket_origin`: whether a WebSocket handshake may go on;
+    - :meth:`forward_headers` and :meth:`forward_uri`: what of the client's
+      request the worker gets (say, minus the application's own credentials).
     """
+
+    #: Default headers (from :meth:`set_default_headers`) that a worker's header of
+    #: the same name does not replace but goes alongside: a browser enforces every
+    #: Content-Security-Policy it receives, so neither policy can loosen the other.
+    ADDITIVE_DEFAULT_HEADERS = frozenset({"Content-Security-Policy"})
 
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 
@@ -718,6 +736,8 @@ class ProxyHandler(RequestHandler):
                         "bad_upgrade",
                         f"a WebSocket handshake is a GET, not {self.request.method}",
                     )
+                if not self.check_websocket_origin():
+                    raise _Failure(403, "cross_origin", "Cross origin websockets not allowed")
                 self._websocket = True
                 return
             self._check_framing()
@@ -745,7 +765,38 @@ class ProxyHandler(RequestHandler):
             validate_session_id(route.session_id)
         except InvalidSessionIdError as exc:
             raise _Failure(400, "invalid_session", str(exc)) from None
-        return route
+        forward = self.forward_uri(route.uri)
+        return route if forward == route.uri else dataclasses.replace(route, uri=forward)
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def check_websocket_origin(self) -> bool:
+        """Whether this WebSocket handshake may go on to a worker.
+
+        Called by :meth:`prepare` for every WebSocket upgrade (after the session key
+        is found, before a worker is acquired); ``False`` answers 403
+        ``cross_origin``. Browsers let any page open a WebSocket to any site, with
+        that site's cookies, so a subclass whose users log in with a cookie must
+        check ``Origin`` here, as Tornado's ``WebSocketHandler.check_origin`` does.
+        The default lets every handshake through: the proxy itself has no login.
+        """
+        return True
+
+    def forward_headers(self, headers: httputil.HTTPHeaders) -> None:
+        """Edit, in place, the request headers about to go to the worker.
+
+        Called for every proxied request and every WebSocket handshake, with a copy
+        of the client's end-to-end headers and herd's ``X-Forwarded-*`` already
+        added. The default forwards them all.
+        """
+
+    def forward_uri(self, uri: str) -> str:
+        """The path and query string to ask the worker for, given the client's.
+
+        Called once per request, when its :class:`Route` is found (the log lines
+        show what it returns). The default forwards ``uri`` as it is.
+        """
+        return uri
 
     def _check_framing(self) -> None:
         """Refuse a body whose length a proxy would have to guess; check the size limit.
@@ -838,6 +889,7 @@ class ProxyHandler(RequestHandler):
     def _request_headers(self) -> httputil.HTTPHeaders:
         headers = _end_to_end(self.request.headers)
         self._add_forwarded(headers, self.request.protocol)
+        self.forward_headers(headers)
         if self._chunked_upstream:
             headers["Transfer-Encoding"] = "chunked"
         return headers
@@ -954,9 +1006,34 @@ class ProxyHandler(RequestHandler):
         location = headers.get("Location")
         if location is not None:
             headers["Location"] = self._rewrite_location(location)
+        self._merge_default_headers(headers)
         # The worker's headers as they are (Tornado parsed and validated them), in
-        # place of the handler's defaults (Server, Content-Type, Date).
+        # place of Tornado's own (Server, Content-Type, Date).
         self._headers = headers
+
+    def _merge_default_headers(self, headers: httputil.HTTPHeaders) -> None:
+        """Put :meth:`set_default_headers`'s headers into a worker's answer."""
+        defaults = self._default_headers
+        if not defaults:
+            return
+        # The handler's defaults (a host application's security headers) win over
+        # the worker's, as they would on the host's own pages.
+        for name in defaults:
+            if name in headers and name not in self.ADDITIVE_DEFAULT_HEADERS:
+                del headers[name]
+        for name, value in defaults.get_all():
+            headers.add(name, value)
+
+    def _handshake_answer(self, head: bytes) -> bytes:
+        """The worker's answer to a WebSocket handshake, for the client: as it is,
+        but with :meth:`set_default_headers`'s headers, as on any other answer."""
+        if not self._default_headers:
+            return head
+        status, _, fields = head.decode("latin-1").partition("\r\n")
+        headers = httputil.HTTPHeaders.parse(fields)
+        self._merge_default_headers(headers)
+        lines = [status, *(f"{name}: {value}" for name, value in headers.get_all())]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _rewrite_location(self, location: str) -> str:
         assert self.route is not None
@@ -975,13 +1052,22 @@ class ProxyHandler(RequestHandler):
         return self.flush()
 
     def clear(self) -> None:
-        # Tornado's version formats Date/Server/Content-Type defaults on every
-        # request; a proxied response replaces them with the worker's headers, and
-        # the JSON errors set their own.
+        """Reset the answer: no headers but :meth:`set_default_headers`'s.
+
+        Tornado's version formats Date/Server/Content-Type defaults on every
+        request; a proxied response replaces them with the worker's headers, and
+        the JSON errors set their own. What :meth:`set_default_headers` sets (by
+        default: nothing) is kept for both: the JSON errors start from it (they
+        call this), and a worker's response gets it over its own headers, each
+        replacing the worker's header of that name (but those in
+        :attr:`ADDITIVE_DEFAULT_HEADERS`, added alongside).
+        """
         self._headers = httputil.HTTPHeaders()
         self._write_buffer: list[bytes] = []
         self._status_code = 200
         self._reason = "OK"
+        self.set_default_headers()
+        self._default_headers = self._headers.copy() if self._headers else None
 
     def compute_etag(self) -> str | None:
         return None  # the worker's response is passed through as it is
@@ -1039,6 +1125,13 @@ class ProxyHandler(RequestHandler):
                 "websocket_refused",
                 f"worker answered the WebSocket handshake with HTTP {status}",
             )
+        try:
+            answer = self._handshake_answer(head)
+        except httputil.HTTPInputError:
+            worker_side.close()
+            raise _Failure(
+                502, "bad_handshake", "worker sent a malformed handshake answer"
+            ) from None
         client_side = _Pipe(_FrameMeter(self.settings_.max_message_size))
         started = time.monotonic()
         sock: socket.socket | None = None  # the client's, until a transport owns it
@@ -1065,7 +1158,7 @@ class ProxyHandler(RequestHandler):
                 session_tag(route.session_id),
                 self.session.worker.id,
             )
-            client_side.send(head + worker_side.take_early_bytes())
+            client_side.send(answer + worker_side.take_early_bytes())
             worker_side.send(client_side.take_early_bytes())  # none, from a client that waits
             await asyncio.wait(
                 [client_side.done, worker_side.done], return_when=asyncio.FIRST_COMPLETED
@@ -1110,6 +1203,7 @@ class ProxyHandler(RequestHandler):
         headers["Connection"] = "Upgrade"
         headers["Upgrade"] = self.request.headers.get("Upgrade", "websocket")
         self._add_forwarded(headers, "wss" if self.request.protocol == "https" else "ws")
+        self.forward_headers(headers)
         lines = [f"GET {route.uri} HTTP/1.1"]
         lines += [f"{name}: {value}" for name, value in headers.get_all()]
         worker_side.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))

@@ -11,7 +11,10 @@
   see :class:`ExecuteHandler`);
 - ``proxy/...``: the process pool behind :class:`herd.proxy.ProxyHandler`, HTTP and
   WebSocket, after Jupyter's authentication (a WebSocket upgrade is a GET, so it
-  passes the same check before anything reaches a worker).
+  passes the same check before anything reaches a worker), with Jupyter's
+  ``Origin`` check on WebSocket upgrades and its security headers on every
+  answer; the worker never sees the server's token or login cookie (see
+  :class:`HerdProxyHandler`).
 
 Unsafe methods (POST, DELETE) pass Jupyter's XSRF check, as its own API does:
 token authentication (``Authorization: token ...``) needs nothing more; a
@@ -40,11 +43,13 @@ import dataclasses
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
-from tornado import web
+from jupyter_server.base.websocket import WebSocketMixin
+from tornado import httputil, web
 
 import herd
 from herd.proxy import ProxyHandler, ProxySettings
@@ -68,6 +73,20 @@ log = logging.getLogger("herd_nb")
 
 # Seconds a kernel client restarted for a session may take to hear from the kernel.
 _CLIENT_READY = 10.0
+
+# The proxy route's protections (HerdProxyHandler). Always on, but for the tests
+# that show what a page or a worker could do without each one.
+#: Refuse a WebSocket upgrade from another site, as Jupyter's own WebSockets do.
+CHECK_ORIGIN = True
+#: Jupyter's security headers (CSP, ``X-Content-Type-Options``, ``headers``) on
+#: every answer of the route.
+SECURITY_HEADERS = True
+#: Keep the server's token, login cookie and XSRF token from the workers.
+STRIP_CREDENTIALS = True
+
+# Where Jupyter (and Tornado's XSRF check) read credentials from a request.
+_CREDENTIAL_HEADERS = ("Authorization", "X-XSRFToken", "X-CSRFToken")
+_CREDENTIAL_QUERY = frozenset({"token", "_xsrf"})
 
 
 class _PoolsHandler(APIHandler):
@@ -625,7 +644,25 @@ class InputHandler(_ExecuteBase):
 
 @web.stream_request_body
 class HerdProxyHandler(JupyterHandler, ProxyHandler):
-    """:class:`herd.proxy.ProxyHandler` behind Jupyter's authentication and XSRF check."""
+    """:class:`herd.proxy.ProxyHandler` behind Jupyter's authentication and XSRF check.
+
+    The workers are served from the Jupyter server's own origin, so the route
+    keeps Jupyter's rules for its own pages and sockets:
+
+    - a WebSocket upgrade passes Jupyter's ``Origin`` check
+      (:meth:`check_websocket_origin`): another site's page cannot open one with
+      the user's cookie; ``ServerApp.allow_origin`` / ``allow_origin_pat`` are
+      honoured, and a token-authenticated upgrade is not checked, as on
+      Jupyter's kernel WebSocket;
+    - every answer carries Jupyter's security headers (``Content-Security-Policy``
+      with ``frame-ancestors``, ``X-Content-Type-Options: nosniff``, and
+      ``tornado_settings["headers"]``): herd's JSON errors, and the worker's
+      responses, whose own headers pass but do not replace these (a worker's
+      CSP goes alongside Jupyter's);
+    - the worker gets no credential of the server (:meth:`forward_headers`,
+      :meth:`forward_uri`): not the token, nor the login cookie, nor the XSRF
+      token. Its other headers, cookies and query parameters pass.
+    """
 
     def initialize(self, settings: ProxySettings | None = None, **fields: Any) -> None:
         ProxyHandler.initialize(self, settings, **fields)
@@ -641,3 +678,84 @@ class HerdProxyHandler(JupyterHandler, ProxyHandler):
     def on_finish(self) -> None:
         ProxyHandler.on_finish(self)
         JupyterHandler.on_finish(self)
+
+    def set_default_headers(self) -> None:
+        """Jupyter's headers for its own pages; :meth:`ProxyHandler.clear` keeps them
+        on herd's JSON errors and over the worker's responses."""
+        if SECURITY_HEADERS:
+            JupyterHandler.set_default_headers(self)
+
+    def check_websocket_origin(self) -> bool:
+        """Jupyter's check for its own WebSockets (the kernel's, say): Tornado's
+        ``WebSocketHandler`` algorithm with :meth:`WebSocketMixin.check_origin
+        <jupyter_server.base.websocket.WebSocketMixin.check_origin>`.
+
+        Allowed: no ``Origin`` (not a browser), an ``Origin`` whose host is the
+        ``Host``, one that ``ServerApp.allow_origin`` (or ``allow_origin_pat``)
+        allows, any with ``allow_origin = "*"``, and token-authenticated requests
+        (Jupyter's identity provider skips the check for them); with Tornado 6.6 or
+        later, also what the browser itself calls same-origin (``Sec-Fetch-Site``).
+        Runs after :meth:`prepare` authenticated the user, which the identity
+        provider needs.
+        """
+        if not CHECK_ORIGIN:
+            return True
+
+        def allowed(origin: str) -> bool:
+            # Called unbound: it reads only what JupyterHandler has (settings,
+            # request, skip_check_origin, log), and it is Jupyter's rule verbatim.
+            return bool(WebSocketMixin.check_origin(self, origin))
+
+        cross_origin = getattr(self, "_check_cross_origin", None)
+        if cross_origin is not None:  # Tornado >= 6.6: what WebSocketHandler.get calls
+            return cross_origin(allowed) is None
+        origin = self.request.headers.get("Origin")  # earlier Tornado's WebSocketHandler.get
+        if origin is None:
+            origin = self.request.headers.get("Sec-Websocket-Origin")
+        return origin is None or allowed(origin)
+
+    def forward_headers(self, headers: httputil.HTTPHeaders) -> None:
+        """Remove the server's credentials: ``Authorization`` (where Jupyter reads
+        its token), the XSRF token headers, and the login and ``_xsrf`` cookies
+        from ``Cookie`` (the other cookies pass, in their order)."""
+        if not STRIP_CREDENTIALS:
+            return
+        for name in _CREDENTIAL_HEADERS:
+            if name in headers:
+                del headers[name]
+        if "Cookie" not in headers:
+            return
+        secret = {
+            self.identity_provider.get_cookie_name(self),
+            self.settings.get("xsrf_cookie_name", "_xsrf"),
+        }
+        kept = [
+            crumb.strip()
+            for value in headers.get_list("Cookie")
+            for crumb in value.split(";")
+            if crumb.strip() and crumb.partition("=")[0].strip() not in secret
+        ]
+        del headers["Cookie"]
+        if kept:
+            headers["Cookie"] = "; ".join(kept)
+
+    def forward_uri(self, uri: str) -> str:
+        """``uri`` without the ``token`` and ``_xsrf`` query parameters (Jupyter
+        reads its token from the first, Tornado its XSRF token from the second);
+        the others pass as they are, in their order."""
+        if not STRIP_CREDENTIALS:
+            return uri
+        path, sep, query = uri.partition("?")
+        if not sep:
+            return uri
+        params = query.split("&")
+        # Names decoded as Tornado decodes them (so "%74oken" is "token" too).
+        kept = [
+            param
+            for param in params
+            if urllib.parse.unquote_plus(param.partition("=")[0], encoding="latin-1")
+            not in _CREDENTIAL_QUERY
+        ]
+        if len(kept) == len(params):
+            return uri
+        return path + ("?" + "&".join(kept) if kept else "")

@@ -5,6 +5,7 @@ Usage: python web_worker.py PORT
 Routes:
   /health                    200
   /echo...                   JSON: method, uri, path, query, headers, body length (any method)
+  /answer-with?NAME=VALUE... GET: answers with those response headers (added to Tornado's)
   /upload                    streaming POST/PUT: JSON with byte count and sha256
   /download/N                N bytes of a repeating pattern, streamed in 64 KiB chunks
   /sse/N                     N server-sent events, 0.2 s apart
@@ -16,6 +17,8 @@ Routes:
   /last-close                the close code and reason of the last WebSocket
   /ws                        WebSocket echo; "close:CODE:REASON" closes with that code;
                              prefers subprotocol "herd.v2" over "herd.v1"; binary echoed as binary
+  /ws-request                WebSocket whose first message is its handshake: JSON uri, query,
+                             headers; any Origin accepted
 """
 
 from __future__ import annotations
@@ -147,6 +150,27 @@ class Socket(tornado.websocket.WebSocketHandler):
         last_close.update(code=self.close_code, reason=self.close_reason)
 
 
+class AnswerWith(tornado.web.RequestHandler):
+    def get(self) -> None:
+        for name, values in self.request.query_arguments.items():
+            for value in values:
+                self.add_header(name, value.decode())
+        self.write({"ok": True})
+
+
+class RequestSocket(tornado.websocket.WebSocketHandler):
+    def check_origin(self, origin: str) -> bool:
+        return True  # leaves Origin to the gateway in front, as many workers do
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        request = {
+            "uri": self.request.uri,
+            "query": self.request.query,
+            "headers": dict(self.request.headers.get_all()),
+        }
+        self.write_message(json.dumps(request))
+
+
 class LastClose(tornado.web.RequestHandler):
     def get(self) -> None:
         self.write(dict(last_close))
@@ -166,6 +190,8 @@ async def main() -> None:
             (r"/exit/(\d+)", Exit),
             (r"/state", State),
             (r"/ws", Socket),
+            (r"/ws-request", RequestSocket),
+            (r"/answer-with", AnswerWith),
             (r"/last-close", LastClose),
             (r"/echo.*", Echo),
         ],
