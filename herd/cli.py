@@ -207,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="session ID from this header (default X-Session-ID)",
     )
     key.add_argument("--session-cookie", metavar="NAME", help="session ID from this cookie")
+    net.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="with --session-cookie, a site whose pages may open WebSockets here besides "
+        "the gateway's own (e.g. https://app.example.com); repeatable",
+    )
     key.add_argument("--session-query", metavar="NAME", help="session ID from this query parameter")
     key.add_argument(
         "--session-path",
@@ -449,15 +457,46 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     )
 
 
+class SameOriginProxyHandler(ProxyHandler):
+    """The proxy for a gateway that finds sessions by cookie: a browser sends a
+    site's cookies with a WebSocket handshake that any other site's page opens,
+    so such a handshake must come from a page of the gateway's own origin (as
+    Tornado's ``WebSocketHandler.check_origin`` requires), or from one of
+    ``allowed_origins``. A handshake with no ``Origin`` (not a browser) goes on."""
+
+    allowed_origins: frozenset[str] = frozenset()
+
+    def check_websocket_origin(self) -> bool:
+        origin = self.request.headers.get("Origin")
+        if origin is None or origin.lower() in self.allowed_origins:
+            return True
+        host = self.request.headers.get("Host", "")
+        return urllib.parse.urlparse(origin).netloc.lower() == host.lower()
+
+
 def make_app(
-    pool: Pool[Any], settings: ProxySettings, stats_path: str, admin_token: str | None = None
+    pool: Pool[Any],
+    settings: ProxySettings,
+    stats_path: str,
+    admin_token: str | None = None,
+    *,
+    same_origin: bool = False,
+    allowed_origins: Sequence[str] = (),
 ) -> tornado.web.Application:
-    """The gateway's Tornado application: stats route (if any), then the proxy."""
+    """The gateway's Tornado application: stats route (if any), then the proxy.
+
+    :param same_origin: refuse WebSocket handshakes from other sites' pages (for
+        sessions found by cookie), but from ``allowed_origins``.
+    """
     routes: list[Any] = []
     if stats_path:
         options = {"pool": pool, "admin_token": admin_token}
         routes.append((re.escape(stats_path), StatsHandler, options))
-    routes.append((r"/.*", ProxyHandler, {"settings": settings}))
+    handler: type[ProxyHandler] = ProxyHandler
+    if same_origin:
+        allowed = frozenset(origin.lower().rstrip("/") for origin in allowed_origins)
+        handler = type("SameOrigin", (SameOriginProxyHandler,), {"allowed_origins": allowed})
+    routes.append((r"/.*", handler, {"settings": settings}))
     return tornado.web.Application(
         routes, log_function=_log_request, websocket_max_message_size=settings.max_message_size
     )
@@ -605,6 +644,8 @@ async def serve(args: argparse.Namespace) -> int:
                 settings,
                 args.stats_path,
                 args.admin_token or os.environ.get("HERD_ADMIN_TOKEN") or None,
+                same_origin=bool(args.session_cookie),
+                allowed_origins=args.allow_origin,
             ),
             max_connections=max_connections,
             tunnels=settings.tunnels,

@@ -845,14 +845,22 @@ class ProxyHandler(RequestHandler):
             for nobody), so the answer says ``Connection: close``.
         """
         self._failed = True
-        log.debug(
-            "%s %s -> %d %s (session %s)",
-            self.request.method,
-            self.request.uri,
-            failure.status,
-            failure.message,
-            self.route.session_id if self.route else "-",
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            # What the worker would be asked for (no credentials the handler
+            # strips), and the session's tag, never its ID.
+            route = self.route
+            tag = session_tag(route.session_id) if route else "-"
+            message = failure.message
+            if route and route.session_id:
+                message = message.replace(route.session_id, tag)
+            log.debug(
+                "%s %s -> %d %s (session %s)",
+                self.request.method,
+                route.uri if route else "-",
+                failure.status,
+                message,
+                tag,
+            )
         if self._response is not None and self._response.started:
             # The head is already out: all we can do is cut the response short.
             self._abort()

@@ -610,3 +610,52 @@ def test_a_head_that_trickles_in_is_cut_off_after_the_idle_connection_timeout(
             rest = b""
     assert rest == b""  # closed
     assert 0.9 < time.monotonic() - started < 5
+
+
+def websocket_handshake(port: int, origin: str | None, cookie: str) -> bytes:
+    """Send a browser's WebSocket handshake with ``cookie``; the answer's head."""
+    lines = [
+        "GET /ws-request HTTP/1.1",  # a worker that leaves Origin to the gateway
+        f"Host: 127.0.0.1:{port}",
+        f"Cookie: {cookie}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    return head.split(b"\r\n\r\n", 1)[0]
+
+
+def test_a_cookie_routed_gateway_refuses_cross_site_websockets(serve: type[Serve]) -> None:
+    """A page of another site can open a WebSocket to the gateway, and the browser
+    sends the gateway's cookies with it: with sessions found by cookie, that page
+    would drive the victim's session (cross-site WebSocket hijacking)."""
+    server = serve("--min", "1", "--session-cookie", "sid", "--allow-origin", "https://app.example")
+    server.wait_ready()
+    port, cookie = server.port, "sid=victim-3f9c2b7e"
+    refused = websocket_handshake(port, "http://evil.example", cookie)
+    assert refused.startswith(b"HTTP/1.1 403"), refused
+    for origin in (f"http://127.0.0.1:{port}", "https://app.example", None):
+        accepted = websocket_handshake(port, origin, cookie)
+        assert accepted.startswith(b"HTTP/1.1 101"), (origin, accepted)
+    assert server.stop() == 0
+
+
+def test_without_the_origin_check_a_cross_site_page_drives_the_session(serve: type[Serve]) -> None:
+    """The attack the check stops: let the evil site's origin in, and its page's
+    handshake, with the victim's cookie, reaches the victim's worker."""
+    server = serve("--min", "1", "--session-cookie", "sid", "--allow-origin", "http://evil.example")
+    server.wait_ready()
+    hijacked = websocket_handshake(server.port, "http://evil.example", "sid=victim-3f9c2b7e")
+    assert hijacked.startswith(b"HTTP/1.1 101"), hijacked
+    assert server.stop() == 0
