@@ -34,9 +34,18 @@ As root the namespace also gets a mount namespace with its own ``/proc``, so a
 worker cannot see other workers' processes. Without root the namespaces come
 from an unprivileged user namespace where the kernel allows it.
 
-The detected level is ``full`` (PID + mount namespaces), ``partial`` (a PID
-namespace through a user namespace) or ``none`` (process group and parent-death
-signal only), each with the reason; :func:`detect` caches it per process.
+Before the worker starts, the init applies :mod:`herd._isolate`: with limits
+(and always for tenants) ``/sys`` and the cgroups read-only and a container's
+capabilities, so the limits cannot be undone; with ``isolation="tenant"`` a
+filesystem view of its own, no capabilities and ``no_new_privs``, and (from
+``unshare --net``) a network of its own that the pool reaches through
+:mod:`herd._netns`.
+
+The detected level is ``full`` (everything the isolation asks for),
+``partial`` (some of it: a PID namespace through a user namespace, a network
+not isolated, a user not applied) or ``none`` (process group and parent-death
+signal only), each with the reason; :func:`detect` caches the namespaces per
+process.
 """
 
 from __future__ import annotations
