@@ -70,6 +70,7 @@ class NetNamespace:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._fd: int | None = None
+        self._closed = False  # for good: the PID may belong to another process now
         self._lock = threading.Lock()
 
     def ready(self) -> bool:
@@ -77,6 +78,8 @@ class NetNamespace:
         held open: it outlives the process, for connections still open to it)."""
         if self._fd is not None:
             return True
+        if self._closed:
+            return False
         path = f"/proc/{self.pid}/ns/net"
         own = _inode("/proc/self/ns/net")
         if _inode(path) in (None, own):
@@ -115,7 +118,10 @@ class NetNamespace:
                     os.abort()
 
     def close(self) -> None:
-        """Let go of the namespace (the kernel frees it with its last user)."""
+        """Let go of the namespace (the kernel frees it with its last user), for
+        good: once the process is reaped its PID may name another process, in
+        another worker's namespace."""
+        self._closed = True
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -654,3 +655,27 @@ def test_an_unknown_user_or_isolation_is_refused_at_once() -> None:
         herd.ProcessFactory(["true"], user="no-such-user-here")
     with pytest.raises(ValueError, match="isolation must be"):
         herd.ProcessFactory(["true"], isolation="jail")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(
+    herd_sandbox.network_namespaces() is not None,
+    reason=f"no network namespaces here: {herd_sandbox.network_namespaces()}",
+)
+async def test_a_closed_tenants_network_is_never_entered_again() -> None:
+    """Once its launcher is reaped, a worker's PID may name another process, in
+    another worker's network: a socket for the closed worker must not be made
+    there (it could reach another session's worker on a reused port)."""
+    worker, other = [await factory(isolation="tenant").spawn() for _ in range(2)]
+    try:
+        assert worker.netns is not None
+        with worker.open_socket() as sock:
+            assert sock.family == socket.AF_INET
+        await worker.close()
+        # PID reuse, made to happen: the closed worker's PID now names a process
+        # in another worker's network.
+        worker.netns.pid = other.pid
+        with pytest.raises(ConnectionRefusedError):
+            worker.open_socket()
+    finally:
+        await worker.close()
+        await other.close()
