@@ -147,7 +147,11 @@ def _spawn(command: list[str], mask: set[int], plan: "object | None" = None) -> 
                 _signal.signal(signum, _signal.SIG_DFL)
             _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
             if plan is not None:
-                _isolation().drop(plan)
+                try:
+                    _isolation().drop(plan)
+                except OSError as exc:  # "D": the drop failed, not the exec
+                    posix.write(write_end, f"D{exc.errno or 1}".encode())
+                    posix._exit(126)
             failure = _exec(command, env)
             posix.write(write_end, str(failure.errno).encode())
         finally:
@@ -157,7 +161,10 @@ def _spawn(command: list[str], mask: set[int], plan: "object | None" = None) -> 
         answer = report.read()
     if answer:
         posix.waitpid(pid, 0)
-        errno = int(answer)
+        errno = int(answer.lstrip(b"D"))
+        if answer.startswith(b"D"):
+            why = "cannot drop the worker's privileges or switch to its user"
+            raise OSError(errno, f"{why}: {posix.strerror(errno)}")
         raise OSError(errno, posix.strerror(errno))
     return pid
 
