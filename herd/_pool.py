@@ -1140,6 +1140,7 @@ class Pool(Generic[C]):
             sandbox=report.level if report is not None else "unknown",
             sandbox_reason=report.reason if report is not None else "",
             recent_crashes=tuple(self._crashes),
+            waiting_for_worker=sum(1 for waiter in self._waiters if not waiter.done()),
         )
 
     def _sandbox_report(self) -> Any:

@@ -106,6 +106,8 @@ class PoolStats:
         (``"unknown"`` for factories that do not say).
     :param sandbox_reason: what that level consists of, and why not more.
     :param recent_crashes: the last workers that died on their own, oldest first.
+    :param waiting_for_worker: acquires queued at ``max_workers`` until a worker
+        is free (served first come, first served).
     """
 
     state: str
@@ -124,6 +126,7 @@ class PoolStats:
     sandbox: str = "unknown"
     sandbox_reason: str = ""
     recent_crashes: tuple[CrashInfo, ...] = ()
+    waiting_for_worker: int = 0
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready dict (nested dataclasses become dicts)."""

@@ -224,7 +224,7 @@ async def test_waiters_at_the_cap_are_served_in_fifo_order() -> None:
         for sid in ("first", "second", "third"):
             waiters.append(asyncio.ensure_future(wait_for(sid)))
             queued = len(waiters)
-            await wait_until(lambda: len(pool._waiters) == queued, what="queued")  # noqa: B023
+            await wait_until(lambda: pool.stats().waiting_for_worker == queued, what="queued")  # noqa: B023
         await holder.release()
         await asyncio.wait_for(asyncio.gather(*waiters), 10)
         assert order == ["first", "second", "third"]
@@ -234,7 +234,7 @@ async def test_a_freed_worker_goes_to_a_waiter_with_its_state_reset_only_by_reus
     async with herd.Pool(factory(), min_workers=0, max_workers=1) as pool:
         a = await pool.acquire("a")
         waiting = asyncio.ensure_future(acquire(pool, "b", 5))
-        await wait_until(lambda: len(pool._waiters) == 1, what="b to queue")
+        await wait_until(lambda: pool.stats().waiting_for_worker == 1, what="b to queue")
         await a.release()
         b = await waiting
         assert b.worker.id == a.worker.id  # worker_reuse=True recycles it
@@ -613,12 +613,12 @@ async def test_a_cancelled_acquire_at_the_cap_leaves_the_queue_and_pins_nothing(
     async with herd.Pool(factory(), min_workers=0, max_workers=1, acquire_timeout=None) as pool:
         a = await pool.acquire("a")
         b = asyncio.ensure_future(acquire(pool, "b", None))
-        await wait_until(lambda: len(pool._waiters) == 1, what="b to queue")
+        await wait_until(lambda: pool.stats().waiting_for_worker == 1, what="b to queue")
         if leaves == "while-queued":
             b.cancel()  # the client disconnected
             with pytest.raises(asyncio.CancelledError):
                 await b
-            assert not pool._waiters
+            assert pool.stats().waiting_for_worker == 0
             await a.release()
         else:
             await a.release()  # hands the worker to b's queued acquire...
@@ -708,7 +708,7 @@ async def test_shutdown_stops_everything_and_refuses_work() -> None:
         b = await pool.acquire("b")
         c = await pool.acquire("c")
         waiting = asyncio.ensure_future(acquire(pool, "d", None))
-        await wait_until(lambda: len(pool._waiters) == 1, what="d to queue")
+        await wait_until(lambda: pool.stats().waiting_for_worker == 1, what="d to queue")
         pids = [s.worker.pid for s in (a, b, c)]
     assert pool.state is herd.PoolState.CLOSED
     with pytest.raises(herd.PoolClosedError):
