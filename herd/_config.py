@@ -44,6 +44,14 @@ def duration_seconds(name: str, value: Duration, *, allow_none: bool = True) -> 
     return seconds
 
 
+def required_seconds(name: str, value: Duration) -> float:
+    """:func:`duration_seconds` for a duration that must be there (``None`` and
+    ``0`` refused)."""
+    seconds = duration_seconds(name, value, allow_none=False)
+    assert seconds is not None
+    return seconds
+
+
 def _count(name: str, value: object, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {value!r}")

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import errno
 import inspect
@@ -58,7 +59,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic
 
-from ._config import Duration, PoolConfig, duration_seconds
+from ._config import Duration, PoolConfig, duration_seconds, required_seconds
 from ._exceptions import (
     PoolClosedError,
     PoolExhaustedError,
@@ -248,10 +249,17 @@ class Pool(Generic[C]):
         ``0``/``None`` waits as long as the caller does.
     :param idle_worker_timeout: seconds before an idle worker above
         ``min_workers`` is retired; ``0``/``None`` keeps them.
+    :param spawn_backoff: seconds to wait after a failed spawn before the next;
+        doubles with each failure in a row.
+    :param spawn_backoff_max: the longest wait between spawn attempts.
     :param clock: monotonic seconds for TTL and idle times; inject a fake clock in
         tests, then call :meth:`sweep`.
+    :param config: all of the above but ``factory``, ``on_crash``, ``registry``
+        and ``clock``, as one :class:`herd.PoolConfig` (then give none of them as
+        keywords).
     :raises ValueError: a bad option (``min_workers < 0``, ``max_workers < 1``,
         ``max_workers < min_workers``, a negative duration).
+    :raises TypeError: ``config`` together with keywords it covers.
 
     Use it as an async context manager::
 
@@ -276,9 +284,12 @@ class Pool(Generic[C]):
         acquire_timeout: Duration = 30.0,
         idle_worker_timeout: Duration = 60.0,
         refill_delay: Duration = None,
+        spawn_backoff: Duration = 0.5,
+        spawn_backoff_max: Duration = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        config: PoolConfig | None = None,
     ) -> None:
-        self.config = PoolConfig(
+        given = PoolConfig(
             min_workers=min_workers,
             max_workers=max_workers,
             min_idle=min_idle,
@@ -289,7 +300,24 @@ class Pool(Generic[C]):
             acquire_timeout=duration_seconds("acquire_timeout", acquire_timeout),
             idle_worker_timeout=duration_seconds("idle_worker_timeout", idle_worker_timeout),
             refill_delay=duration_seconds("refill_delay", refill_delay),
+            spawn_backoff=required_seconds("spawn_backoff", spawn_backoff),
+            spawn_backoff_max=required_seconds("spawn_backoff_max", spawn_backoff_max),
         )
+        if config is not None:
+            if not isinstance(config, PoolConfig):
+                raise TypeError(f"config must be a herd.PoolConfig, not {config!r}")
+            if given != PoolConfig():
+                changed = [
+                    field.name
+                    for field in dataclasses.fields(PoolConfig)
+                    if getattr(given, field.name) != getattr(PoolConfig(), field.name)
+                ]
+                raise TypeError(
+                    f"give the pool's options either in config or as keywords, not both "
+                    f"(keywords given: {', '.join(changed)})"
+                )
+            given = config
+        self.config = given
         if on_crash is not None and not callable(on_crash):
             raise TypeError(f"on_crash must be callable, not {on_crash!r}")
         self.factory = factory

@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from ._cgroups import WorkerCgroup
 from ._client import HTTPWorkerClient, probe
-from ._config import Duration, duration_seconds
+from ._config import Duration, duration_seconds, required_seconds
 from ._exceptions import SpawnError
 from ._netns import NetNamespace
 from ._procfs import descendants, with_environ
@@ -483,12 +483,6 @@ async def _probe_here(
     return int(parts[1])
 
 
-def _required(name: str, value: Duration) -> float:
-    seconds = duration_seconds(name, value, allow_none=False)
-    assert seconds is not None
-    return seconds
-
-
 class ProcessFactory:
     """Starts any program that serves HTTP on a loopback port as a pool worker.
 
@@ -569,12 +563,12 @@ class ProcessFactory:
         self.command = list(command)
         self.env = dict(env or {})
         self.health_path = health_path
-        self.start_timeout = _required("start_timeout", start_timeout)
+        self.start_timeout = required_seconds("start_timeout", start_timeout)
         self.start_health_check_delay = (
             duration_seconds("start_health_check_delay", start_health_check_delay) or 0.0
         )
-        self.health_timeout = _required("health_timeout", health_timeout)
-        self.stop_timeout = _required("stop_timeout", stop_timeout)
+        self.health_timeout = required_seconds("health_timeout", health_timeout)
+        self.stop_timeout = required_seconds("stop_timeout", stop_timeout)
         self.sandbox: SandboxMode = sandbox
         self.cwd = os.fspath(cwd) if cwd is not None else None
         self.inherit_env = inherit_env

@@ -46,8 +46,8 @@ from jupyter_client.session import Session
 from herd import SpawnError
 from herd._cgroups import WorkerCgroup
 from herd._config import Duration
+from herd._config import required_seconds as _seconds
 from herd._process import TAG_VARIABLE, ProcessWorker
-from herd._process import _required as _seconds
 from herd._sandbox import Sandbox, SandboxMode, SandboxReport
 
 __all__ = ["KernelFactory", "KernelWorker"]

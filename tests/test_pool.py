@@ -808,3 +808,36 @@ async def test_stats_reflect_the_pool() -> None:
         assert 0 <= stats.node.cpu_idle <= 100
         assert json.dumps(stats.as_dict())
         await open_use.close()
+
+
+# -- configuration ----------------------------------------------------------------------
+
+
+async def test_a_pool_takes_its_options_as_one_pool_config() -> None:
+    config = herd.PoolConfig(min_workers=0, max_workers=2, ttl=None, spawn_backoff=2.0)
+    async with herd.Pool(FakeFactory(), config=config) as pool:
+        assert pool.config is config
+        assert pool.stats().max_workers == 2
+    with pytest.raises(TypeError, match=r"either in config or as keywords.*max_workers"):
+        herd.Pool(FakeFactory(), config=config, max_workers=3)
+    with pytest.raises(TypeError, match=r"must be a herd\.PoolConfig"):
+        herd.Pool(FakeFactory(), config={"max_workers": 3})  # type: ignore[arg-type]
+
+
+async def test_the_spawn_back_off_is_configurable() -> None:
+    """After a failed spawn the pool waits spawn_backoff before the next (it was
+    fixed at 0.5 s, doubling to 30 s); an acquire meanwhile gets the failure."""
+    factory = FakeFactory()
+    factory.fail_next = 1
+    async with herd.Pool(
+        factory, min_workers=0, max_workers=1, spawn_backoff=0.05, spawn_backoff_max=0.05
+    ) as pool:
+        with pytest.raises(herd.SpawnError):
+            await pool.acquire("a")
+        with pytest.raises(herd.SpawnError):  # within the back-off: refused at once
+            await pool.acquire("a")
+        await asyncio.sleep(0.06)
+        session = await pool.acquire("a")  # after it: spawned
+        await session.release()
+    with pytest.raises(ValueError, match="spawn_backoff_max must be >= spawn_backoff"):
+        herd.Pool(FakeFactory(), spawn_backoff=2, spawn_backoff_max=1)
