@@ -57,7 +57,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic
+from typing import Any, Generic, Literal
 
 from ._config import Duration, PoolConfig, duration_seconds, required_seconds
 from ._exceptions import (
@@ -75,7 +75,16 @@ __all__ = ["Pool", "PoolState", "WorkerState"]
 log = logging.getLogger("herd.pool")
 
 CrashCallback = Callable[[str], Any]
-_UNSET: Any = object()
+
+
+class _Unset(enum.Enum):
+    """The type of :data:`_UNSET`: "not given" where ``None`` means something."""
+
+    UNSET = "unset"
+
+
+_UNSET = _Unset.UNSET
+Unset = Literal[_Unset.UNSET]
 
 # A health probe that raised OSError with one of these could not be made on the
 # pool's side (out of file descriptors, buffers or local ports): it says nothing
@@ -476,7 +485,7 @@ class Pool(Generic[C]):
         self,
         session_id: str,
         *,
-        timeout: Duration = _UNSET,
+        timeout: Duration | Unset = _UNSET,
         spawn: Callable[[], Awaitable[Worker[C]]] | None = None,
     ) -> AcquireContext[C]:
         """Get a use of the session ``session_id``, pinning it to a worker if new.
@@ -506,7 +515,7 @@ class Pool(Generic[C]):
     async def _acquire(
         self,
         session_id: str,
-        timeout: Duration,
+        timeout: Duration | Unset,
         spawn: Callable[[], Awaitable[Worker[C]]] | None = None,
     ) -> Session[C]:
         pin = self._pins.get(session_id)
