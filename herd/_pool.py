@@ -334,7 +334,6 @@ class Pool(Generic[C]):
         self._on_crash = on_crash
         self._clock = clock
         self._state = PoolState.UNOPENED
-        self._loop: asyncio.AbstractEventLoop | None = None
         # Worker bookkeeping; see the module docstring for who moves slots where.
         self._slots: dict[str, _Slot[C]] = {}  # every live worker, by worker ID
         self._idle: deque[_Slot[C]] = deque()  # IDLE slots; oldest first
@@ -384,7 +383,6 @@ class Pool(Generic[C]):
         """
         if self._state is not PoolState.UNOPENED:
             raise PoolClosedError(f"pool cannot be started: it is {self._state.value}")
-        self._loop = asyncio.get_running_loop()
         self._state = PoolState.STARTING
         self._sampler = Sampler()
         try:
