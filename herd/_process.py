@@ -706,15 +706,18 @@ class ProcessFactory:
                     output_tail=worker.logs(20),
                     worker_id=worker.id,
                 )
-            last = await probe(
+            status = await probe(
                 HOST,
                 worker.port,
                 self.health_path,
                 min(self.health_timeout, remaining),
                 open_socket=worker.open_socket,
             )
-            if last is not None and 200 <= last < 300:
+            if status is not None and 200 <= status < 300:
                 return
+            # The last answer there was: a probe cut short by the deadline says
+            # nothing, and must not hide the 503s before it.
+            last = status if status is not None else last
             await asyncio.wait([exited], timeout=min(pause, max(deadline - loop.time(), 0)))
             # Every 20 ms at most while a start is young (most workers are up
             # within a second or two: a longer pause is latency added to a
