@@ -8,6 +8,7 @@ cost no more than a connect and a status line, with an exact timeout.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -92,6 +93,12 @@ class HTTPWorkerClient:
         """``POST path`` with ``body``; see :meth:`request`."""
         return await self.request("POST", path, body=body, **kwargs)  # type: ignore[arg-type]
 
+    def close(self) -> None:
+        """Let go of the client made for a worker with a network of its own."""
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
     def __repr__(self) -> str:
         return f"HTTPWorkerClient({self.base_url!r})"
 
@@ -133,6 +140,10 @@ async def connect_socket(
     return sock
 
 
+# connect() errors that are this side's shortage, not the worker's answer.
+_LOCAL_CONNECT_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.ENOBUFS, errno.ENOMEM})
+
+
 async def probe(
     host: str,
     port: int,
@@ -140,30 +151,49 @@ async def probe(
     timeout: float,
     *,
     open_socket: Callable[[], socket.socket] | None = None,
+    raise_local: bool = False,
 ) -> int | None:
     """``GET path`` once; the status code, or ``None`` if nothing answered in time.
 
     :param open_socket: makes the socket to connect from (a worker's network
         namespace); a plain one if ``None``.
+    :param raise_local: raise the :class:`OSError` of a probe that could not be
+        made on this side: no socket (``EMFILE``, ``ENFILE``, ``ENOBUFS``, or a
+        namespace not there) or no local port (``EADDRNOTAVAIL``). A health check
+        must tell "the worker did not answer" (``None``) from "we could not ask".
     """
+    try:
+        sock = open_socket() if open_socket is not None else socket.socket()
+    except OSError:
+        if raise_local:
+            raise
+        return None
     writer: asyncio.StreamWriter | None = None
     try:
+        sock.setblocking(False)
         async with asyncio.timeout(timeout):
-            if open_socket is None:
-                reader, writer = await asyncio.open_connection(host, port)
-            else:
-                sock = await connect_socket(host, port, open_socket)
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, (host, port))
+            except OSError as exc:
+                if raise_local and exc.errno in _LOCAL_CONNECT_ERRNOS:
+                    raise
+                return None
+            try:
                 reader, writer = await asyncio.open_connection(sock=sock)
-            writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                "User-Agent: herd-health\r\nConnection: close\r\n\r\n".encode("latin-1")
-            )
-            line = await reader.readline()
-    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+                writer.write(
+                    f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                    "User-Agent: herd-health\r\nConnection: close\r\n\r\n".encode("latin-1")
+                )
+                line = await reader.readline()
+            except (OSError, asyncio.IncompleteReadError):
+                return None
+    except TimeoutError:
         return None
     finally:
         if writer is not None:
             writer.close()
+        else:
+            sock.close()
     parts = line.split(None, 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
         return None

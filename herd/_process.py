@@ -32,7 +32,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from ._cgroups import WorkerCgroup
 from ._client import HTTPWorkerClient, probe
@@ -272,8 +272,13 @@ class ProcessWorker:
         """
         if self._exited.done():
             return False
-        status = await _probe_here(
-            self.port, self._health_path, self._health_timeout, self.open_socket
+        status = await probe(
+            HOST,
+            self.port,
+            self._health_path,
+            self._health_timeout,
+            open_socket=self.open_socket,
+            raise_local=True,
         )
         return status is not None and 200 <= status < 300
 
@@ -353,6 +358,7 @@ class ProcessWorker:
         launcher = self._proc.wait()  # the pidfd is readable: the child has exited
         if self.netns is not None:
             self.netns.close()
+            self._client.close()
         self._drain_output()
         if self._owns_port:
             _PORTS.release(self.port)
@@ -434,53 +440,6 @@ def _taken(port: int) -> bool:
 def _strays(pid: int, tag: str) -> list[int]:
     """What a worker started: its process tree, and whatever carries its tag."""
     return descendants(pid) + with_environ(f"{TAG_VARIABLE}={tag}")
-
-
-# connect() errors that are this side's shortage, not the worker's answer.
-_LOCAL_CONNECT_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.ENOBUFS, errno.ENOMEM})
-
-
-async def _probe_here(
-    port: int, path: str, timeout: float, open_socket: Callable[[], socket.socket]
-) -> int | None:
-    """:func:`probe`, except that a failure on this side raises :class:`OSError`.
-
-    :func:`probe` folds every error into "no answer"; a health check must tell
-    "the worker did not answer" (``None``) from "we could not ask": no socket
-    (``EMFILE``, ``ENFILE``, ``ENOBUFS``) or no local port (``EADDRNOTAVAIL``).
-    """
-    loop = asyncio.get_running_loop()
-    sock = open_socket()  # raises: ours to fix
-    writer: asyncio.StreamWriter | None = None
-    try:
-        sock.setblocking(False)
-        async with asyncio.timeout(timeout):
-            try:
-                await loop.sock_connect(sock, (HOST, port))
-            except OSError as exc:
-                if exc.errno in _LOCAL_CONNECT_ERRNOS and not isinstance(exc, TimeoutError):
-                    raise
-                return None
-            try:
-                reader, writer = await asyncio.open_connection(sock=sock)
-                writer.write(
-                    f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
-                    "User-Agent: herd-health\r\nConnection: close\r\n\r\n".encode("latin-1")
-                )
-                line = await reader.readline()
-            except (OSError, asyncio.IncompleteReadError):
-                return None
-    except TimeoutError:
-        return None
-    finally:
-        if writer is not None:
-            writer.close()
-        else:
-            sock.close()
-    parts = line.split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-        return None
-    return int(parts[1])
 
 
 class ProcessFactory:
