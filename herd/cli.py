@@ -376,9 +376,8 @@ class StatsHandler(tornado.web.RequestHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
-        stats = self.pool.stats().as_dict()
         if self.admin_token is None:
-            self.write(json.dumps(_without_session_ids(stats)))
+            self.write(json.dumps(_without_session_ids(self.pool.stats().as_dict())))
             return
         scheme, _, given = self.request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() not in ("bearer", "token") or not hmac.compare_digest(
@@ -390,7 +389,7 @@ class StatsHandler(tornado.web.RequestHandler):
                 {"error": "unauthorized", "message": "the stats need the gateway's admin token"}
             )
             return
-        self.write(json.dumps(_with_session_tags(stats)))
+        self.write(json.dumps(_with_session_tags(self.pool.stats().as_dict())))
 
 
 def _without_session_ids(stats: dict[str, Any]) -> dict[str, Any]:
