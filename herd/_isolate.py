@@ -7,7 +7,7 @@ when the sandbox asks for more than namespaces, so it uses built-in modules and
 Two levels, each asked for by options in front of the worker's command::
 
     _init.py --harden [--keep-caps 0,1,...] [--no-new-privs] [--user UID:GID[:NAME]]
-             [--view --ro PATH ... --rw PATH ... --hide PATH ...] -- COMMAND...
+             [--view --ro PATH ... --hide PATH ...] -- COMMAND...
 
 ``--harden`` (every sandboxed worker): in the worker's mount namespace ``/sys``
 and every mount under it (the cgroup hierarchies) are read-only, so a worker
@@ -19,8 +19,8 @@ only the capabilities in ``--keep-caps`` (none if empty): without
 
 ``--view`` (tenant isolation): the worker sees a root of its own, built on a
 tmpfs from read-only binds of ``--ro`` paths (system directories, its
-interpreter and program), read-write binds of ``--rw`` paths (its working
-directory), a fresh ``/proc``, a minimal ``/dev``, a private ``/tmp``, and
+interpreter, program and working directory), a fresh ``/proc``, a minimal
+``/dev``, a private ``/tmp``, and
 nothing else: not the host's ``/tmp``, other workers' directories, the pool's
 files or ``/sys``. ``--hide`` paths inside a bound path are covered (secrets in
 ``/etc``). The way bubblewrap builds a sandbox's root: pivot into a tmpfs, bind
@@ -80,7 +80,6 @@ class Plan:
         self.user_name: str | None = None
         self.view = False
         self.ro: list[str] = []
-        self.rw: list[str] = []
         self.hide: list[str] = []
         self.home: str | None = None
         self.loopback = False
@@ -109,7 +108,7 @@ def parse(argv: list[str]) -> tuple[Plan, list[str]]:
             gid, _, user_name = rest.partition(":")
             plan.user = (int(uid), int(gid or uid))
             plan.user_name = user_name or None
-        elif name in ("--ro", "--rw", "--hide"):
+        elif name in ("--ro", "--hide"):
             getattr(plan, name[2:]).append(value)
         elif name == "--home":
             plan.home = value
@@ -192,10 +191,9 @@ def _readonly(prefix: str) -> None:
                 _mount("tmpfs", point, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV, "size=0")
 
 
-def _bind(source: str, target: str, readonly: bool) -> None:
+def _bind_readonly(source: str, target: str) -> None:
     _mount(source, target, None, _MS_BIND | _MS_REC)
-    if readonly:
-        _readonly(target)
+    _readonly(target)
 
 
 def _harden(root: str) -> None:
@@ -205,13 +203,13 @@ def _harden(root: str) -> None:
     proc = root + "/proc"
     for name in _PROC_MASKED:
         if _exists(f"{proc}/{name}"):
-            _bind(root + "/dev/null" if root else "/dev/null", f"{proc}/{name}", True)
+            _bind_readonly(root + "/dev/null" if root else "/dev/null", f"{proc}/{name}")
     for name in _PROC_MASKED_DIRS:
         if _is_dir(f"{proc}/{name}"):
             _mount("tmpfs", f"{proc}/{name}", "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
     for name in _PROC_READONLY:
         if _exists(f"{proc}/{name}"):
-            _bind(f"{proc}/{name}", f"{proc}/{name}", True)
+            _bind_readonly(f"{proc}/{name}", f"{proc}/{name}")
 
 
 def _exists(path: str) -> bool:
@@ -250,8 +248,8 @@ def _mount_point(source: str, target: str) -> None:
             posix.close(posix.open(target, posix.O_CREAT | posix.O_WRONLY, 0o644))
 
 
-def _place(old: str, new: str, path: str, readonly: bool) -> None:
-    """Bind ``old+path`` at ``new+path``; a symlink is copied as a symlink."""
+def _place(old: str, new: str, path: str) -> None:
+    """Bind ``old+path`` at ``new+path``, read-only; a symlink is copied as a symlink."""
     source = old + path
     try:
         link = posix.readlink(source)
@@ -265,7 +263,7 @@ def _place(old: str, new: str, path: str, readonly: bool) -> None:
     if not _exists(source):
         return
     _mount_point(source, new + path)
-    _bind(source, new + path, readonly)
+    _bind_readonly(source, new + path)
 
 
 def _is_link(path: str) -> bool:
@@ -317,9 +315,8 @@ def _view(plan: Plan, cwd: str) -> None:
     _makedirs(new + "/tmp")
     _mount("tmpfs", new + "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=1777")
     # Parents before children: a bind inside another (or inside /tmp) lands on top.
-    binds = sorted([(p, True) for p in plan.ro] + [(p, False) for p in plan.rw])
-    for path, readonly in binds:
-        _place(old, new, path, readonly)
+    for path in sorted(plan.ro):
+        _place(old, new, path)
     for path in plan.hide:
         target = new + path
         if _is_dir(target):

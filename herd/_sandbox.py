@@ -330,14 +330,23 @@ def _home_of(uid: int) -> str:
 
 
 def resolve_user(user: str | int) -> tuple[str, int, int]:
-    """``(name, uid, gid)`` of a user given by name or UID (its primary group).
+    """``(name, uid, gid)`` of a user given by name or UID, as an int or as text
+    (its primary group).
 
     :raises ValueError: no such user.
     """
     import pwd
 
     try:
-        entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+        if isinstance(user, int):
+            entry = pwd.getpwuid(user)
+        else:
+            try:
+                entry = pwd.getpwnam(user)
+            except KeyError:
+                if not user.isdigit():  # a UID given as text ("65534", from a flag)
+                    raise
+                entry = pwd.getpwuid(int(user))
     except (KeyError, OverflowError):
         raise ValueError(f"no such user: {user!r}") from None
     return entry.pw_name, entry.pw_uid, entry.pw_gid
@@ -627,15 +636,14 @@ class Sandbox:
         *,
         argv: Sequence[str] = (),
         cwd: str | None = None,
-        writable: Sequence[str] = (),
     ) -> Launch:
         """Plan one worker's start: check the sandbox, create its cgroup (named
         after ``name``), build the launcher for ``env`` (see :func:`launch_prefix`).
 
         With ``isolation="tenant"`` the worker sees only what it needs: ``argv``
-        (its command, to find its program and interpreter), ``cwd`` (its working
-        directory, read-only) and ``writable`` (files or directories it must
-        write, such as a kernel's connection directory).
+        (its command, to find its program and interpreter) and ``cwd`` (its
+        working directory, read-only). Finding those reads the filesystem, so a
+        tenant's plan is made in a thread.
 
         Call it on the thread that will fork the worker: the launcher checks
         that its parent is this process, and dies with that thread.
@@ -653,7 +661,11 @@ class Sandbox:
             if cgroup is not None:
                 await asyncio.to_thread(cgroup.remove)
             raise
-        options = self._init_options(report, argv, cwd or os.getcwd(), writable, env)
+        where = cwd or os.getcwd()
+        if self.isolation == "tenant":
+            options = await asyncio.to_thread(self._init_options, report, argv, where, env)
+        else:
+            options = self._init_options(report, argv, where, env)
         own_network = "--net" in report.prefix
         return Launch(report, cgroup, (*prefix, *report.prefix, *options), own_network)
 
@@ -662,7 +674,6 @@ class Sandbox:
         report: SandboxReport,
         argv: Sequence[str],
         cwd: str,
-        writable: Sequence[str],
         env: Mapping[str, str] | None,
     ) -> tuple[str, ...]:
         """What herd's init does before the worker runs (:mod:`herd._isolate`)."""
@@ -680,8 +691,6 @@ class Sandbox:
             seen = view_paths(argv, cwd, env)
             for path in seen:
                 options += ["--ro", path]
-            for path in writable:
-                options += ["--rw", os.path.realpath(path)]
             own = [p for p in seen if os.path.isdir(p) and not _covered(p, _SYSTEM)]
             for path in hidden_paths(own):
                 options += ["--hide", path]

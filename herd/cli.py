@@ -573,7 +573,7 @@ async def serve(args: argparse.Namespace) -> int:
         cwd=args.cwd,
         isolation=args.isolation,
         network=args.network,
-        user=int(args.user) if args.user and args.user.isdigit() else args.user,
+        user=args.user,
         cpu_limit=args.cpu,
         memory_limit=args.memory,
         pids_limit=args.pids,

@@ -199,7 +199,7 @@ class Herd(ExtensionApp):
                 memory_limit=self.memory_limit,
                 pids_limit=self.pids_limit,
                 isolation="tenant" if self.isolation == "tenant" else "process",
-                user=int(self.user) if self.user and self.user.isdigit() else self.user,
+                user=self.user,
             )
             pool: herd.Pool[Any] = herd.Pool(
                 factory,

@@ -650,6 +650,11 @@ def test_what_tenant_isolation_cannot_enforce_is_named_and_required_refuses_it(
         assert "a network of its own" in report.reason
 
 
+def test_a_user_is_found_by_name_or_uid_as_a_flag_gives_it() -> None:
+    assert herd_sandbox.resolve_user("0") == herd_sandbox.resolve_user(0)
+    assert herd_sandbox.resolve_user("root") == ("root", 0, 0)
+
+
 def test_an_unknown_user_or_isolation_is_refused_at_once() -> None:
     with pytest.raises(ValueError, match="no such user"):
         herd.ProcessFactory(["true"], user="no-such-user-here")
