@@ -47,7 +47,7 @@ from herd import SpawnError
 from herd._cgroups import WorkerCgroup
 from herd._config import Duration
 from herd._config import required_seconds as _seconds
-from herd._process import TAG_VARIABLE, ProcessWorker
+from herd._process import _PORT_RACE_RETRIES, TAG_VARIABLE, ProcessWorker
 from herd._sandbox import Sandbox, SandboxMode, SandboxReport
 
 __all__ = ["KernelFactory", "KernelWorker"]
@@ -103,10 +103,6 @@ class _HerdLaunch:
             await restart(now=now, newports=newports, **kw)
 
 
-# A kernel that lost a race for its ports is started again on new ones this often.
-_PORT_RACE_RETRIES = 2
-
-
 @functools.cache
 def _launch_class(base: type[AsyncKernelManager]) -> type[AsyncKernelManager]:
     return type(f"Herd{base.__name__}", (_HerdLaunch, base), {})
@@ -148,13 +144,7 @@ class KernelWorker(ProcessWorker):
         self.manager = manager
         self.kernel_name: str = manager.kernel_name
         self._kernel_address = f"{info['ip']}:{info['shell_port']}"
-        # The clients share the manager's ZMQ context (jupyter_client gives each
-        # client a context of its own otherwise: two threads each).
-        self._kernel_client: AsyncKernelClient = manager.client(context=manager.context)
-        # A shell socket's ZMQ identity is its session ID: herd's own executes on a
-        # client sharing the session's would have their replies routed to it.
-        own = Session(key=manager.session.key, signature_scheme=manager.session.signature_scheme)
-        self._probe: AsyncKernelClient = manager.client(session=own, context=manager.context)
+        self._kernel_client, self._probe = self._new_clients()
         self._restart: asyncio.Future[None] | None = None
         #: Called with the reason when the kernel exits on its own (not closed, not
         #: restarted by its manager); returns once a new kernel process runs in the
@@ -352,9 +342,22 @@ class KernelWorker(ProcessWorker):
                 output_tail=self.logs(20),
                 worker_id=self.id,
             )
-        self._kernel_client = manager.client(context=manager.context)
+        self._kernel_client, self._probe = self._new_clients()  # for the new ports
+
+    def _new_clients(self) -> tuple[AsyncKernelClient, AsyncKernelClient]:
+        """The session's client and herd's own, for the kernel's current ports.
+
+        Both share the manager's ZMQ context (jupyter_client gives each client a
+        context of its own otherwise: two threads each). herd's own has a session
+        of its own: a shell socket's ZMQ identity is its session ID, so herd's
+        executes on a client sharing the session's would have their replies
+        routed to it."""
+        manager = self.manager
         own = Session(key=manager.session.key, signature_scheme=manager.session.signature_scheme)
-        self._probe = manager.client(session=own, context=manager.context)
+        return (
+            manager.client(context=manager.context),
+            manager.client(session=own, context=manager.context),
+        )
 
     async def _nudge(self, timeout: float) -> None:
         """Ask ``kernel_info`` until IOPub carries an answer too.
