@@ -72,12 +72,18 @@ class Gateway:
         env = dict(os.environ)
         if admin_token is not None:
             env["HERD_ADMIN_TOKEN"] = admin_token
+        # The log goes nowhere: a pipe nobody reads would block the gateway once full.
         self.proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd, env=env
         )
-        base = f"http://127.0.0.1:{self.port}"
-        wait_until_sync(lambda: _answers(base + "/herd/stats"), timeout=20, what="herd serve")
-        self.base = base
+        self.base = f"http://127.0.0.1:{self.port}"
+        try:
+            wait_until_sync(
+                lambda: _answers(self.base + "/herd/stats"), timeout=20, what="herd serve"
+            )
+        except BaseException:
+            self.stop()
+            raise
 
     def run(self, session: str, code: str) -> dict[str, Any]:
         """Send ``code`` to ``session``'s worker; its ``{ok, out, error}``."""
@@ -111,8 +117,6 @@ class Gateway:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
 
 
 # The cgroup attacks run against process isolation, the weaker level (and what

@@ -29,16 +29,11 @@ from typing import Any
 import pytest
 
 from tests.helpers.jupyter import TOKEN, Server
+from tests.test_extension import CONFIG as EXTENSION_CONFIG
 
-WEB_WORKER = str(Path(__file__).parent / "helpers" / "web_worker.py")
-
-CONFIG = (
-    f"c.Herd.command = [{sys.executable!r}, {WEB_WORKER!r}, '{{port}}']\n"
-    "c.Herd.health_path = '/health'\n"
-    "c.Herd.min_workers = 1\n"
-    "c.Herd.max_workers = 3\n"
-    "c.Herd.warm_kernels = 0\n"
-    # An administrator's own header: Jupyter sets it on every page it serves.
+# test_extension's process pool, and an administrator's own header: Jupyter
+# sets it on every page it serves.
+CONFIG = EXTENSION_CONFIG + (
     "c.ServerApp.tornado_settings = {'headers': {'Referrer-Policy': 'no-referrer'}}\n"
 )
 EVIL = "http://evil.example"

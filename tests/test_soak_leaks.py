@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +113,12 @@ def gateway() -> Iterator[tuple[subprocess.Popen[str], str]]:
             proc.communicate()
 
 
+def open_uses(base: str) -> int:
+    """The session's uses in flight, from the gateway's stats."""
+    (worker,) = json.loads(get(base + "/herd/stats"))["workers"]
+    return int(worker["open_uses"])
+
+
 def test_connections_to_a_killed_worker_are_closed(
     gateway: tuple[subprocess.Popen[str], str],
 ) -> None:
@@ -127,10 +132,9 @@ def test_connections_to_a_killed_worker_are_closed(
 
         os.killpg(worker["pid"], signal.SIGKILL)  # as the soak does
         # The worker's end is closed: ours must not stay in CLOSE_WAIT (nor at all).
-        deadline = time.monotonic() + 5
-        while sockets_to(proc.pid, worker_port) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert sockets_to(proc.pid, worker_port) == []
+        wait_until_sync(
+            lambda: sockets_to(proc.pid, worker_port) == [], timeout=5, what="a closed socket"
+        )
         # The session gets a new worker, over a new connection.
         keep_alive_get(client, "/state", "s1")
     finally:
@@ -162,10 +166,13 @@ def test_a_client_that_leaves_mid_request_costs_no_other_connection(
         # A third client takes one of them and leaves before the answer.
         with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as leaver:
             leaver.sendall(b"GET /sleep/2 HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n\r\n")
-            time.sleep(0.3)  # under way upstream
+            wait_until_sync(lambda: open_uses(base) == 1, what="the request under way upstream")
         # Its upstream connection goes (its answer would come to nobody); the
         # other one stays: a client leaving says nothing about the worker.
-        time.sleep(0.5)
+        wait_until_sync(
+            lambda: sockets_to(proc.pid, worker_port) == ["01"], timeout=5, what="one dropped"
+        )
+        wait_until_sync(lambda: open_uses(base) == 0, what="the leaver's use closed")
         assert sockets_to(proc.pid, worker_port) == ["01"]
         keep_alive_get(clients[0], "/state", "s1")
         assert sockets_to(proc.pid, worker_port) == ["01"]  # reused, not a new one
