@@ -393,11 +393,7 @@ def main() -> None:
         for target in targets:
             row: dict[str, object] = {}
             for connections in (1, 10):
-                if use_wrk:
-                    load = wrk(target, connections, seconds)
-                else:
-                    load = asyncio.run(python_load(target, connections, seconds))
-                row[f"c{connections}"] = asdict(load)
+                row[f"c{connections}"] = asdict(load_of(target, connections, seconds, use_wrk))
             for label, ws_size in (("64B", 64), ("1MB", 1 << 20)):
                 row[f"ws_{label}"] = asyncio.run(ws_round_trips(target, ws_size, seconds))
             row["upload"] = upload(target, size)
@@ -424,13 +420,17 @@ METRICS = {
 }
 
 
+def load_of(target: Target, connections: int, seconds: float, use_wrk: bool) -> Load:
+    """HTTP load on ``target`` with wrk, or with the Python load generator."""
+    if use_wrk:
+        return wrk(target, connections, seconds)
+    return asyncio.run(python_load(target, connections, seconds))
+
+
 def one_round(target: Target, seconds: float, use_wrk: bool) -> dict[str, float]:
     row: dict[str, float] = {}
     for connections in (1, 10):
-        if use_wrk:
-            load = wrk(target, connections, seconds)
-        else:
-            load = asyncio.run(python_load(target, connections, seconds))
+        load = load_of(target, connections, seconds, use_wrk)
         assert load.errors == 0, (target.name, load)
         row[f"rps_c{connections}"] = load.rps
         row[f"p50_c{connections}"] = load.p50_ms
