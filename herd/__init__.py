@@ -18,6 +18,7 @@ The generic core never imports Jupyter; ``herd_nb`` holds the Jupyter side.
 from __future__ import annotations
 
 from ._client import HTTPWorkerClient as HTTPWorkerClient
+from ._config import Duration as Duration
 from ._config import PoolConfig as PoolConfig
 from ._exceptions import HerdError as HerdError
 from ._exceptions import InvalidSessionIdError as InvalidSessionIdError
@@ -30,7 +31,11 @@ from ._pool import PoolState as PoolState
 from ._pool import WorkerState as WorkerState
 from ._process import ProcessFactory as ProcessFactory
 from ._process import ProcessWorker as ProcessWorker
+from ._protocols import ExitAware as ExitAware
+from ._protocols import LimitAware as LimitAware
+from ._protocols import SandboxReporting as SandboxReporting
 from ._protocols import SessionRegistry as SessionRegistry
+from ._protocols import SocketOpener as SocketOpener
 from ._protocols import Worker as Worker
 from ._protocols import WorkerFactory as WorkerFactory
 from ._session import AcquireContext as AcquireContext
@@ -48,9 +53,12 @@ __version__ = "0.1.0"
 __all__ = [
     "AcquireContext",
     "CrashInfo",
+    "Duration",
+    "ExitAware",
     "HTTPWorkerClient",
     "HerdError",
     "InvalidSessionIdError",
+    "LimitAware",
     "MemoryRegistry",
     "NodeStats",
     "Pool",
@@ -61,8 +69,10 @@ __all__ = [
     "PoolStats",
     "ProcessFactory",
     "ProcessWorker",
+    "SandboxReporting",
     "Session",
     "SessionRegistry",
+    "SocketOpener",
     "SpawnError",
     "Worker",
     "WorkerDeadError",

@@ -57,7 +57,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal
 
 from ._config import Duration, PoolConfig, duration_seconds, required_seconds
 from ._exceptions import (
@@ -65,10 +65,21 @@ from ._exceptions import (
     PoolExhaustedError,
     SpawnError,
 )
-from ._protocols import C, SessionRegistry, Worker, WorkerFactory
+from ._protocols import (
+    C,
+    ExitAware,
+    LimitAware,
+    SandboxReporting,
+    SessionRegistry,
+    Worker,
+    WorkerFactory,
+)
 from ._session import AcquireContext, Session, session_tag, validate_session_id
 from ._stats import CrashInfo, PoolStats, Sampler, WorkerStats
 from .registry.memory import MemoryRegistry
+
+if TYPE_CHECKING:
+    from ._sandbox import SandboxReport
 
 __all__ = ["Pool", "PoolState", "WorkerState"]
 
@@ -147,8 +158,7 @@ class _Trouble:
 
 def _with_breach(worker: Worker[Any], reason: str) -> str:
     """``reason``, plus the cgroup limit the worker ran into if it can tell."""
-    breach = getattr(worker, "limit_breach", None)
-    found = breach() if callable(breach) else None
+    found = worker.limit_breach() if isinstance(worker, LimitAware) else None
     if found and found.startswith("killed:"):
         return str(found)  # the worker is dead for that reason, however we noticed
     return f"{reason} ({found})" if found else reason
@@ -362,7 +372,7 @@ class Pool(Generic[C]):
         self._closed = asyncio.Event()
         self._sampler: Sampler | None = None
         self._crashes: deque[CrashInfo] = deque(maxlen=20)
-        self._report: Any = _UNSET  # the factory's sandbox report, read once
+        self._report: SandboxReport | Unset | None = _UNSET  # the factory's, read once
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -1020,8 +1030,8 @@ class Pool(Generic[C]):
         self._probe_trouble.recovered()
         reason = f"{what} raised {result!r}" if isinstance(result, BaseException) else None
         worker = slot.worker
-        breach = getattr(worker, "limit_breach", None)
-        if getattr(worker, "alive", True) is False or (callable(breach) and breach()):
+        exited = isinstance(worker, ExitAware) and not worker.alive
+        if exited or (isinstance(worker, LimitAware) and worker.limit_breach()):
             # Exited (the exit watch is about to say so), or stuck at a cgroup limit:
             # no busy spell to wait out.
             self._worker_died(slot, _with_breach(worker, reason or f"{what} failed"))
@@ -1178,10 +1188,11 @@ class Pool(Generic[C]):
             waiting_for_worker=sum(1 for waiter in self._waiters if not waiter.done()),
         )
 
-    def _sandbox_report(self) -> Any:
+    def _sandbox_report(self) -> SandboxReport | None:
         """The factory's ``sandbox_report`` (level and reason), computed once."""
         if self._report is _UNSET:
-            self._report = getattr(self.factory, "sandbox_report", None)
+            factory = self.factory
+            self._report = factory.sandbox_report if isinstance(factory, SandboxReporting) else None
         return self._report
 
     def __repr__(self) -> str:

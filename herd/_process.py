@@ -415,7 +415,9 @@ class ProcessWorker:
             await self._loop.run_in_executor(None, self.cgroup.remove)
 
 
-_PORT_RACE_RETRIES = 2
+# A worker that lost the race for its port (another process bound it between our
+# pick and its bind) is started again, up to this many times.
+PORT_RACE_RETRIES = 2
 # Start-up probes: the longest pause between two, while the start is younger than
 # _PROBE_YOUNG seconds, and after.
 _PROBE_YOUNG, _PROBE_PAUSE_YOUNG, _PROBE_PAUSE_MAX = 2.0, 0.02, 0.1
@@ -570,11 +572,11 @@ class ProcessFactory:
             start-up, or it was not healthy within ``start_timeout``; nothing is
             left running.
         """
-        for attempt in range(_PORT_RACE_RETRIES + 1):
+        for attempt in range(PORT_RACE_RETRIES + 1):
             try:
                 return await self._spawn_on_a_new_port()
             except _PortTaken as taken:
-                if attempt == _PORT_RACE_RETRIES:
+                if attempt == PORT_RACE_RETRIES:
                     raise
                 log.info("%s; starting it again on a new port", taken.message)
         raise AssertionError("unreachable")  # pragma: no cover

@@ -9,13 +9,33 @@
 
 Implementations do not subclass these: matching the methods is enough
 (``isinstance`` works too, the protocols are runtime-checkable).
+
+A worker or factory may also have optional abilities, each a protocol of its own
+that herd checks with ``isinstance``: :class:`ExitAware` (knows at once that its
+process has exited), :class:`LimitAware` (tells the cgroup limit it ran into),
+:class:`SocketOpener` (is reachable only through sockets it opens, as a worker
+with a network namespace of its own) and :class:`SandboxReporting` (a factory
+that says what isolation its workers get).
 """
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar, runtime_checkable
+import socket
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["C", "SessionRegistry", "Worker", "WorkerFactory"]
+if TYPE_CHECKING:
+    from ._sandbox import SandboxReport
+
+__all__ = [
+    "C",
+    "ExitAware",
+    "LimitAware",
+    "SandboxReporting",
+    "SessionRegistry",
+    "SocketOpener",
+    "Worker",
+    "WorkerFactory",
+]
 
 C = TypeVar("C", covariant=True)
 
@@ -117,4 +137,57 @@ class SessionRegistry(Protocol):
 
     async def len(self) -> int:
         """How many sessions are recorded."""
+        ...
+
+
+# -- optional abilities ---------------------------------------------------------------
+
+
+@runtime_checkable
+class ExitAware(Protocol):
+    """A worker that knows whether its process still runs.
+
+    A failed health probe of a worker that has exited declares it dead at once,
+    instead of after ``health_failures`` probes in a row.
+    """
+
+    @property
+    def alive(self) -> bool:
+        """``False`` once the worker's process has exited."""
+        ...
+
+
+@runtime_checkable
+class LimitAware(Protocol):
+    """A worker that can tell which of its resource limits it ran into."""
+
+    def limit_breach(self) -> str | None:
+        """The limit hit, ``"killed: memory limit 256 MiB"`` or ``"throttled: ..."``;
+        ``None`` if none. A reason that starts with ``"killed:"`` is why the worker
+        died; any other makes a failed probe final, as for an exited worker."""
+        ...
+
+
+@runtime_checkable
+class SocketOpener(Protocol):
+    """A worker whose ``address`` is reachable only through sockets it opens
+    (a worker in a network namespace of its own). :mod:`herd.proxy` and the
+    health probe connect through them."""
+
+    def open_socket(self) -> socket.socket:
+        """A new, unconnected TCP socket from which ``address`` is reachable.
+
+        :raises OSError: the socket cannot be made (the worker is starting or gone).
+        """
+        ...
+
+
+@runtime_checkable
+class SandboxReporting(Protocol):
+    """A factory that says what isolation its workers get; the pool copies it into
+    :class:`herd.PoolStats` (``sandbox``, ``sandbox_reason``)."""
+
+    @property
+    def sandbox_report(self) -> SandboxReport:
+        """The level (``"full"``, ``"partial"``, ``"none"``) and the reason."""
         ...

@@ -80,6 +80,7 @@ from ._exceptions import (
     SpawnError,
 )
 from ._pool import Pool
+from ._protocols import SocketOpener
 from ._session import Session, session_tag, validate_session_id
 
 __all__ = [
@@ -399,8 +400,7 @@ class UpstreamPool:
 
 def _socket_maker(worker: object) -> Callable[[], socket.socket] | None:
     """The worker's ``open_socket`` (a worker with a network of its own has one)."""
-    open_socket = getattr(worker, "open_socket", None)
-    return open_socket if callable(open_socket) else None
+    return worker.open_socket if isinstance(worker, SocketOpener) else None
 
 
 def _still_open(stream: iostream.IOStream) -> bool:

@@ -32,7 +32,7 @@ from traitlets import Enum as TEnum
 import herd
 from herd import proxy
 from herd._config import duration_seconds
-from herd._sandbox import Sandbox
+from herd.sandbox import Sandbox
 
 from .handlers import (
     ExecuteHandler,

@@ -55,7 +55,7 @@ import herd
 from herd.proxy import ProxyHandler, ProxySettings
 
 from ._execute import Event, InterruptIgnoredError, KernelDiedError, run_cell
-from .kernelmanager import HerdKernelManager
+from .kernelmanager import HerdKernelManager, ServesHerdKernels
 from .kernels import KernelWorker
 
 __all__ = [
@@ -133,7 +133,8 @@ class SessionHandler(_PoolsHandler):
     @web.authenticated
     async def delete(self, session_id: str) -> None:
         session_id = _session_id(session_id)
-        kernels: dict[str, Any] = getattr(self.kernel_manager, "herd_kernel_ids", dict)()
+        manager = self.kernel_manager
+        kernels = manager.herd_kernel_ids() if isinstance(manager, ServesHerdKernels) else {}
         if session_id in kernels:
             # A warm kernel's session is its kernel: end both, as Jupyter would.
             await self.kernel_manager.shutdown_kernel(session_id)

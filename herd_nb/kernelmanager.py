@@ -57,7 +57,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from jupyter_client.jsonutil import json_default
 from jupyter_client.restarter import KernelRestarter
@@ -68,12 +68,12 @@ from tornado import web
 from traitlets.utils.importstring import import_item
 
 import herd
-from herd._process import TAG_VARIABLE
+from herd.sandbox import WORKER_TAG_VARIABLE as TAG_VARIABLE
 
 from .kernels import KernelFactory, KernelWorker
 from .websocket import unanswered
 
-__all__ = ["HerdKernelManager"]
+__all__ = ["HerdKernelManager", "ServesHerdKernels"]
 
 # Environment variables a running IPython kernel can take on after start-up.
 # Anything else in a cold start's environment may be read at start-up (PYTHONPATH,
@@ -159,6 +159,16 @@ def _retargetable(spec: Any) -> bool:
     if spec is None or not spec.language.lower().startswith("python"):
         return False
     return any("ipykernel" in str(arg) for arg in spec.argv)
+
+
+@runtime_checkable
+class ServesHerdKernels(Protocol):
+    """A kernel manager some of whose kernels are herd's (:class:`HerdKernelManager`,
+    or one of your own that delegates to herd's pools): herd's routes ask it which."""
+
+    def herd_kernel_ids(self) -> Mapping[str, herd.Pool[Any]]:
+        """Kernel IDs served by herd's pools, with their pool."""
+        ...
 
 
 class HerdKernelManager(AsyncMappingKernelManager):

@@ -43,12 +43,11 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.session import Session
 
-from herd import SpawnError
-from herd._cgroups import WorkerCgroup
-from herd._config import Duration
+from herd import Duration, SpawnError
 from herd._config import required_seconds as _seconds
-from herd._process import _PORT_RACE_RETRIES, TAG_VARIABLE, ProcessWorker
-from herd._sandbox import Sandbox, SandboxMode, SandboxReport
+from herd._process import PORT_RACE_RETRIES, ProcessWorker
+from herd.sandbox import WORKER_TAG_VARIABLE as TAG_VARIABLE
+from herd.sandbox import Sandbox, SandboxMode, SandboxReport, WorkerCgroup
 
 __all__ = ["KernelFactory", "KernelWorker"]
 
@@ -648,12 +647,12 @@ class KernelFactory:
         if self.echo_output:
             worker.echo_fd = 2
         worker.cwd = directory if directory is not None else os.getcwd()
-        for attempt in range(_PORT_RACE_RETRIES + 1):
+        for attempt in range(PORT_RACE_RETRIES + 1):
             try:
                 await worker._until_ready(self.startup_timeout)
                 return worker
             except SpawnError as exc:
-                if attempt == _PORT_RACE_RETRIES or not worker._lost_a_port_race():
+                if attempt == PORT_RACE_RETRIES or not worker._lost_a_port_race():
                     await worker.close()
                     raise
                 log.info("%s: a port was taken; starting it again on new ports", exc.message)

@@ -26,7 +26,7 @@ from playwright.sync_api import Browser, Locator, expect
 
 from tests.helpers import wait_until_sync
 from tests.helpers.browser import ARTIFACTS, JupyterLab, chromium, open_tab, write_user_settings
-from tests.helpers.jupyter import TOKEN, Server
+from tests.helpers.jupyter import TOKEN, Server, server_errors
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -188,8 +188,7 @@ def test_quickstart_dashboard_in_jupyterlab(browser: Browser, lab_server: Server
 
     log = stop(lab_server)
     assert lab_server.proc.returncode == 0, log[-3000:]
-    errors = [line for line in log.splitlines() if line.startswith("[E ") or "Traceback" in line]
-    assert not errors, log[-3000:]
+    assert not server_errors(log), log[-3000:]
 
 
 # -- a kernel crash, herd_nb against stock ------------------------------------------------
@@ -344,8 +343,7 @@ def test_kernel_crash_in_jupyterlab(
         assert re.search(rf"Kernel started: {kernel_id} \(herd: [^)]*warm", log), log[-3000:]
     assert f"kernel {kernel_id} restarted" in log, log[-3000:]
     assert server.proc.returncode == 0, log[-3000:]
-    errors = [line for line in log.splitlines() if line.startswith("[E ") or "Traceback" in line]
-    assert not errors, log[-3000:]
+    assert not server_errors(log), log[-3000:]
 
     if flavor == "herd":
         # herd_nb sends its reason as output of the execute request the kernel was
