@@ -62,9 +62,11 @@ def test_websocket_upgrade_needs_authentication_too(server: Server) -> None:
                 "\r\n"
             ).encode()
         )
-        line = await asyncio.wait_for(reader.readline(), 10)
-        writer.close()
-        return line
+        try:
+            return await asyncio.wait_for(reader.readline(), 10)
+        finally:
+            writer.close()
+            await writer.wait_closed()  # or the socket is left to the garbage collector
 
     assert b" 403 " in asyncio.run(handshake(token=False))
     assert b" 101 " in asyncio.run(handshake(token=True))

@@ -163,6 +163,7 @@ def websocket(server: Server, path: str, **headers: str) -> Handshake:
             return Handshake(status, answer, payload)
         finally:
             writer.close()
+            await writer.wait_closed()  # or the socket is left to the garbage collector
 
     return asyncio.run(run())
 
