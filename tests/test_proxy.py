@@ -736,10 +736,10 @@ async def test_websocket_detach_failure_releases_socket_worker_connection_and_us
     real_dup = os.dup
 
     def dup_fails_once(fd: int) -> int:
-        monkeypatch.setattr(proxy.os, "dup", real_dup)
+        monkeypatch.setattr(os, "dup", real_dup)
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(proxy.os, "dup", dup_fails_once)
+    monkeypatch.setattr(os, "dup", dup_fails_once)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n" + WS_HEADERS + b"\r\n")
     assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no hang

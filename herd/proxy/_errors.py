@@ -1,0 +1,57 @@
+"""The proxy's own answers: JSON bodies ``{"error": ..., "message": ...}``.
+
+A :class:`_Failure` raised anywhere while a request is handled becomes one through
+:func:`_json_error`; the server's canned answers (written before any handler
+exists) are whole responses, from :func:`_canned_error`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tornado.web import RequestHandler
+
+
+class _Failure(Exception):
+    """An error to answer with a JSON body."""
+
+    def __init__(self, status: int, error: str, message: str, **headers: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.headers = headers
+
+
+def _error_body(error: str, message: str, session_id: str | None = None) -> str:
+    body: dict[str, Any] = {"error": error, "message": message}
+    if session_id is not None:
+        body["session_id"] = session_id
+    return json.dumps(body)
+
+
+def _json_error(handler: RequestHandler, failure: _Failure, session_id: str | None) -> None:
+    handler.clear()
+    handler.set_status(failure.status)
+    for name, value in failure.headers.items():
+        handler.set_header(name.replace("_", "-"), value)
+    handler.set_header("Content-Type", "application/json")
+    handler.finish(_error_body(failure.error, failure.message, session_id))
+
+
+def _canned_error(status: bytes, error: str, message: str, *headers: bytes) -> bytes:
+    """A whole response, to write to a socket: ``status`` is ``b"503 Service Unavailable"``,
+    ``headers`` are more ``b"Name: value"`` lines; the connection then closes."""
+    body = _error_body(error, message).encode()
+    return b"\r\n".join(
+        [
+            b"HTTP/1.1 " + status,
+            b"Content-Type: application/json",
+            b"Connection: close",
+            *headers,
+            b"Content-Length: %d" % len(body),
+            b"",
+            body,
+        ]
+    )

@@ -1,0 +1,510 @@
+"""herd.proxy against workers that misbehave: each fault over real sockets on 127.0.0.1.
+
+The worker is an asyncio server in the test's own process, scripted per test (a
+refused port, a connection closed mid-body, a handshake answered with garbage, a
+fast sender), behind a real Pool, ProxyHandler and ProxyServer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import itertools
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import tornado.web
+
+import herd
+from herd import proxy
+from tests.helpers import wait_until
+from tests.test_proxy import WS_HEADERS
+
+Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+PATTERN = bytes(range(256)) * 4096  # 1 MiB
+
+
+class LocalWorker:
+    """A :class:`herd.Worker` whose "process" is a server in this process."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, address: str) -> None:
+        self.id = f"local-{next(self._ids)}"
+        self.address = address
+        self.pid: int | None = None
+        self.client: None = None
+        self._closed = asyncio.Event()
+
+    async def healthy(self) -> bool:
+        return True
+
+    async def wait(self) -> str:
+        await self._closed.wait()
+        return "closed"
+
+    async def close(self) -> None:
+        self._closed.set()
+
+
+class LocalFactory:
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    async def spawn(self) -> LocalWorker:
+        return LocalWorker(self.address)
+
+
+@dataclass
+class Upstream:
+    """The worker's side: how many connections it took, and what it was sent."""
+
+    address: str
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)  # request heads, in order
+    sent: int = 0  # bytes of a streamed body handed to the transport so far
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # a connection ended
+    stop: asyncio.Event = field(default_factory=asyncio.Event)  # the test is over
+
+
+@dataclass
+class Gateway:
+    pool: herd.Pool[Any]
+    port: int
+    settings: proxy.ProxySettings
+    upstream: Upstream
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
+    """``await gateway(serve)``: a proxy whose one worker runs ``serve`` for each connection
+    (``serve=None``: a port that refuses connections)."""
+    cleanup: list[Callable[[], Awaitable[None]]] = []
+
+    async def make(serve: Serve | None, **settings: Any) -> Gateway:
+        if serve is None:
+            refusing = socket.socket()  # bound, never listening: connections are refused
+            refusing.bind(("127.0.0.1", 0))
+            upstream = Upstream(f"127.0.0.1:{refusing.getsockname()[1]}")
+
+            async def close_refusing() -> None:
+                refusing.close()
+
+            cleanup.append(close_refusing)
+        else:
+            upstream = Upstream("")
+            serving: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+
+            async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                upstream.connections += 1
+                task = asyncio.current_task()
+                assert task is not None
+                serving[task] = writer
+                try:
+                    await serve(reader, writer)
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    pass
+                finally:
+                    del serving[task]
+                    writer.close()
+                    upstream.closed.set()
+
+            server = await asyncio.start_server(counted, "127.0.0.1", 0)
+            upstream.address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+            async def stop_server() -> None:
+                server.close()
+                upstream.stop.set()
+                for writer in list(serving.values()):
+                    writer.close()
+                if serving:
+                    await asyncio.wait(list(serving), timeout=5)
+                await server.wait_closed()
+
+            cleanup.append(stop_server)
+        pool: herd.Pool[Any] = herd.Pool(
+            LocalFactory(upstream.address), min_workers=1, max_workers=1, health_interval=None
+        )
+        await pool.start()
+        config = proxy.ProxySettings(pool=pool, **settings)
+        app = tornado.web.Application([(r"(/.*)?", proxy.ProxyHandler, {"settings": config})])
+        server_ = proxy.ProxyServer(app, max_body_size=2**62)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        sock.setblocking(False)
+        server_.add_sockets([sock])
+
+        async def stop_gateway() -> None:
+            server_.stop()
+            await server_.close_all_connections()
+            config.upstreams.close()
+            await pool.shutdown()
+
+        cleanup.append(stop_gateway)
+        return Gateway(pool, sock.getsockname()[1], config, upstream)
+
+    yield make
+    for step in reversed(cleanup):
+        await step()
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+
+
+def answer(status: str, body: bytes = b"", *headers: str) -> bytes:
+    lines = [f"HTTP/1.1 {status}", *headers, f"Content-Length: {len(body)}", "", ""]
+    return "\r\n".join(lines).encode() + body
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n\r\n".encode()
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+
+async def request(port: int, data: bytes) -> Response:
+    """Send ``data`` on a new connection, read one response (by its Content-Length), close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        status_line, *lines = (await read_head(reader)).decode("latin-1").split("\r\n")
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in lines if line)
+        }
+        length = int(headers.get("content-length", "0"))
+        body = await asyncio.wait_for(reader.readexactly(length), 5)
+        return Response(int(status_line.split()[1]), headers, body)
+    finally:
+        writer.close()
+
+
+async def exchange_ok(gw: Gateway, path: str = "/ok") -> None:
+    """One request on a new client connection: a 200 with the worker's body."""
+    response = await request(gw.port, get(path))
+    assert (response.status, response.body) == (200, b"ok"), response
+
+
+# -- connecting -----------------------------------------------------------------------
+
+
+async def test_a_refused_connection_is_a_precise_502(gateway: Any) -> None:
+    gw = await gateway(None)
+    response = await request(gw.port, get("/ok"))
+    assert response.status == 502
+    assert response.headers["content-type"] == "application/json"
+    worker = gw.pool.workers()[0]
+    assert json.loads(response.body) == {
+        "error": "worker_unavailable",
+        "message": f"worker {worker.id} of session 's1' is alive but refusing: "
+        "[Errno 111] Connection refused",
+        "session_id": "s1",
+    }
+    assert gw.settings.upstreams.idle_count() == 0
+    await wait_until(lambda: gw.pool.stats().workers[0].open_uses == 0, what="use released")
+
+
+async def test_an_idle_connection_the_worker_closed_is_replaced(gateway: Any) -> None:
+    async def one_request_per_connection(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        gw.upstream.requests.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(answer("200 OK", b"ok"))  # kept alive, as far as the proxy knows
+        await writer.drain()
+        # ...then closed once idle, as a worker's keep-alive timeout does
+
+    # No pruning: the connection must be found closed when it is taken.
+    gw = await gateway(one_request_per_connection, upstreams=proxy.UpstreamPool(prune_interval=0))
+    await exchange_ok(gw)
+    await wait_until(lambda: gw.settings.upstreams.idle_count() == 1, what="connection kept")
+    await asyncio.wait_for(gw.upstream.closed.wait(), 5)
+    await exchange_ok(gw)  # not a 502 from the dead connection
+    assert gw.upstream.connections == 2
+    assert len(gw.upstream.requests) == 2
+
+
+async def test_a_connection_broken_unseen_is_retried_once_on_a_new_one(gateway: Any) -> None:
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (head := await reader.read(65536)) and head.endswith(b"\r\n\r\n"):
+            writer.write(answer("200 OK", b"ok"))
+            await writer.drain()
+        # The proxy's end of the stream is not answered with ours: the
+        # connection stays open, as far as the proxy can see.
+        await gw.upstream.stop.wait()
+
+    gw = await gateway(keep_alive, upstreams=proxy.UpstreamPool(prune_interval=0))
+    await exchange_ok(gw)
+    await wait_until(lambda: gw.settings.upstreams.idle_count() == 1, what="connection kept")
+    [(_, stream)] = gw.settings.upstreams._idle[gw.upstream.address]
+    # Broken in a way the check on taking it cannot see (nothing to read, no
+    # error pending), so the request head's write is what fails: then once more.
+    stream.socket.shutdown(socket.SHUT_WR)
+    await exchange_ok(gw)
+    assert gw.upstream.connections == 2
+    await exchange_ok(gw)  # and the new connection was kept
+    assert gw.upstream.connections == 2
+
+
+# -- responses cut short --------------------------------------------------------------
+
+
+CUT_BODY = 100_000  # bytes the worker announces; it sends 70,000 and closes
+
+
+def dechunk(data: bytes) -> tuple[bytes, bool]:
+    """A chunked body's bytes, and whether its last chunk came."""
+    body, position = b"", 0
+    while (end := data.find(b"\r\n", position)) >= 0:
+        size = int(data[position:end], 16)
+        if size == 0:
+            return body, data[end + 2 :] == b"\r\n"
+        piece = data[end + 2 : end + 2 + size]
+        body += piece
+        if len(piece) < size:
+            break
+        position = end + 2 + size + 2
+    return body, False
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_worker_lost_mid_body_cuts_the_client_off(gateway: Any, framing: str) -> None:
+    async def dies_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (head := await reader.readuntil(b"\r\n\r\n")).startswith(b"GET /ok "):
+            writer.write(answer("200 OK", b"ok"))
+            await writer.drain()
+        if framing == "content-length":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % CUT_BODY)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"%x\r\n" % CUT_BODY)
+        writer.write(b"x" * 70_000)
+        await writer.drain()  # then the connection closes, the body unfinished
+        del head
+
+    gw = await gateway(dies_mid_body)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(get("/partial"))
+        head = await read_head(reader)
+        rest = await asyncio.wait_for(reader.read(), 5)  # the end of the stream: no hang
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200 ")
+    if framing == "content-length":
+        assert b"Content-Length: %d" % CUT_BODY in head
+        body, complete = rest, len(rest) == CUT_BODY
+    else:  # never the last chunk: the client must not take a cut body for a whole one
+        assert b"Transfer-Encoding: chunked" in head
+        body, complete = dechunk(rest)
+    assert not complete
+    assert body == b"x" * len(body)
+    await wait_until(lambda: gw.pool.stats().workers[0].open_uses == 0, what="use released")
+    assert gw.settings.upstreams.idle_count() == 0
+    await exchange_ok(gw)  # the proxy, the session and the worker serve on
+    assert "s1" in gw.pool.sessions()
+
+
+# -- WebSocket handshakes ---------------------------------------------------------------
+
+
+def handshake_answered_with(
+    data: bytes, *, then_close: bool = True
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A worker that answers GET /ok with 200 "ok", and a WebSocket upgrade with ``data``."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b"Upgrade: websocket" not in head:
+                writer.write(answer("200 OK", b"ok"))
+                await writer.drain()
+                continue
+            writer.write(data)
+            await writer.drain()
+            if then_close:
+                return
+            await reader.read()  # until the proxy closes its end
+
+    return serve
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "error", "message"),
+    [
+        (
+            answer("400 Bad Request", b"no", "Content-Type: text/plain"),
+            502,
+            "websocket_refused",
+            "worker answered the WebSocket handshake with HTTP 400",
+        ),
+        (
+            answer("404 Not Found"),
+            502,
+            "websocket_refused",
+            "worker answered the WebSocket handshake with HTTP 404",
+        ),
+        (
+            b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+            502,
+            "bad_handshake",
+            "worker sent a malformed handshake answer",
+        ),
+        (
+            b"HTTP/1.1 1O1 Switching Protocols\r\n\r\n",
+            502,
+            "bad_handshake",
+            "worker sent a malformed handshake answer",
+        ),
+        (b"", 502, "worker_unavailable", "is alive but refusing: the worker closed"),
+    ],
+    ids=["400", "404", "not-http", "bad-status", "closed"],
+)
+async def test_a_refused_or_garbled_handshake_is_a_json_error(
+    gateway: Any, data: bytes, status: int, error: str, message: str
+) -> None:
+    gw = await gateway(handshake_answered_with(data, then_close=not data))
+    upgrade = b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n" + WS_HEADERS + b"\r\n"
+    response = await request(gw.port, upgrade)
+    assert response.status == status
+    assert json.loads(response.body)["error"] == error
+    assert message in json.loads(response.body)["message"]
+    await wait_until(lambda: gw.pool.stats().workers[0].open_uses == 0, what="use released")
+    await asyncio.wait_for(gw.upstream.closed.wait(), 5)  # the proxy let go of it
+    await exchange_ok(gw)
+
+
+async def test_a_handshake_answer_that_never_ends_is_cut_at_64_kib(gateway: Any) -> None:
+    gw = await gateway(handshake_answered_with(b"HTTP/1.1 101 " + b"x" * 70_000, then_close=False))
+    upgrade = b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n" + WS_HEADERS + b"\r\n"
+    response = await request(gw.port, upgrade)
+    assert response.status == 502
+    assert "handshake answer over 64 KiB" in json.loads(response.body)["message"]
+    await asyncio.wait_for(gw.upstream.closed.wait(), 5)
+    await exchange_ok(gw)
+
+
+# -- backpressure -----------------------------------------------------------------------
+
+
+async def slow_reader(port: int, request: bytes) -> tuple[asyncio.StreamReader, Any]:
+    """A client connection with a small receive buffer that reads nothing until told."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=64 * 1024)
+    writer.write(request)
+    return reader, writer
+
+
+async def until_stalled(upstream: Upstream, total: int) -> int:
+    """Wait until the worker's sending has stopped short of ``total``; what it sent."""
+    deadline = time.monotonic() + 8
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        if upstream.sent != last:
+            last, since = upstream.sent, time.monotonic()
+        elif upstream.sent and time.monotonic() - since > 0.3:
+            return last
+        assert upstream.sent < total, "the worker sent everything to a client reading nothing"
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the worker never stopped sending ({upstream.sent} bytes)")
+
+
+async def read_checked(reader: asyncio.StreamReader, piece: bytes, total: int) -> None:
+    """Read ``total`` bytes: ``piece`` over and over, and nothing else."""
+    count = 0
+    while count < total:
+        data = await asyncio.wait_for(reader.read(min(len(piece), total - count)), 5)
+        assert data, f"the stream ended after {count} bytes"
+        offset = count % len(piece)
+        expected = (piece[offset:] + piece)[: len(data)]
+        assert data == expected, f"the bytes differ after {count}"
+        count += len(data)
+
+
+BIG = 48  # MiB: more than every socket buffer on the way can hold
+
+
+async def test_a_slow_http_client_slows_the_worker_and_loses_nothing(gateway: Any) -> None:
+    total = BIG * len(PATTERN)
+
+    async def fast_sender(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        for _ in range(BIG):
+            writer.write(PATTERN)
+            gw.upstream.sent += len(PATTERN)
+            await writer.drain()
+
+    gw = await gateway(fast_sender)
+    reader, writer = await slow_reader(gw.port, get("/big"))
+    try:
+        sent = await until_stalled(gw.upstream, total)
+        assert sent < total // 2, f"{sent} bytes sent to a client that read none"
+        head = await read_head(reader)
+        assert b"Content-Length: %d" % total in head
+        await read_checked(reader, PATTERN, total)
+    finally:
+        writer.close()
+    assert gw.upstream.sent == total
+
+
+def accept_value(key: bytes) -> bytes:
+    magic = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+    return base64.b64encode(hashlib.sha1(key + magic).digest())
+
+
+def server_frame(payload: bytes) -> bytes:
+    """A binary frame as a server sends it: unmasked, 8-byte length."""
+    return bytes([0x82, 127]) + len(payload).to_bytes(8, "big") + payload
+
+
+async def test_a_slow_websocket_client_pauses_the_worker_side_and_loses_nothing(
+    gateway: Any,
+) -> None:
+    frame = server_frame(PATTERN)
+    total = BIG * len(frame)
+
+    async def fast_websocket(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept_value(key) + b"\r\n\r\n"
+        )
+        for _ in range(BIG):
+            writer.write(frame)
+            gw.upstream.sent += len(frame)
+            await writer.drain()
+        await reader.read()  # until the client's side closes
+
+    gw = await gateway(fast_websocket)
+    upgrade = b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n" + WS_HEADERS + b"\r\n"
+    reader, writer = await slow_reader(gw.port, upgrade)
+    try:
+        sent = await until_stalled(gw.upstream, total)
+        assert sent < total // 2, f"{sent} bytes sent to a client that read none"
+        assert (await read_head(reader)).startswith(b"HTTP/1.1 101")
+        await read_checked(reader, frame, total)  # every frame, whole and in order
+        assert gw.upstream.sent == total
+    finally:
+        writer.close()
+    await wait_until(lambda: gw.pool.stats().workers[0].open_uses == 0, what="use released")
