@@ -47,6 +47,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import tornado
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
 from tornado import httputil, web
@@ -707,13 +708,24 @@ class HerdProxyHandler(JupyterHandler, ProxyHandler):
             # request, skip_check_origin, log), and it is Jupyter's rule verbatim.
             return bool(WebSocketMixin.check_origin(self, origin))
 
-        cross_origin = getattr(self, "_check_cross_origin", None)
-        if cross_origin is not None:  # Tornado >= 6.6: what WebSocketHandler.get calls
-            return cross_origin(allowed) is None
-        origin = self.request.headers.get("Origin")  # earlier Tornado's WebSocketHandler.get
-        if origin is None:
-            origin = self.request.headers.get("Sec-Websocket-Origin")
-        return origin is None or allowed(origin)
+        headers = self.request.headers
+        origin = headers.get("Origin")
+        if tornado.version_info < (6, 6):  # WebSocketHandler.get before Tornado 6.6
+            origin = origin if origin is not None else headers.get("Sec-Websocket-Origin")
+            return origin is None or allowed(origin)
+        # Tornado 6.6's cross-origin algorithm, which its WebSocketHandler.get runs:
+        # the browser's own word (Sec-Fetch-Site) first, the Origin after.
+        fetch_site = headers.get("Sec-Fetch-Site")
+        if fetch_site in ("same-origin", "none"):  # same origin, or typed in
+            return True
+        if fetch_site is None:  # an older browser, plain HTTP, or not a browser
+            host = headers.get("Host", "").lower()
+            return (
+                origin is None
+                or urllib.parse.urlsplit(origin).netloc.lower() == host
+                or allowed(origin)
+            )
+        return origin is not None and origin != "" and allowed(origin)  # cross-/same-site
 
     def forward_headers(self, headers: httputil.HTTPHeaders) -> None:
         """Remove the server's credentials: ``Authorization`` (where Jupyter reads

@@ -389,19 +389,17 @@ class KernelWorker(ProcessWorker):
 
         :returns: whether it ran without error within ``timeout``.
         """
-        probe = self._probe
-        content = {
-            "code": code,
-            "silent": True,
-            "store_history": False,
-            "user_expressions": {},
-            "allow_stdin": False,
-            "stop_on_error": False,
-        }
-        msg = probe.session.msg("execute_request", content)
-        probe.shell_channel.send(msg)
         replied = asyncio.ensure_future(
-            probe._async_recv_reply(msg["header"]["msg_id"], timeout=timeout)
+            self._probe.execute(
+                code,
+                silent=True,
+                store_history=False,
+                user_expressions={},
+                allow_stdin=False,
+                stop_on_error=False,
+                reply=True,
+                timeout=timeout,
+            )
         )
         died = asyncio.ensure_future(self.wait())
         try:
@@ -447,7 +445,7 @@ class KernelWorker(ProcessWorker):
         await super()._close()
         # Connection and IPC files, the control socket and the ZMQ context.
         with contextlib.suppress(Exception):
-            await self.manager._async_cleanup_resources(restart=False)
+            await self.manager.cleanup_resources(restart=False)
 
     def __repr__(self) -> str:
         state = "alive" if self.alive else "dead"
@@ -629,7 +627,7 @@ class KernelFactory:
                     process.stdout.close()  # the output pipe no worker will read
             await launch.discard()
             with contextlib.suppress(Exception):
-                await manager._async_cleanup_resources(restart=False)
+                await manager.cleanup_resources(restart=False)
             if not isinstance(exc, Exception):
                 raise
             raise SpawnError(f"cannot start kernel {self.kernel_name!r}: {exc}") from exc
