@@ -111,8 +111,15 @@ class _SocketTCPClient(TCPClient):
         self._open = open_socket
 
     def _create_stream(
-        self, max_buffer_size: int | None, af: socket.AddressFamily, addr: tuple[Any, ...], *_: Any
+        self,
+        max_buffer_size: int | None,
+        af: socket.AddressFamily,
+        addr: tuple[Any, ...],
+        source_ip: str | None = None,
+        source_port: int | None = None,
     ) -> tuple[IOStream, Future[IOStream]]:
+        # TCPClient.connect passes source_ip and source_port as keywords; a worker's
+        # socket comes from its namespace, bound by the kernel, so they are unused.
         sock = self._open()
         try:
             stream = IOStream(sock, max_buffer_size=max_buffer_size)

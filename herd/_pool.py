@@ -1,5 +1,9 @@
 """Pool: session-affine acquire and release over a fleet of workers.
 
+The pool is the session table; its workers come from the supply
+(:mod:`herd._supply`: idle queue, spawning, back-off, refill, health), which
+knows workers and never sessions.
+
 Data flow::
 
     acquire(sid) ──> _pins[sid]? ── yes ──> Session (fast path: a dict hit, no await)
@@ -8,14 +12,14 @@ Data flow::
                _pending[sid] (singleflight: one _pin_new task per new ID,
                         │     every concurrent caller awaits the same task)
                         v
-               _obtain_worker(): idle deque ──> spawn (below max_workers)
-                        │                    ──> FIFO wait (at max_workers)
-                        │ (acquire(sid, spawn=f): _obtain_fresh(): f() below
+               supply.take(): idle deque ──> spawn (below max_workers)
+                        │                ──> FIFO wait (at max_workers)
+                        │ (acquire(sid, spawn=f): supply.take_fresh(f): f() below
                         │  max_workers; at it an idle spare is retired for room)
                         v
-               pin: _pins[sid] = _Pin(slot) ──> registry.put(sid, worker.id)
+               pin: _pins[sid] = _by_worker[worker.id] = _Pin ──> registry.put(sid, worker.id)
 
-    worker exits ──> _watch task (Worker.wait) ──> _worker_died: unpin, on_crash, refill
+    worker exits ──> the supply's exit watch ──> _worker_died: unpin, on_crash; refill
     maintenance loop (every tick, injected clock):
                ttl eviction of unused pins, retire surplus idle workers, refill to min,
                then registry deletes of ended sessions (_unregistered; kept on failure)
@@ -31,14 +35,12 @@ Concurrency invariant: all state below lives on the event loop that started the
 pool and is touched only from it, so code between two ``await`` points is a
 critical section. The rules that keep the invariants true:
 
-- a slot is in exactly one place: ``_idle`` (unpinned, ready), pinned to one
-  ``_Pin``, handed to one waiter's future, or gone from ``_slots``;
+- a worker is in exactly one place: the supply's idle deque, pinned to one
+  ``_Pin`` (``_by_worker``), handed to one waiter's future, or gone;
 - ``_pins[sid]`` is set before the first ``await`` after a worker is taken, so a
   second acquire of ``sid`` sees the pin (fast path) or the pending task
   (singleflight) — never neither, so one ID never pins two workers;
-- capacity is ``len(_slots) + _spawning``; a spawn increments ``_spawning``
-  before its first await, so concurrent acquires never overshoot ``max_workers``;
-- a released pin with open uses keeps its slot until the last use closes, so
+- a released pin with open uses keeps its worker until the last use closes, so
   two sessions never share a worker at the same time.
 
 Prior art: the Go original's pool (mutex + map + channel of idle workers) and
@@ -51,7 +53,6 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
-import errno
 import inspect
 import logging
 import time
@@ -60,22 +61,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, Literal
 
 from ._config import Duration, PoolConfig, duration_seconds, required_seconds
-from ._exceptions import (
-    PoolClosedError,
-    PoolExhaustedError,
-    SpawnError,
-)
-from ._protocols import (
-    C,
-    ExitAware,
-    LimitAware,
-    SandboxReporting,
-    SessionRegistry,
-    Worker,
-    WorkerFactory,
-)
-from ._session import AcquireContext, Session, session_tag, validate_session_id
-from ._stats import CrashInfo, PoolStats, Sampler, WorkerStats
+from ._exceptions import PoolClosedError, PoolExhaustedError
+from ._protocols import C, SandboxReporting, SessionRegistry, Worker, WorkerFactory
+from ._session import AcquireContext, Session, _Pin, session_tag, validate_session_id
+from ._stats import CrashInfo, PoolStats, Sampler, worker_stats
+from ._supply import WorkerState, _Supply, _Trouble
 from .registry.memory import MemoryRegistry
 
 if TYPE_CHECKING:
@@ -97,72 +87,6 @@ class _Unset(enum.Enum):
 _UNSET = _Unset.UNSET
 Unset = Literal[_Unset.UNSET]
 
-# A health probe that raised OSError with one of these could not be made on the
-# pool's side (out of file descriptors, buffers or local ports): it says nothing
-# of the worker, so it counts neither for nor against it.
-_LOCAL_ERRNOS = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
-)
-
-
-#: How long :meth:`Pool.check_worker` waits for a failing worker's exit to be seen.
-_EXIT_GRACE = 0.25
-
-
-def _failed_locally(result: object) -> bool:
-    return isinstance(result, OSError) and result.errno in _LOCAL_ERRNOS
-
-
-class _Trouble:
-    """The failures in a row of one background job: a distinct error is logged
-    once, and the job is told how long to back off (``first`` seconds, doubling up
-    to ``most``), so a registry down for an hour neither stops the pool nor floods
-    its log."""
-
-    __slots__ = ("_first", "_most", "_seen", "failures", "what")
-
-    def __init__(self, what: str, *, first: float, most: float = 30.0) -> None:
-        self.what = what
-        self._first = first
-        self._most = max(most, first)
-        self._seen: set[tuple[type[BaseException], str]] = set()  # errors logged this streak
-        self.failures = 0
-
-    def failed(self, exc: BaseException) -> float:
-        """Note one failure; the seconds to wait before the next try."""
-        self.failures += 1
-        delay = min(self._first * 2.0 ** min(self.failures - 1, 20), self._most)
-        key = (type(exc), str(exc))
-        if key in self._seen or len(self._seen) >= 16:
-            log.debug("%s failed again (%d in a row): %r", self.what, self.failures, exc)
-        else:
-            self._seen.add(key)
-            retry = f"; next try in {delay:.2g}s" if delay else ""
-            log.error(
-                "%s failed (%d in a row%s; each distinct error is logged once): %r",
-                self.what,
-                self.failures,
-                retry,
-                exc,
-                exc_info=exc,
-            )
-        return delay
-
-    def recovered(self) -> None:
-        """The job succeeded: the next failure is news again."""
-        if self.failures:
-            log.info("%s works again after %d failure(s)", self.what, self.failures)
-        self.failures = 0
-        self._seen.clear()
-
-
-def _with_breach(worker: Worker[Any], reason: str) -> str:
-    """``reason``, plus the cgroup limit the worker ran into if it can tell."""
-    found = worker.limit_breach() if isinstance(worker, LimitAware) else None
-    if found and found.startswith("killed:"):
-        return str(found)  # the worker is dead for that reason, however we noticed
-    return f"{reason} ({found})" if found else reason
-
 
 class PoolState(enum.Enum):
     """Lifecycle of a :class:`Pool`; it never goes back to an earlier state."""
@@ -172,55 +96,6 @@ class PoolState(enum.Enum):
     READY = "ready"  # serving acquires
     CLOSING = "closing"  # shutdown() running: refuses acquires, stopping workers
     CLOSED = "closed"  # every worker and task stopped
-
-
-class WorkerState(enum.Enum):
-    """Lifecycle of one worker inside the pool."""
-
-    IDLE = "idle"  # ready, pinned to no session, in _idle (or handed to a waiter)
-    PINNED = "pinned"  # serving exactly one session
-    DRAINING = "draining"  # removed from the pool, being closed
-    CLOSED = "closed"  # gone
-
-
-class _Slot(Generic[C]):
-    """The pool's record of one live worker."""
-
-    __slots__ = (
-        "created",
-        "failing_since",
-        "idle_since",
-        "pin",
-        "probe_failures",
-        "state",
-        "watch",
-        "worker",
-    )
-
-    def __init__(self, worker: Worker[C], now: float) -> None:
-        self.worker = worker
-        self.state = WorkerState.IDLE
-        self.pin: _Pin[C] | None = None  # set iff state is PINNED
-        self.created = now
-        self.idle_since = now
-        self.watch: asyncio.Task[None] | None = None
-        self.probe_failures = 0  # failed health probes in a row
-        self.failing_since = 0.0  # loop time of the first of them
-
-
-class _Pin(Generic[C]):
-    """A session pinned to a slot."""
-
-    __slots__ = ("death", "ended", "last_active", "session_id", "slot", "used", "uses")
-
-    def __init__(self, session_id: str, slot: _Slot[C], now: float) -> None:
-        self.session_id = session_id
-        self.slot = slot
-        self.uses = 0  # open Session objects; > 0 means never evicted
-        self.used = False  # a caller got a Session of it (else every caller gave up)
-        self.last_active = now  # when the last use ended (or the pin was made)
-        self.ended = False  # released, evicted or crashed: no new uses
-        self.death: str | None = None  # why the worker died, if that ended the pin
 
 
 class _Pending(Generic[C]):
@@ -339,42 +214,51 @@ class Pool(Generic[C]):
         self.config = given
         if on_crash is not None and not callable(on_crash):
             raise TypeError(f"on_crash must be callable, not {on_crash!r}")
-        self.factory = factory
         self.registry: SessionRegistry = registry if registry is not None else MemoryRegistry()
         self._on_crash = on_crash
         self._clock = clock
         self._state = PoolState.UNOPENED
-        # Worker bookkeeping; see the module docstring for who moves slots where.
-        self._slots: dict[str, _Slot[C]] = {}  # every live worker, by worker ID
-        self._idle: deque[_Slot[C]] = deque()  # IDLE slots; oldest first
-        self._spawning = 0  # spawns in flight (they count against max_workers)
-        self._waiters: deque[asyncio.Future[_Slot[C] | None]] = deque()  # FIFO at the cap
-        # Session bookkeeping.
-        self._pins: dict[str, _Pin[C]] = {}
+        # The workers; see herd._supply for who moves them where.
+        self._supply: _Supply[C] = _Supply(
+            factory,
+            self.config,
+            clock=clock,
+            tick=self._tick(),
+            serving=self._serving,
+            check_open=self._check_open,
+            background=self._background,
+            on_death=self._worker_died,
+            on_closed=self._worker_closed,
+            wake=self._wake_maintenance,
+        )
+        # The sessions.
+        self._pins: dict[str, _Pin[C]] = {}  # by session ID
+        self._by_worker: dict[str, _Pin[C]] = {}  # the same pins, by their worker's ID
         self._pending: dict[str, _Pending[C]] = {}
         # Ended sessions still to delete from the registry (ID -> the worker they
         # had); the maintenance loop does it, and keeps what failed for next time.
         self._unregistered: dict[str, str] = {}
         self._registry_trouble = _Trouble("registry clean-up", first=self._tick())
-        self._registry_retry_at = 0.0  # loop time; no clean-up before it after a failure
-        self._probe_trouble = _Trouble("health probes on the pool's side", first=0.0)
-        self._refill_trouble = _Trouble("refill", first=0.0)
-        # Spawn failure back-off: no spawn before _backoff_until (loop time).
-        self._failures = 0
-        self._backoff_until = 0.0
-        self._last_spawn_error: SpawnError | None = None
+        self._registry_retry_at = 0.0  # clock time; no clean-up before it after a failure
         # Background work.
         self._tasks: set[asyncio.Task[Any]] = set()  # cancelled at shutdown
-        self._closing: set[asyncio.Task[None]] = set()  # worker closes: awaited, never cancelled
         self._wake = asyncio.Event()
-        self._refilling = False
-        self._last_take = 0.0  # loop time a spare was last taken (for refill_delay)
         self._closed = asyncio.Event()
         self._sampler: Sampler | None = None
         self._crashes: deque[CrashInfo] = deque(maxlen=20)
         self._report: SandboxReport | Unset | None = _UNSET  # the factory's, read once
 
     # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def factory(self) -> WorkerFactory[C]:
+        """What starts the pool's workers; may be replaced while the pool runs
+        (workers already started are kept)."""
+        return self._supply.factory
+
+    @factory.setter
+    def factory(self, factory: WorkerFactory[C]) -> None:
+        self._supply.factory = factory
 
     @property
     def state(self) -> PoolState:
@@ -395,26 +279,33 @@ class Pool(Generic[C]):
             raise PoolClosedError(f"pool cannot be started: it is {self._state.value}")
         self._state = PoolState.STARTING
         self._sampler = Sampler()
+        # Background tasks, so that a shutdown() meanwhile cancels them and waits
+        # for them as for any other: it never returns with a spawn in flight.
+        spawns = [self._background(self._supply.spawn()) for _ in range(self._supply.wanted())]
         try:
-            async with asyncio.TaskGroup() as group:
-                spawns = [group.create_task(self._spawn_slot()) for _ in range(self._wanted())]
-        except BaseExceptionGroup as failed:
+            slots = await asyncio.gather(*spawns)
+        except BaseException as exc:
+            for spawn in spawns:
+                spawn.cancel()
+            await asyncio.gather(*spawns, return_exceptions=True)
+            interrupted = self._state is not PoolState.STARTING  # shutdown() meanwhile
             await self.shutdown()
-            raise failed.exceptions[0] from None
-        except BaseException:
-            await self.shutdown()
+            me = asyncio.current_task()
+            cancelled_here = me is not None and me.cancelling() > 0
+            if interrupted and isinstance(exc, asyncio.CancelledError) and not cancelled_here:
+                raise PoolClosedError("pool was shut down while it started") from None
             raise
-        for spawn in spawns:
-            self._make_idle(spawn.result())
+        for slot in slots:
+            self._supply.make_idle(slot)
         self._state = PoolState.READY
         self._background(self._maintenance_loop())
         if self.config.health_interval:
-            self._background(self._health_loop(self.config.health_interval))
+            self._background(self._supply.health_loop(self.config.health_interval))
         # Detection runs probe processes if no spawn has done it yet: off the loop.
         report = await asyncio.to_thread(self._sandbox_report)
         log.info(
             "pool ready: %d worker(s), max %d; sandbox %s",
-            len(self._slots),
+            len(self._supply.slots),
             self.config.max_workers,
             f"{report.level} ({report.reason})" if report is not None else "unknown",
         )
@@ -439,31 +330,24 @@ class Pool(Generic[C]):
 
     async def _shutdown(self) -> None:
         current = asyncio.current_task()
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_exception(PoolClosedError("pool is shutting down"))
-        self._waiters.clear()
+        self._supply.fail_waiters(PoolClosedError("pool is shutting down"))
         for task in list(self._tasks):
             if task is not current:
                 task.cancel()
-        slots = list(self._slots.values())
         sessions = list(self._pins)
-        self._slots.clear()
-        self._idle.clear()
         for pin in self._pins.values():
             pin.ended = True
         self._pins.clear()
-        for slot in slots:
-            slot.state = WorkerState.DRAINING
-        await asyncio.gather(*(self._close_worker(slot) for slot in slots))
+        self._by_worker.clear()
+        stopped = await self._supply.close()
         for session_id in {*sessions, *self._unregistered}:
             with contextlib.suppress(Exception):
                 await self.registry.delete(session_id)
         self._unregistered.clear()
-        await asyncio.gather(*self._tasks, *self._closing, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._state = PoolState.CLOSED
         self._closed.set()
-        log.info("pool closed: %d worker(s) stopped", len(slots))
+        log.info("pool closed: %d worker(s) stopped", stopped)
 
     async def __aenter__(self) -> Pool[C]:
         await self.start()
@@ -471,6 +355,9 @@ class Pool(Generic[C]):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.shutdown()
+
+    def _serving(self) -> bool:
+        return self._state is PoolState.READY or self._state is PoolState.STARTING
 
     def _check_open(self) -> None:
         if self._state is PoolState.READY or self._state is PoolState.STARTING:
@@ -530,7 +417,7 @@ class Pool(Generic[C]):
         if pin is not None and self._state is PoolState.READY:
             pin.uses += 1  # fast path: a dict hit, no await, no validation needed
             pin.used = True
-            return Session(pin, self)
+            return Session(pin)
         validate_session_id(session_id)
         self._check_open()
         if timeout is _UNSET:
@@ -541,10 +428,11 @@ class Pool(Generic[C]):
             async with asyncio.timeout(limit):
                 return await self._acquire_slow(session_id, spawn)
         except TimeoutError:
+            supply = self._supply
             raise PoolExhaustedError(
                 f"no worker for session {session_id!r} within {limit:g}s: "
-                f"{len(self._slots)} of max {self.config.max_workers} workers busy, "
-                f"{self._spawning} starting, {len(self._waiters)} acquire(s) waiting",
+                f"{len(supply.slots)} of max {self.config.max_workers} workers busy, "
+                f"{supply.spawning} starting, {supply.waiting()} acquire(s) waiting",
                 session_id=session_id,
                 timeout=limit,
             ) from None
@@ -584,7 +472,7 @@ class Pool(Generic[C]):
             if not pin.ended:
                 pin.uses += 1
                 pin.used = True
-                return Session(pin, self)
+                return Session(pin)
             # The pin ended (crash, release) between its making and our turn: retry.
 
     def _abandon(self, task: asyncio.Task[_Pin[C]]) -> None:
@@ -603,22 +491,22 @@ class Pool(Generic[C]):
             "session %s: every acquire gave up; unpinned at once", session_tag(pin.session_id)
         )
         self._end_pin(pin)
-        self._unregister(pin.session_id, pin.slot.worker.id)
+        self._unregister(pin.session_id, pin.worker.id)
 
     async def _pin_new(
         self, session_id: str, spawn: Callable[[], Awaitable[Worker[C]]] | None = None
     ) -> _Pin[C]:
         try:
             if spawn is None:
-                slot = await self._obtain_worker()
+                slot = await self._supply.take()
             else:
-                slot = await self._obtain_fresh(spawn)
-            if self._state is not PoolState.READY and self._state is not PoolState.STARTING:
-                self._retire(slot, "pool closing")
+                slot = await self._supply.take_fresh(spawn)
+            worker = slot.worker
+            if not self._serving():
+                self._supply.retire(worker.id, "pool closing")
                 raise PoolClosedError(f"pool is {self._state.value}", session_id=session_id)
-            pin = _Pin(session_id, slot, self._clock())
-            slot.state = WorkerState.PINNED
-            slot.pin = pin
+            pin = _Pin(session_id, worker, self, self._clock())
+            self._by_worker[worker.id] = pin
             self._pins[session_id] = pin  # visible before the await below: singleflight holds
         finally:
             pending = self._pending.get(session_id)
@@ -626,109 +514,21 @@ class Pool(Generic[C]):
                 del self._pending[session_id]
         try:
             # Awaiting while pinned: concurrent acquires of this ID take the fast path.
-            await self.registry.put(session_id, slot.worker.id)
+            await self.registry.put(session_id, worker.id)
         except BaseException:
             self._end_pin(pin)
             raise
-        log.debug("session %s pinned to worker %s", session_tag(session_id), slot.worker.id)
+        log.debug("session %s pinned to worker %s", session_tag(session_id), worker.id)
         return pin
 
-    async def _obtain_worker(self) -> _Slot[C]:
-        """An IDLE slot, taken off the idle deque; may spawn, or wait at the cap."""
-        may_jump = False  # a woken waiter goes before those still queued behind it
-        while True:
-            self._check_open()
-            first = may_jump or not self._waiters
-            if self._idle and first:
-                if self.config.min_idle:
-                    self._last_take = asyncio.get_running_loop().time()
-                    self._wake.set()  # a spare was taken: start its refill (after refill_delay)
-                return self._idle.popleft()
-            if self._capacity() > 0 and first:
-                return await self._spawn_slot()
-            slot = await self._wait_in_line()
-            if slot is not None and slot.state is WorkerState.IDLE:
-                return slot
-            if slot is not None:  # it died between the hand-over and our turn
-                may_jump = True
-                continue
-            may_jump = True
-
-    async def _wait_in_line(self) -> _Slot[C] | None:
-        """Wait at the cap, in FIFO order, for a freed worker (or ``None``: room to spawn)."""
-        waiter: asyncio.Future[_Slot[C] | None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                handed = waiter.result()
-                if handed is not None:
-                    self._make_idle(handed)  # pass it on to the next in line
-                else:
-                    self._capacity_freed()
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-            raise
-
-    async def _obtain_fresh(self, spawn: Callable[[], Awaitable[Worker[C]]]) -> _Slot[C]:
-        """A worker started by ``spawn`` for one session; at the cap an idle spare, or
-        the next worker freed, is retired to make room."""
-        may_jump = False
-        while True:
-            self._check_open()
-            first = may_jump or not self._waiters
-            if first and self._capacity() <= 0 and self._idle:
-                self._retire(self._idle[0], "made room for a worker started for a session")
-            if first and self._capacity() > 0:
-                return await self._spawn_slot(spawn)
-            handed = await self._wait_in_line()
-            if handed is not None:
-                self._retire(handed, "made room for a worker started for a session")
-            may_jump = True
-
-    def _capacity(self) -> int:
-        return self.config.max_workers - len(self._slots) - self._spawning
-
-    def _wanted(self) -> int:
-        """How many workers should be alive: ``min_workers``, or the busy ones plus
-        ``min_idle`` spares, within ``max_workers``."""
-        busy = len(self._slots) - len(self._idle)
-        wanted = max(self.config.min_workers, busy + self.config.min_idle)
-        return min(wanted, self.config.max_workers)
-
-    def _capacity_freed(self) -> None:
-        """A worker went away: let the first waiter spawn one."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-
-    def _make_idle(self, slot: _Slot[C]) -> None:
-        """Hand a free worker to the first waiter, or park it in the idle deque."""
-        if slot.state is WorkerState.DRAINING or slot.state is WorkerState.CLOSED:
-            return  # a dead worker is never handed out again
-        if self._state is not PoolState.READY and self._state is not PoolState.STARTING:
-            self._retire(slot, "pool closing")
-            return
-        slot.state = WorkerState.IDLE
-        slot.pin = None
-        slot.idle_since = self._clock()
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(slot)
-                return
-        self._idle.append(slot)
+    # The two methods a Session calls (herd._session._Owner).
 
     def _end_use(self, pin: _Pin[C]) -> None:
         pin.uses -= 1
         if pin.uses == 0:
             pin.last_active = self._clock()
-            if pin.ended and pin.slot.state is WorkerState.PINNED and pin.slot.pin is pin:
-                self._recycle(pin.slot)  # deferred from a release while in use
+            if pin.ended:
+                self._recycle(pin)  # deferred from a release while in use
 
     async def _end_session(self, pin: _Pin[C]) -> None:
         if self._pins.get(pin.session_id) is pin:
@@ -736,12 +536,15 @@ class Pool(Generic[C]):
             try:
                 await self.registry.delete(pin.session_id)
             except Exception:
-                self._unregister(pin.session_id, pin.slot.worker.id)  # retried in the background
+                self._unregister(pin.session_id, pin.worker.id)  # retried in the background
                 raise
 
     def _unregister(self, session_id: str, worker_id: str) -> None:
         """Have the maintenance loop delete an ended session from the registry."""
         self._unregistered[session_id] = worker_id
+        self._wake.set()
+
+    def _wake_maintenance(self) -> None:
         self._wake.set()
 
     async def release(self, session_id: str) -> None:
@@ -762,147 +565,39 @@ class Pool(Generic[C]):
         if self._pins.get(pin.session_id) is pin:
             del self._pins[pin.session_id]
         pin.ended = True
-        if pin.uses == 0 and pin.slot.pin is pin and pin.slot.state is WorkerState.PINNED:
-            self._recycle(pin.slot)
+        if pin.uses == 0:
+            self._recycle(pin)
 
-    def _recycle(self, slot: _Slot[C]) -> None:
+    def _recycle(self, pin: _Pin[C]) -> None:
+        """The worker of an ended pin with no open use serves the next session (or,
+        with ``worker_reuse=False``, is retired)."""
+        worker_id = pin.worker.id
+        if self._by_worker.get(worker_id) is not pin:
+            return  # recycled already, or its worker died
+        del self._by_worker[worker_id]
         if self.config.worker_reuse and self._state is PoolState.READY:
-            self._make_idle(slot)
+            self._supply.free(worker_id)
         else:
-            self._retire(slot, "session ended (worker_reuse=False)")
+            self._supply.retire(worker_id, "session ended (worker_reuse=False)")
 
-    def _retire(self, slot: _Slot[C], why: str) -> None:
-        """Take a worker out of the pool and close it in the background."""
-        if slot.state is WorkerState.DRAINING or slot.state is WorkerState.CLOSED:
-            return
-        if slot.state is WorkerState.IDLE:
-            with contextlib.suppress(ValueError):
-                self._idle.remove(slot)
-        slot.state = WorkerState.DRAINING
-        slot.pin = None
-        self._slots.pop(slot.worker.id, None)
-        log.info("retiring worker %s: %s", slot.worker.id, why)
-        closing = asyncio.ensure_future(self._close_worker(slot))
-        self._closing.add(closing)
-        closing.add_done_callback(self._closing.discard)
-        self._capacity_freed()
-        self._wake.set()
-
-    async def _close_worker(self, slot: _Slot[C]) -> None:
-        try:
-            await slot.worker.close()
-        except Exception:
-            log.exception("closing worker %s failed", slot.worker.id)
-        slot.state = WorkerState.CLOSED
-        if slot.watch is not None:
-            slot.watch.cancel()
+    def _worker_closed(self, worker: Worker[C]) -> None:
         if self._sampler is not None:
-            self._sampler.forget(slot.worker.pid)
-
-    # -- spawning -------------------------------------------------------------------------
-
-    async def _spawn_slot(
-        self, spawn: Callable[[], Awaitable[Worker[C]]] | None = None
-    ) -> _Slot[C]:
-        """Start one worker (with ``spawn``, else the factory) and register it (state
-        IDLE, in no deque yet)."""
-        loop = asyncio.get_running_loop()
-        if self._last_spawn_error is not None and loop.time() < self._backoff_until:
-            wait = self._backoff_until - loop.time()
-            raise SpawnError(
-                f"not spawning for another {wait:.1f}s after {self._failures} failed "
-                f"spawn(s); last error: {self._last_spawn_error.message}",
-                command=self._last_spawn_error.command,
-                exit_code=self._last_spawn_error.exit_code,
-                output_tail=self._last_spawn_error.output_tail,
-            )
-        self._spawning += 1  # before the first await: capacity is reserved
-        try:
-            worker = await (spawn or self.factory.spawn)()
-        except BaseException as exc:
-            self._spawning -= 1
-            self._capacity_freed()
-            if isinstance(exc, SpawnError):
-                self._spawn_failed(exc)
-            elif isinstance(exc, Exception):
-                error = SpawnError(f"worker factory raised {exc!r}")
-                self._spawn_failed(error)
-                raise error from exc
-            raise
-        self._spawning -= 1
-        self._failures = 0
-        self._last_spawn_error = None
-        if self._state is not PoolState.READY and self._state is not PoolState.STARTING:
-            await worker.close()
-            raise PoolClosedError(f"pool is {self._state.value}")
-        slot = _Slot(worker, self._clock())
-        self._slots[worker.id] = slot
-        slot.watch = self._background(self._watch(slot))
-        return slot
-
-    def _spawn_failed(self, error: SpawnError) -> None:
-        self._failures += 1
-        self._last_spawn_error = error
-        delay = min(
-            self.config.spawn_backoff * 2 ** (self._failures - 1), self.config.spawn_backoff_max
-        )
-        self._backoff_until = asyncio.get_running_loop().time() + delay
-        log.error("spawn failed (%d in a row; next try in %.1fs): %s", self._failures, delay, error)
-
-    async def _refill(self) -> None:
-        """Spawn one worker at a time until ``min_workers`` (and ``min_idle`` spares)
-        are alive."""
-        self._refilling = True
-        try:
-            while (
-                self._state is PoolState.READY
-                and len(self._slots) + self._spawning < self._wanted()
-            ):
-                loop = asyncio.get_running_loop()
-                if loop.time() < self._backoff_until:
-                    await asyncio.sleep(self._backoff_until - loop.time())
-                    continue
-                quiet_at = self._last_take + (self.config.refill_delay or 0.0)
-                if loop.time() < quiet_at:
-                    await asyncio.sleep(quiet_at - loop.time())  # sessions just started
-                    continue
-                try:
-                    slot = await self._spawn_slot()
-                except (SpawnError, PoolClosedError):
-                    continue  # spawn failures back off by themselves
-                self._make_idle(slot)
-                self._refill_trouble.recovered()
-        except Exception as exc:
-            self._refill_trouble.failed(exc)  # the next maintenance pass starts over
-        finally:
-            self._refilling = False
+            self._sampler.forget(worker.pid)
 
     # -- failure detection --------------------------------------------------------------
 
-    async def _watch(self, slot: _Slot[C]) -> None:
-        try:
-            reason = await slot.worker.wait()
-        except Exception:
-            # A broken Worker.wait(): health checks are left to notice this one's death.
-            log.exception("watching worker %s failed", slot.worker.id)
-            return
-        self._worker_died(slot, reason)
-
-    def _worker_died(self, slot: _Slot[C], reason: str) -> None:
-        """The crash path: unpin, tell on_crash, close the remains, refill."""
-        if slot.state is WorkerState.DRAINING or slot.state is WorkerState.CLOSED:
-            return  # we closed it ourselves
-        pin = slot.pin
+    def _worker_died(self, worker: Worker[C], reason: str) -> None:
+        """The crash path, before the supply retires the worker: unpin, tell on_crash."""
+        pin = self._by_worker.pop(worker.id, None)
         log.warning(
             "worker %s died (%s)%s",
-            slot.worker.id,
+            worker.id,
             reason,
             f" while pinned to session {session_tag(pin.session_id)}" if pin else "",
         )
-        self._retire(slot, f"died: {reason}")
         self._crashes.append(
             CrashInfo(
-                worker_id=slot.worker.id,
+                worker_id=worker.id,
                 session_id=pin.session_id if pin else None,
                 reason=reason,
                 at=time.time(),
@@ -913,7 +608,7 @@ class Pool(Generic[C]):
                 del self._pins[pin.session_id]
             pin.ended = True
             pin.death = reason
-            self._unregister(pin.session_id, slot.worker.id)
+            self._unregister(pin.session_id, worker.id)
             self._crashed(pin.session_id)
 
     async def _forget(self, session_id: str, worker_id: str) -> None:
@@ -925,8 +620,7 @@ class Pool(Generic[C]):
         """Delete ended sessions from the registry. A failure stops the round (the
         registry is likely down): it is logged once, and the rest is tried again by
         a later sweep, after a back-off."""
-        loop = asyncio.get_running_loop()
-        if not self._unregistered or loop.time() < self._registry_retry_at:
+        if not self._unregistered or self._clock() < self._registry_retry_at:
             return
         try:
             for session_id, worker_id in list(self._unregistered.items()):
@@ -934,7 +628,7 @@ class Pool(Generic[C]):
                 if self._unregistered.get(session_id) == worker_id:  # not ended again meanwhile
                     del self._unregistered[session_id]
         except Exception as exc:
-            self._registry_retry_at = loop.time() + self._registry_trouble.failed(exc)
+            self._registry_retry_at = self._clock() + self._registry_trouble.failed(exc)
         else:
             self._registry_trouble.recovered()
 
@@ -957,32 +651,13 @@ class Pool(Generic[C]):
 
         self._background(call())
 
-    async def _health_loop(self, interval: float) -> None:
-        trouble = _Trouble("health checks", first=interval, most=max(interval, 30.0))
-        delay = interval
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                await self.check_health()
-            except Exception as exc:
-                delay = trouble.failed(exc)
-            else:
-                trouble.recovered()
-                delay = interval
-
     async def check_health(self) -> None:
         """Probe every worker once now; count failures, and a worker that failed too
         many (``health_failures``) goes through the crash path.
 
         The pool does this every ``health_interval`` on its own.
         """
-        live = (WorkerState.IDLE, WorkerState.PINNED)
-        slots = [slot for slot in self._slots.values() if slot.state in live]
-        results = await asyncio.gather(
-            *(slot.worker.healthy() for slot in slots), return_exceptions=True
-        )
-        for slot, result in zip(slots, results, strict=True):
-            self._probed(slot, result, "health check")
+        await self._supply.check_health()
 
     async def check_worker(self, worker_id: str) -> bool:
         """Probe one worker now, for callers that saw it fail (a proxy whose
@@ -996,68 +671,7 @@ class Pool(Generic[C]):
         :returns: whether the worker is still in the pool (healthy, or not failing
             for long enough to be declared dead).
         """
-        slot = self._slots.get(worker_id)
-        if slot is None or slot.state not in (WorkerState.IDLE, WorkerState.PINNED):
-            return False
-        result: bool | BaseException
-        try:
-            result = await slot.worker.healthy()
-        except Exception as exc:
-            result = exc
-        if result is not True and not _failed_locally(result):
-            # A worker that dropped a connection is often exiting: its exit watch
-            # fires a moment after its sockets close. Wait for that moment, so that
-            # the session is unpinned now (the crash path) and the next request
-            # gets a new worker instead of this one.
-            with contextlib.suppress(TimeoutError, Exception):
-                await asyncio.wait_for(asyncio.shield(slot.worker.wait()), _EXIT_GRACE)
-        return self._probed(slot, result, "health check after a failed request")
-
-    def _probed(self, slot: _Slot[C], result: object, what: str) -> bool:
-        """Count one probe of ``slot``; whether the worker is still in the pool after it."""
-        if slot.state is not WorkerState.IDLE and slot.state is not WorkerState.PINNED:
-            return False  # gone while the probe ran
-        if result is True:
-            slot.probe_failures = 0
-            self._probe_trouble.recovered()
-            return True
-        if _failed_locally(result):
-            assert isinstance(result, OSError)
-            self._probe_trouble.failed(result)  # counts for nothing: the fault is ours
-            return True
-        if isinstance(result, BaseException) and not isinstance(result, Exception):
-            return True  # a cancelled probe tells nothing
-        self._probe_trouble.recovered()
-        reason = f"{what} raised {result!r}" if isinstance(result, BaseException) else None
-        worker = slot.worker
-        exited = isinstance(worker, ExitAware) and not worker.alive
-        if exited or (isinstance(worker, LimitAware) and worker.limit_breach()):
-            # Exited (the exit watch is about to say so), or stuck at a cgroup limit:
-            # no busy spell to wait out.
-            self._worker_died(slot, _with_breach(worker, reason or f"{what} failed"))
-            return False
-        now = asyncio.get_running_loop().time()
-        if slot.probe_failures == 0:
-            slot.failing_since = now
-        slot.probe_failures += 1
-        most = self.config.health_failures
-        window = (most - 1) * (self.config.health_interval or 0.0)
-        spell = now - slot.failing_since
-        if slot.probe_failures >= most and spell >= window:
-            why = reason or f"{what} failed"
-            self._worker_died(
-                slot,
-                _with_breach(worker, f"{why} ({slot.probe_failures} in a row over {spell:.1f}s)"),
-            )
-            return False
-        log.warning(
-            "worker %s: %s (%d of %d failures before it is declared dead)",
-            worker.id,
-            reason or f"{what} failed",
-            slot.probe_failures,
-            most,
-        )
-        return True
+        return await self._supply.check_worker(worker_id)
 
     # -- maintenance ----------------------------------------------------------------------
 
@@ -1111,18 +725,10 @@ class Pool(Generic[C]):
                     now - pin.last_active,
                 )
                 self._end_pin(pin)
-                self._unregistered[pin.session_id] = pin.slot.worker.id
-        idle_timeout = self.config.idle_worker_timeout
-        if idle_timeout:
-            surplus = len(self._slots) - self._wanted()
-            for slot in list(self._idle):
-                if surplus <= 0:
-                    break
-                if now - slot.idle_since >= idle_timeout:
-                    self._retire(slot, f"idle for {now - slot.idle_since:.0f}s above the minimum")
-                    surplus -= 1
-        if not self._refilling and len(self._slots) + self._spawning < self._wanted():
-            self._background(self._refill())
+                self._unregistered[pin.session_id] = pin.worker.id
+        self._supply.retire_idle(now)
+        self._supply.refill()
+        self._supply.nudge()  # a refill waiting out a back-off looks at the clock again
         # Last, so a failing registry holds up none of the above. Awaiting: a new
         # acquire of an evicted ID may pin it again meanwhile; _forget checks.
         await self._forget_ended()
@@ -1131,16 +737,16 @@ class Pool(Generic[C]):
 
     def sessions(self) -> dict[str, str]:
         """Every pinned session ID with its worker ID (this node's view; no I/O)."""
-        return {sid: pin.slot.worker.id for sid, pin in self._pins.items()}
+        return {sid: pin.worker.id for sid, pin in self._pins.items()}
 
     @property
     def idle_count(self) -> int:
         """Workers idle and ready for a new session now (no I/O)."""
-        return len(self._idle)
+        return len(self._supply.idle)
 
     def workers(self) -> list[Worker[C]]:
         """The live workers, idle and pinned."""
-        return [slot.worker for slot in self._slots.values()]
+        return [slot.worker for slot in self._supply.slots.values()]
 
     def stats(self) -> PoolStats:
         """A snapshot of the pool; never blocks (OS figures are cached < 1 s)."""
@@ -1148,44 +754,37 @@ class Pool(Generic[C]):
         self._sampler = sampler
         report = self._sandbox_report()
         now = self._clock()
-        rows = []
-        for slot in self._slots.values():
-            rss, cpu = sampler.tree(slot.worker.pid)
-            pin = slot.pin
-            busy = pin is not None and pin.uses > 0
-            idle_since = pin.last_active if pin is not None else slot.idle_since
-            rows.append(
-                WorkerStats(
-                    id=slot.worker.id,
-                    pid=slot.worker.pid,
-                    address=slot.worker.address,
-                    state="ending" if pin is not None and pin.ended else slot.state.value,
-                    session_id=pin.session_id if pin is not None else None,
-                    open_uses=pin.uses if pin is not None else 0,
-                    rss_bytes=rss,
-                    cpu_percent=cpu,
-                    age_seconds=max(now - slot.created, 0.0),
-                    idle_seconds=0.0 if busy else max(now - idle_since, 0.0),
-                )
+        supply = self._supply
+        rows = tuple(
+            worker_stats(
+                slot.worker,
+                state=slot.state.value,
+                created=slot.created,
+                idle_since=slot.idle_since,
+                pin=self._by_worker.get(worker_id),
+                sampler=sampler,
+                now=now,
             )
+            for worker_id, slot in supply.slots.items()
+        )
         return PoolStats(
             state=self._state.value,
-            total_workers=len(self._slots),
-            available_workers=len(self._idle),
-            starting_workers=self._spawning,
+            total_workers=len(supply.slots),
+            available_workers=len(supply.idle),
+            starting_workers=supply.spawning,
             active_sessions=len(self._pins),
             inflight_acquires=sum(p.callers for p in self._pending.values()),
             min_workers=self.config.min_workers,
             max_workers=self.config.max_workers,
             min_idle=self.config.min_idle,
-            spawn_failures=self._failures,
-            last_spawn_error=self._last_spawn_error.message if self._last_spawn_error else None,
+            spawn_failures=supply.failures,
+            last_spawn_error=supply.last_spawn_error.message if supply.last_spawn_error else None,
             node=sampler.node(),
-            workers=tuple(rows),
+            workers=rows,
             sandbox=report.level if report is not None else "unknown",
             sandbox_reason=report.reason if report is not None else "",
             recent_crashes=tuple(self._crashes),
-            waiting_for_worker=sum(1 for waiter in self._waiters if not waiter.done()),
+            waiting_for_worker=supply.waiting(),
         )
 
     def _sandbox_report(self) -> SandboxReport | None:
@@ -1197,6 +796,6 @@ class Pool(Generic[C]):
 
     def __repr__(self) -> str:
         return (
-            f"<Pool {self._state.value} workers={len(self._slots)} "
-            f"idle={len(self._idle)} sessions={len(self._pins)}>"
+            f"<Pool {self._state.value} workers={len(self._supply.slots)} "
+            f"idle={len(self._supply.idle)} sessions={len(self._pins)}>"
         )

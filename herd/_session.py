@@ -14,13 +14,10 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic
+from typing import Any, Generic, Protocol
 
 from ._exceptions import InvalidSessionIdError, WorkerDeadError
 from ._protocols import C, Worker
-
-if TYPE_CHECKING:
-    from ._pool import Pool, _Pin
 
 __all__ = [
     "MAX_SESSION_ID_LENGTH",
@@ -91,6 +88,41 @@ def validate_session_id(session_id: object) -> str:
     raise InvalidSessionIdError(f"invalid session ID {shown!r}: {why}")
 
 
+class _Owner(Protocol):
+    """What a session's uses report to: the pool's session table."""
+
+    def _end_use(self, pin: _Pin[Any], /) -> None:
+        """One use of ``pin`` closed."""
+
+    async def _end_session(self, pin: _Pin[Any], /) -> None:
+        """End the session of ``pin`` (if it is still the session's pin)."""
+
+
+class _Pin(Generic[C]):
+    """A session pinned to a worker, for as long as the session lives."""
+
+    __slots__ = (
+        "death",
+        "ended",
+        "last_active",
+        "owner",
+        "session_id",
+        "used",
+        "uses",
+        "worker",
+    )
+
+    def __init__(self, session_id: str, worker: Worker[C], owner: _Owner, now: float) -> None:
+        self.session_id = session_id
+        self.worker = worker
+        self.owner = owner
+        self.uses = 0  # open Session objects; > 0 means never evicted
+        self.used = False  # a caller got a Session of it (else every caller gave up)
+        self.last_active = now  # when the last use ended (or the pin was made)
+        self.ended = False  # released, evicted or crashed: no new uses
+        self.death: str | None = None  # why the worker died, if that ended the pin
+
+
 class Session(Generic[C]):
     """One use of a session, pinned to :attr:`worker`.
 
@@ -99,13 +131,12 @@ class Session(Generic[C]):
 
     """
 
-    # Only the pin and the pool: at 10,000 live sessions every extra object an
-    # acquire touches is a cache miss, and the fast path is what users feel.
-    __slots__ = ("_closed", "_pin", "_pool")
+    # Only the pin: at 10,000 live sessions every extra object an acquire
+    # touches is a cache miss, and the fast path is what users feel.
+    __slots__ = ("_closed", "_pin")
 
-    def __init__(self, pin: _Pin[C], pool: Pool[C]) -> None:
+    def __init__(self, pin: _Pin[C]) -> None:
         self._pin = pin
-        self._pool = pool
         self._closed = False
 
     @property
@@ -116,7 +147,7 @@ class Session(Generic[C]):
     @property
     def worker(self) -> Worker[C]:
         """The worker pinned to the session (``.id``, ``.address``, ``.client``, ``.pid``)."""
-        return self._pin.slot.worker
+        return self._pin.worker
 
     @property
     def closed(self) -> bool:
@@ -147,7 +178,7 @@ class Session(Generic[C]):
         """End this use without awaiting (for synchronous callbacks); idempotent."""
         if not self._closed:
             self._closed = True
-            self._pool._end_use(self._pin)
+            self._pin.owner._end_use(self._pin)
 
     async def close(self) -> None:
         """End this use; the session stays pinned to its worker. Idempotent.
@@ -165,7 +196,7 @@ class Session(Generic[C]):
         worker after a crash, this old handle leaves the new pin alone.
         """
         self.close_nowait()
-        await self._pool._end_session(self._pin)
+        await self._pin.owner._end_session(self._pin)
 
     async def __aenter__(self) -> Session[C]:
         return self

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from ._procfs import descendants
+
+if TYPE_CHECKING:
+    from ._protocols import Worker
+    from ._session import _Pin
 
 __all__ = ["CrashInfo", "NodeStats", "PoolStats", "Sampler", "WorkerStats"]
 
@@ -62,8 +67,7 @@ class WorkerStats:
     :param pid: its process ID, if it has one.
     :param address: where it listens.
     :param state: ``"idle"``, ``"pinned"``, ``"ending"`` (its session was released
-        but a use of it is still open: the worker is freed when that use closes)
-        or ``"draining"``.
+        but a use of it is still open: the worker is freed when that use closes).
     :param session_id: the session pinned to it (or ending on it), if any.
     :param open_uses: open :class:`~herd.Session` uses of that session.
     :param rss_bytes: resident memory of the worker's processes (``None``: unknown).
@@ -83,6 +87,38 @@ class WorkerStats:
     cpu_percent: float | None
     age_seconds: float
     idle_seconds: float
+
+
+def worker_stats(
+    worker: Worker[Any],
+    *,
+    state: str,
+    created: float,
+    idle_since: float,
+    pin: _Pin[Any] | None,
+    sampler: Sampler,
+    now: float,
+) -> WorkerStats:
+    """The row of one live worker: the pool's view (``state``, its session's
+    ``pin`` if any), the sampler's figures, times against the pool's clock."""
+    rss, cpu = sampler.tree(worker.pid)
+    busy = pin is not None and pin.uses > 0
+    if pin is not None:
+        idle_since = pin.last_active
+        if pin.ended:
+            state = "ending"
+    return WorkerStats(
+        id=worker.id,
+        pid=worker.pid,
+        address=worker.address,
+        state=state,
+        session_id=pin.session_id if pin is not None else None,
+        open_uses=pin.uses if pin is not None else 0,
+        rss_bytes=rss,
+        cpu_percent=cpu,
+        age_seconds=max(now - created, 0.0),
+        idle_seconds=0.0 if busy else max(now - idle_since, 0.0),
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

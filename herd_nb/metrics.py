@@ -16,7 +16,7 @@ import herd
 
 __all__ = ["PoolCollector"]
 
-STATES = ("idle", "pinned", "ending", "draining")
+STATES = ("idle", "pinned", "ending")  # what WorkerStats.state can say
 
 
 class PoolCollector:

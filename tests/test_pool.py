@@ -841,3 +841,122 @@ async def test_the_spawn_back_off_is_configurable() -> None:
         await session.release()
     with pytest.raises(ValueError, match="spawn_backoff_max must be >= spawn_backoff"):
         herd.Pool(FakeFactory(), spawn_backoff=2, spawn_backoff_max=1)
+
+
+# -- every deadline from the injected clock ---------------------------------------------
+# Each of these waits a minute of the pool's clock and none of the wall's: before the
+# deadlines moved to the injected clock (they read loop.time()), each test failed.
+
+
+class FlakyDeletes(MemoryRegistry):
+    """A MemoryRegistry whose next ``failures`` deletes raise; counts every delete."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+        self.deletes = 0
+
+    async def delete(self, session_id: str) -> None:
+        self.deletes += 1
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("registry down")
+        await super().delete(session_id)
+
+
+def quiet(**options: Any) -> dict[str, Any]:
+    """Pool options with nothing timed but what a test sets."""
+    return {"ttl": None, "idle_worker_timeout": None, "health_interval": None, **options}
+
+
+async def test_spawn_back_off_runs_on_the_pools_clock() -> None:
+    clock = FakeClock()
+    factory = FakeFactory()
+    factory.fail_next = 1
+    async with herd.Pool(
+        factory,
+        min_workers=0,
+        max_workers=1,
+        clock=clock,
+        **quiet(spawn_backoff=60, spawn_backoff_max=60),
+    ) as pool:
+        with pytest.raises(herd.SpawnError, match="fake spawn failure"):
+            await pool.acquire("a")
+        clock.advance(59)
+        with pytest.raises(herd.SpawnError, match=r"not spawning for another 1\.0s"):
+            await pool.acquire("a")
+        clock.advance(1)
+        session = await pool.acquire("a")
+        await session.release()
+
+
+async def test_refill_delay_runs_on_the_pools_clock() -> None:
+    clock = FakeClock()
+    factory = FakeFactory()
+    options = quiet(min_workers=0, min_idle=1, max_workers=3, refill_delay=60)
+    async with herd.Pool(factory, clock=clock, **options) as pool:
+        session = await pool.acquire("a")  # takes the spare: its refill waits 60 s
+        await pool.sweep()
+        await asyncio.sleep(0.05)
+        assert len(factory.spawned) == 1
+        clock.advance(60)
+        await pool.sweep()  # wakes the waiting refill: it looks at the clock again
+        await wait_until(lambda: pool.stats().available_workers == 1, what="the refill")
+        assert len(factory.spawned) == 2
+        await session.release()
+
+
+async def test_refill_backs_off_on_the_pools_clock() -> None:
+    clock = FakeClock()
+    factory = FakeFactory()
+    options = quiet(min_workers=1, max_workers=2, spawn_backoff=60, spawn_backoff_max=60)
+    async with herd.Pool(factory, clock=clock, **options) as pool:
+        factory.fail_next = 1
+        factory.spawned[0].crash()
+        await wait_until(lambda: pool.stats().spawn_failures == 1, what="a failed refill")
+        await pool.sweep()
+        await asyncio.sleep(0.05)
+        assert pool.stats().total_workers == 0  # backing off: no second try yet
+        clock.advance(60)
+        await pool.sweep()
+        await wait_until(lambda: pool.stats().total_workers == 1, what="the refill")
+        assert len(factory.spawned) == 2
+
+
+async def test_registry_clean_up_retries_on_the_pools_clock() -> None:
+    clock = FakeClock()
+    registry = FlakyDeletes()
+    async with herd.Pool(
+        FakeFactory(), min_workers=0, max_workers=1, registry=registry, clock=clock, **quiet()
+    ) as pool:
+        session = await pool.acquire("a")
+        registry.failures = 2
+        with pytest.raises(ConnectionError):
+            await session.release()  # the caller hears of it; the pool retries later
+        await pool.sweep()  # the retry fails too: the next waits a back-off (a tick)
+        assert registry.deletes == 2
+        await pool.sweep()
+        assert registry.deletes == 2  # not within the back-off
+        clock.advance(1)
+        await pool.sweep()
+        assert registry.deletes == 3
+        assert await registry.get("a") is None
+
+
+async def test_the_health_window_runs_on_the_pools_clock() -> None:
+    """health_failures=3 at health_interval=10: three misses within a moment of the
+    pool's clock are a busy spell; the third miss 20 s after the first is death."""
+    clock = FakeClock()
+    options = quiet(min_workers=1, max_workers=1, health_failures=3)
+    options["health_interval"] = 10  # the loop's first probe is 10 s of real time away
+    async with herd.Pool(FakeFactory(), clock=clock, **options) as pool:
+        (worker,) = pool.workers()
+        assert isinstance(worker, herd.testing.FakeWorker)
+        worker.healthy_answer = False
+        for _ in range(3):
+            await pool.check_health()
+        assert pool.workers() == [worker]  # three misses in no time: busy, not dead
+        clock.advance(20)
+        await pool.check_health()
+        assert worker not in pool.workers()
+        assert "4 in a row over 20.0s" in pool.stats().recent_crashes[-1].reason

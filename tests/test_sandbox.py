@@ -662,10 +662,27 @@ def test_an_unknown_user_or_isolation_is_refused_at_once() -> None:
         herd.ProcessFactory(["true"], isolation="jail")  # type: ignore[arg-type]
 
 
-@pytest.mark.skipif(
+needs_netns = pytest.mark.skipif(
     herd_sandbox.network_namespaces() is not None,
     reason=f"no network namespaces here: {herd_sandbox.network_namespaces()}",
 )
+
+
+@needs_netns
+async def test_a_tenants_http_client_reaches_it_in_its_network() -> None:
+    """``worker.client`` of a worker in its own network connects through a socket
+    made there (TCPClient.connect passes source_ip/source_port to the hook herd
+    overrides: with a narrower signature every request raised TypeError)."""
+    worker = await factory(isolation="tenant").spawn()
+    try:
+        assert worker.netns is not None
+        assert (await get(worker, "/state"))["count"] == 1
+        assert (await get(worker, "/state"))["count"] == 2
+    finally:
+        await worker.close()
+
+
+@needs_netns
 async def test_a_closed_tenants_network_is_never_entered_again() -> None:
     """Once its launcher is reaped, a worker's PID may name another process, in
     another worker's network: a socket for the closed worker must not be made
