@@ -4,6 +4,7 @@
     python bench/proxy.py --quick         # 2 s load runs, 256 MiB transfers
     python bench/proxy.py --json out.json
     python bench/proxy.py --isolation     # herd serve: tenant against process isolation
+    python bench/proxy.py --against TREE  # herd serve: this checkout against another one
 
 Needs jupyter_server and jupyter-server-proxy 4.x (``pip install -e '.[bench]'``)
 and uses wrk for HTTP load when it is installed (Debian: ``apt-get install wrk``),
@@ -27,6 +28,11 @@ sockets the gateway creates there with ``setns``), one with ``--isolation
 process`` (the host's network); rounds of HTTP load and WebSocket echoes
 alternate between them (in turn first and second), and the table has the
 medians over the rounds and their ratios.
+
+``--against TREE`` does the same for two versions of herd: ``herd serve`` of
+this checkout against ``herd serve`` of the checkout at ``TREE`` (a ``git
+worktree add TREE <commit>``, run with ``PYTHONPATH=TREE``), both with
+``--isolation process``: "no slower than before" measured in one run.
 
 Loopback only; every run is bounded in time and every process is stopped.
 """
@@ -307,9 +313,10 @@ def download(target: Target, size: int) -> tuple[float | None, int | None, str]:
 
 
 def herd_serve(port: int, backend_py: str, isolation: str) -> list[str]:
-    """``herd serve`` with the backend as its worker, one session per client header."""
+    """``herd serve`` with the backend as its worker, one session per client header
+    (``port`` 0: a ``{gateway_port}`` placeholder, filled in when it starts)."""
     return [
-        *(sys.executable, "-m", "herd", "serve", "--port", str(port)),
+        *(sys.executable, "-m", "herd", "serve", "--port", str(port or "{gateway_port}")),
         *("--min", "1", "--max", "2", "--health-path", "/health"),
         *("--isolation", isolation, "--log-level", "warning"),
         *("--", sys.executable, backend_py, "{port}"),
@@ -335,7 +342,15 @@ def main() -> None:
         help="herd serve --isolation tenant against --isolation process instead",
     )
     parser.add_argument(
-        "--rounds", type=int, default=None, help="rounds per gateway with --isolation (5; quick 3)"
+        "--against",
+        metavar="TREE",
+        help="herd serve of this checkout against that of another checkout instead",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds per gateway with --isolation or --against (5; quick 3)",
     )
     args = parser.parse_args()
     seconds = 2.0 if args.quick else 5.0
@@ -345,9 +360,25 @@ def main() -> None:
     backend_py = os.path.join(workdir, "backend.py")
     with open(backend_py, "w") as f:
         f.write(BACKEND)
+    rounds = args.rounds or (3 if args.quick else 5)
     if args.isolation:
-        rounds = args.rounds or (3 if args.quick else 5)
-        compare_isolation(backend_py, seconds, rounds, args.json)
+        variants: list[Variant] = [
+            (isolation, herd_serve(0, backend_py, isolation), None) for isolation in ISOLATIONS
+        ]
+        compare_gateways(variants, seconds, rounds, args.json)
+        return
+    if args.against:
+        other = os.path.abspath(args.against)
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        variants = [
+            (
+                name,
+                herd_serve(0, backend_py, "process"),
+                {**os.environ, "PYTHONPATH": tree},
+            )
+            for name, tree in (("this", here), (os.path.basename(other) or "that", other))
+        ]
+        compare_gateways(variants, seconds, rounds, args.json)
         return
     backend_port, herd_port, jsp_port = free_port(), free_port(), free_port()
     results: dict[str, dict[str, object]] = {}
@@ -438,18 +469,24 @@ def one_round(target: Target, seconds: float, use_wrk: bool) -> dict[str, float]
     return row
 
 
-def compare_isolation(backend_py: str, seconds: float, rounds: int, json_path: str | None) -> None:
-    """Alternating rounds against two gateways that differ only in ``--isolation``."""
+Variant = tuple[str, list[str], dict[str, str] | None]  # name, herd serve argv, env
+
+
+def compare_gateways(
+    variants: list[Variant], seconds: float, rounds: int, json_path: str | None
+) -> None:
+    """Alternating rounds against two ``herd serve`` that differ in one thing."""
     use_wrk = shutil.which("wrk") is not None
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in ISOLATIONS}
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in variants}
     load = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
         targets = []
-        for isolation in ISOLATIONS:
+        for name, argv, env in variants:
             port = free_port()
-            proc = stack.enter_context(running(herd_serve(port, backend_py, isolation)))
+            argv = [part.replace("{gateway_port}", str(port)) for part in argv]
+            proc = stack.enter_context(running(argv, env=env))
             headers = {"X-Session-ID": "bench"}
-            targets.append(Target(isolation, f"http://127.0.0.1:{port}", headers, proc.pid))
+            targets.append(Target(name, f"http://127.0.0.1:{port}", headers, proc.pid))
         for target in targets:
             wait_http(target.base + "/", target.headers)
             one_round(target, 1.0, use_wrk)  # warm up: the session's worker, connections
@@ -459,13 +496,13 @@ def compare_isolation(backend_py: str, seconds: float, rounds: int, json_path: s
             for target in targets if n % 2 == 0 else targets[::-1]:
                 samples[target.name].append(one_round(target, seconds, use_wrk))
             print(f"  round {n + 1}/{rounds}", file=sys.stderr, flush=True)
-    print_isolation(samples, rounds, seconds, use_wrk, load)
+    print_pair(samples, rounds, seconds, use_wrk, load)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(samples, f, indent=2)
 
 
-def print_isolation(
+def print_pair(
     samples: dict[str, list[dict[str, float]]],
     rounds: int,
     seconds: float,
@@ -473,22 +510,23 @@ def print_isolation(
     load: float,
 ) -> None:
     tool = "wrk" if use_wrk else "python load generator"
+    a, b = samples
     print(
-        f"herd serve: --isolation tenant against process ({tool}; {rounds} alternating rounds "
+        f"herd serve: {a} against {b} ({tool}; {rounds} alternating rounds "
         f"of {seconds:g} s; medians; {os.cpu_count()} cores)"
     )
     print(f"load average at the start: {load:.2f}, at the end: {os.getloadavg()[0]:.2f}")
-    header = ["tenant", "process", "tenant/process", "per round"]
+    header = [a, b, f"{a}/{b}", "per round"]
     print(f"{'':34}" + "".join(f"{h:>16}" for h in header))
-    tenant, process = samples["tenant"], samples["process"]
+    first, second = samples[a], samples[b]
     for key, (label, form) in METRICS.items():
-        medians = [statistics.median(row[key] for row in rows) for rows in (tenant, process)]
-        ratios = [t[key] / p[key] for t, p in zip(tenant, process, strict=True)]
+        medians = [statistics.median(row[key] for row in rows) for rows in (first, second)]
+        ratios = [t[key] / p[key] for t, p in zip(first, second, strict=True)]
         spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
         cells = [form.format(m) for m in medians] + [f"{medians[0] / medians[1]:.2f}", spread]
         print(f"{label:34}" + "".join(f"{c:>16}" for c in cells))
     print(
-        "\n(per round: the lowest and highest tenant/process ratio of one round, "
+        f"\n(per round: the lowest and highest {a}/{b} ratio of one round, "
         "both measured back to back)"
     )
 
