@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import herd
 import herd.registry
@@ -51,15 +53,35 @@ def test_errors_form_one_tree() -> None:
     assert issubclass(herd.PoolExhaustedError, TimeoutError)
 
 
+BANNED = ("jupyter", "IPython", "ipywidgets", "ipykernel", "notebook", "traitlets", "zmq")
+
+
 def test_the_core_imports_nothing_from_jupyter() -> None:
+    """Importing every public module of herd loads no Jupyter package (nor redis,
+    which only its registry extra will need)."""
     code = (
-        "import sys, herd, herd.testing, herd.registry\n"
-        "banned = ('jupyter', 'IPython', 'ipywidgets', 'ipykernel', 'notebook', 'redis')\n"
+        "import sys, herd, herd.testing, herd.registry, herd.proxy, herd.cli, herd.sandbox\n"
+        f"banned = {(*BANNED, 'redis')!r}\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0].startswith(banned))\n"
         "print(','.join(loaded))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == ""
+
+
+def test_no_module_of_the_core_names_a_jupyter_package() -> None:
+    """Not even in a function body, where an import runs only when called."""
+    found = []
+    for path in sorted(Path(herd.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno} {n}" for n in names if n.startswith(BANNED)]
+    assert found == []
 
 
 def test_protocols_are_satisfied_by_the_shipped_implementations() -> None:
