@@ -639,7 +639,9 @@ class Pool(Generic[C]):
 
         async def call() -> None:
             try:
-                if inspect.iscoroutinefunction(callback):
+                if inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
+                    type(callback).__call__  # an object with an async __call__
+                ):
                     await callback(session_id)
                 else:
                     loop = asyncio.get_running_loop()

@@ -211,7 +211,9 @@ class Session(Generic[C]):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<Session {self.session_id!r} on {self.worker.id} ({state})>"
+        # The tag, not the ID: a repr ends up in logs and tracebacks, and the ID
+        # is a bearer credential.
+        return f"<Session {session_tag(self.session_id)} on {self.worker.id} ({state})>"
 
 
 class AcquireContext(Generic[C]):

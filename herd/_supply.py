@@ -100,9 +100,21 @@ class _Trouble:
         self._seen.clear()
 
 
+def _breach(worker: Worker[Any]) -> str | None:
+    """The cgroup limit the worker ran into, if it can tell; a ``limit_breach()``
+    that raises tells nothing (and must not end the caller's health pass)."""
+    if not isinstance(worker, LimitAware):
+        return None
+    try:
+        return worker.limit_breach()
+    except Exception:
+        log.exception("worker %s: limit_breach() raised", worker.id)
+        return None
+
+
 def _with_breach(worker: Worker[Any], reason: str) -> str:
     """``reason``, plus the cgroup limit the worker ran into if it can tell."""
-    found = worker.limit_breach() if isinstance(worker, LimitAware) else None
+    found = _breach(worker)
     if found and found.startswith("killed:"):
         return str(found)  # the worker is dead for that reason, however we noticed
     return f"{reason} ({found})" if found else reason
@@ -541,7 +553,7 @@ class _Supply(Generic[C]):
         reason = f"{what} raised {result!r}" if isinstance(result, BaseException) else None
         worker = slot.worker
         exited = isinstance(worker, ExitAware) and not worker.alive
-        if exited or (isinstance(worker, LimitAware) and worker.limit_breach()):
+        if exited or _breach(worker):
             # Exited (the exit watch is about to say so), or stuck at a cgroup limit:
             # no busy spell to wait out.
             self._died(slot, _with_breach(worker, reason or f"{what} failed"))

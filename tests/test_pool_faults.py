@@ -14,6 +14,7 @@ here starts a process, and none sleeps longer than a back-off it measures.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections import Counter
@@ -876,19 +877,48 @@ async def test_the_maintenance_loop_outlives_a_pass_that_raises(
 async def test_the_health_loop_outlives_a_check_that_raises(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A health pass that raises (a worker whose ``limit_breach()`` raises while
-    its probe fails) is logged and backed off from; the loop goes on, and
-    declares the worker dead once the pass works."""
+    """A health pass that raises (here the injected clock, read when a probe
+    fails) is logged and backed off from; the loop goes on, and declares the
+    worker dead once the pass works."""
+    broken = False
+
+    def clock() -> float:
+        if broken:
+            raise RuntimeError("clock unavailable")
+        return time.monotonic()
+
+    factory, crashes = FakeFactory(), Crashes()
+    caplog.set_level(logging.ERROR, logger="herd.pool")
+    async with herd.Pool(
+        factory,
+        min_workers=0,
+        max_workers=1,
+        ttl=None,
+        health_interval=0.02,
+        health_failures=1,
+        on_crash=crashes.record,
+        clock=clock,
+    ) as pool:
+        async with pool.acquire("s") as session:
+            worker = next(w for w in factory.spawned if w.id == session.worker.id)
+        broken = True
+        worker.healthy_answer = False
+        await wait_until(lambda: "health checks failed" in caplog.text, what="a failed pass")
+        assert pool.sessions() == {"s": worker.id}
+        broken = False
+        await wait_until(lambda: crashes.sessions == ["s"], what="the crash path")
+
+
+async def test_a_limit_breach_that_raises_ends_no_health_pass(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker whose ``limit_breach()`` raises while its probe fails is judged as
+    one that cannot tell, and the pass goes on to the next worker (the error
+    ended the whole pass, so no worker after it was counted)."""
 
     class BrokenLimits(FakeWorker):
-        def __init__(self) -> None:
-            super().__init__()
-            self.broken = True
-
         def limit_breach(self) -> str | None:
-            if self.broken:
-                raise RuntimeError("cgroup unreadable")
-            return None
+            raise RuntimeError("cgroup unreadable")
 
     class Factory(FakeFactory):
         async def spawn(self) -> FakeWorker:
@@ -901,18 +931,62 @@ async def test_the_health_loop_outlives_a_check_that_raises(
     async with herd.Pool(
         factory,
         min_workers=0,
-        max_workers=1,
+        max_workers=2,
         ttl=None,
-        health_interval=0.02,
+        health_interval=None,
         health_failures=1,
         on_crash=crashes.record,
     ) as pool:
+        for sid in ("a", "b"):
+            async with pool.acquire(sid):
+                pass
+        for worker in factory.spawned:
+            worker.healthy_answer = False
+        await pool.check_health()
+        await wait_until(lambda: sorted(crashes.sessions) == ["a", "b"], what="both deaths")
+    assert "limit_breach() raised" in caplog.text
+
+
+async def test_an_object_with_an_async_call_is_awaited_as_on_crash() -> None:
+    """``on_crash`` may be an object whose ``__call__`` is a coroutine function: it
+    is awaited on the loop, never sent to a thread (it was: the thread made the
+    coroutine, awaited only after, and at shutdown never, with a "never
+    awaited" warning)."""
+
+    class Notifier:
+        def __init__(self) -> None:
+            self.sessions: list[str] = []
+
+        async def __call__(self, session_id: str) -> None:
+            self.sessions.append(session_id)
+
+    class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            self.submitted += 1
+            return super().submit(fn, *args, **kwargs)
+
+    executor = CountingExecutor(max_workers=1)
+    asyncio.get_running_loop().set_default_executor(executor)
+    notifier = Notifier()
+    async with herd.Pool(
+        FakeFactory(), min_workers=0, max_workers=1, health_interval=None, on_crash=notifier
+    ) as pool:
         async with pool.acquire("s") as session:
-            worker = next(w for w in factory.spawned if w.id == session.worker.id)
-        assert isinstance(worker, BrokenLimits)
-        worker.healthy_answer = False
-        await wait_until(lambda: "cgroup unreadable" in caplog.text, what="a failed pass")
-        assert pool.sessions() == {"s": worker.id}
-        worker.broken = False
-        await wait_until(lambda: crashes.sessions == ["s"], what="the crash path")
-    assert "health checks failed" in caplog.text
+            worker = session.worker
+        assert isinstance(worker, FakeWorker)
+        before = executor.submitted
+        worker.crash()
+        await wait_until(lambda: notifier.sessions == ["s"], what="on_crash")
+        assert executor.submitted == before
+
+
+async def test_a_sessions_repr_shows_its_tag_not_its_id() -> None:
+    """A session ID is a bearer credential, and a repr ends up in logs and
+    tracebacks."""
+    async with herd.Pool(FakeFactory(), min_workers=0, max_workers=1) as pool:
+        async with pool.acquire("secret-id-42") as session:
+            text = repr(session)
+    assert "secret-id-42" not in text
+    assert herd.session_tag("secret-id-42") in text
