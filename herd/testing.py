@@ -95,12 +95,17 @@ class FakeFactory:
     """A :class:`herd.WorkerFactory` of :class:`FakeWorker`.
 
     :param spawn_delay: seconds each spawn takes (``0``: no await at all).
+    :param worker_class: what each spawn makes: :class:`FakeWorker` or a subclass
+        that misbehaves as a test needs (a probe that raises, a ``limit_breach``).
     :ivar spawned: every worker made so far, in order.
     :ivar fail_next: how many upcoming spawns raise :class:`herd.SpawnError`.
     """
 
-    def __init__(self, *, spawn_delay: float = 0.0) -> None:
+    def __init__(
+        self, *, spawn_delay: float = 0.0, worker_class: type[FakeWorker] = FakeWorker
+    ) -> None:
         self.spawn_delay = spawn_delay
+        self.worker_class = worker_class
         self.spawned: list[FakeWorker] = []
         self.fail_next = 0
 
@@ -111,6 +116,6 @@ class FakeFactory:
         if self.fail_next > 0:
             self.fail_next -= 1
             raise SpawnError("fake spawn failure", command=["fake"])
-        worker = FakeWorker()
+        worker = self.worker_class()
         self.spawned.append(worker)
         return worker

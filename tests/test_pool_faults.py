@@ -615,13 +615,7 @@ async def test_check_worker_counts_an_exception_from_the_probe_as_a_failure() ->
         async def healthy(self) -> bool:
             raise RuntimeError("protocol garbage")
 
-    class Factory(FakeFactory):
-        async def spawn(self) -> FakeWorker:
-            worker = RaisingWorker()
-            self.spawned.append(worker)
-            return worker
-
-    factory, crashes = Factory(), Crashes()
+    factory, crashes = FakeFactory(worker_class=RaisingWorker), Crashes()
     pool, worker = await pinned_pool(factory, crashes, health_failures=1)
     try:
         assert await pool.check_worker(worker.id) is False
@@ -639,13 +633,7 @@ async def test_a_worker_killed_at_its_limit_dies_for_that_reason() -> None:
         def limit_breach(self) -> str | None:
             return "killed: memory limit 256 MiB"
 
-    class Factory(FakeFactory):
-        async def spawn(self) -> FakeWorker:
-            worker = KilledWorker()
-            self.spawned.append(worker)
-            return worker
-
-    factory, crashes = Factory(), Crashes()
+    factory, crashes = FakeFactory(worker_class=KilledWorker), Crashes()
     pool, worker = await pinned_pool(factory, crashes, health_failures=3)
     try:
         worker.healthy_answer = False
@@ -671,13 +659,7 @@ async def test_a_probe_answering_after_its_worker_died_says_it_is_gone() -> None
             await self.answer.wait()
             return True
 
-    class Factory(FakeFactory):
-        async def spawn(self) -> FakeWorker:
-            worker = SlowWorker()
-            self.spawned.append(worker)
-            return worker
-
-    factory, crashes = Factory(), Crashes()
+    factory, crashes = FakeFactory(worker_class=SlowWorker), Crashes()
     pool, worker = await pinned_pool(factory, crashes)
     assert isinstance(worker, SlowWorker)
     try:
@@ -700,13 +682,7 @@ async def test_a_probe_cancelled_on_its_own_counts_for_nothing() -> None:
         async def healthy(self) -> bool:
             raise asyncio.CancelledError
 
-    class Factory(FakeFactory):
-        async def spawn(self) -> FakeWorker:
-            worker = CancelledProbe()
-            self.spawned.append(worker)
-            return worker
-
-    factory, crashes = Factory(), Crashes()
+    factory, crashes = FakeFactory(worker_class=CancelledProbe), Crashes()
     pool, worker = await pinned_pool(factory, crashes, health_failures=1)
     try:
         for _ in range(3):
@@ -732,13 +708,7 @@ async def test_a_worker_whose_close_raises_is_dropped_all_the_same(
             await super().close()
             raise OSError("cannot close")
 
-    class Factory(FakeFactory):
-        async def spawn(self) -> FakeWorker:
-            worker = StickyWorker()
-            self.spawned.append(worker)
-            return worker
-
-    factory = Factory()
+    factory = FakeFactory(worker_class=StickyWorker)
     async with herd.Pool(
         factory, min_workers=0, max_workers=1, worker_reuse=False, health_interval=None
     ) as pool:
@@ -762,13 +732,7 @@ async def test_a_worker_whose_wait_raises_is_left_to_the_health_checks(
         async def wait(self) -> str:
             raise RuntimeError("no exit watch here")
 
-    class Factory(FakeFactory):
-        async def spawn(self) -> FakeWorker:
-            worker = Unwatchable()
-            self.spawned.append(worker)
-            return worker
-
-    factory, crashes = Factory(), Crashes()
+    factory, crashes = FakeFactory(worker_class=Unwatchable), Crashes()
     with caplog.at_level(logging.ERROR, logger="herd.pool"):
         pool, worker = await pinned_pool(factory, crashes, health_failures=1)
         try:
@@ -920,13 +884,7 @@ async def test_a_limit_breach_that_raises_ends_no_health_pass(
         def limit_breach(self) -> str | None:
             raise RuntimeError("cgroup unreadable")
 
-    class Factory(FakeFactory):
-        async def spawn(self) -> FakeWorker:
-            worker = BrokenLimits()
-            self.spawned.append(worker)
-            return worker
-
-    factory, crashes = Factory(), Crashes()
+    factory, crashes = FakeFactory(worker_class=BrokenLimits), Crashes()
     caplog.set_level(logging.ERROR, logger="herd.pool")
     async with herd.Pool(
         factory,

@@ -28,15 +28,12 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
-from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine,
     initialize,
     invariant,
     precondition,
@@ -46,6 +43,7 @@ from hypothesis.stateful import (
 
 import herd
 from herd.testing import FakeClock, FakeFactory, FakeWorker
+from tests.helpers.pool_model import ModelMachine, Pin, Use
 
 T = TypeVar("T")
 Client = dict[str, Any]  # a FakeWorker's client
@@ -62,36 +60,13 @@ EXHAUSTED = 0.005  # real seconds an acquire the model says must time out waits
 NOTICE = 0.5
 
 
-@dataclass(eq=False)
-class Pin:
-    """The model of one pinning of a session ID to a worker."""
-
-    sid: str
-    worker_id: str
-    last_active: float  # fake clock: when made, or when its last use closed
-    ended: bool = False  # released, evicted or its worker died
-    crashed: bool = False  # its worker died
-
-
-@dataclass(eq=False)
-class Use:
-    """An open use (a ``Session`` object) of one pin."""
-
-    session: herd.Session[Client]
-    pin: Pin
-
-
-class FaultMachine(RuleBasedStateMachine):
+class FaultMachine(ModelMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.loop = asyncio.new_event_loop()
         self.clock = FakeClock()
         self.factory = FakeFactory()
-        self.pool: herd.Pool[Client] | None = None
         self.min_workers = self.max_workers = self.min_idle = self.health_failures = 0
         self.reuse = True
-        self.pins: dict[str, Pin] = {}  # live pins by session ID
-        self.uses: list[Use] = []  # open uses
         self.unhealthy: set[str] = set()  # workers told to fail their probes
         self.failed_probes: Counter[str] = Counter()  # failed probes in a row, by worker
         self.dead: list[str] = []  # workers that crashed or were declared dead, in order
@@ -100,17 +75,6 @@ class FaultMachine(RuleBasedStateMachine):
         self.expected_reports: list[str] = []
 
     # -- plumbing -----------------------------------------------------------------------
-
-    def run(self, awaitable: Awaitable[T]) -> T:
-        async def wrapper() -> T:
-            return await awaitable
-
-        return self.loop.run_until_complete(wrapper())
-
-    @property
-    def p(self) -> herd.Pool[Client]:
-        assert self.pool is not None
-        return self.pool
 
     async def on_crash(self, session_id: str) -> None:
         self.reports.append(session_id)
@@ -201,18 +165,6 @@ class FaultMachine(RuleBasedStateMachine):
             self.loop.close()
 
     # -- the model ----------------------------------------------------------------------
-
-    def open_uses(self, pin: Pin) -> int:
-        return sum(1 for use in self.uses if use.pin is pin)
-
-    def lingering(self) -> list[Pin]:
-        """Ended pins whose live worker an open use still holds (stats: "ending")."""
-        pins = {id(u.pin): u.pin for u in self.uses}
-        return [p for p in pins.values() if p.ended and not p.crashed]
-
-    def held(self) -> set[str]:
-        """Workers no new session may get."""
-        return {p.worker_id for p in self.pins.values()} | {p.worker_id for p in self.lingering()}
 
     def predict(self, sid: str) -> str:
         """What an acquire of ``sid`` must do now: "ok", "exhausted" or "spawn-error"."""
@@ -334,9 +286,10 @@ class FaultMachine(RuleBasedStateMachine):
             return  # failures are the plain acquire's business
 
         async def both() -> tuple[herd.Session[Client], herd.Session[Client]]:
-            return await asyncio.gather(
+            got = await asyncio.gather(
                 self.p.acquire(sid, timeout=NOTICE), self.p.acquire(sid, timeout=NOTICE)
             )
+            return got[0], got[1]
 
         first, second = self.run(both())
         assert first.worker.id == second.worker.id
@@ -528,18 +481,6 @@ class FaultMachine(RuleBasedStateMachine):
         live = set(self.live_ids())
         for worker in self.factory.spawned:
             assert (worker.id in live) != worker.closed, f"{worker.id}: leaked or closed"
-
-    @invariant()
-    def open_uses_match_their_pins(self) -> None:
-        for use in self.uses:
-            assert not use.session.closed
-            assert use.session.worker.id == use.pin.worker_id
-            assert use.session.ended == use.pin.ended
-            if use.pin.crashed:
-                with pytest.raises(herd.WorkerDeadError):
-                    use.session.check()
-            else:
-                use.session.check()
 
     @invariant()
     def on_crash_was_told_of_every_death_of_a_session_worker(self) -> None:

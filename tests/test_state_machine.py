@@ -23,15 +23,13 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine,
     initialize,
     invariant,
     precondition,
@@ -42,6 +40,7 @@ from hypothesis.stateful import (
 import herd
 from herd.testing import FakeClock
 from tests.helpers import factory, pid_alive, wait_until, wait_until_sync
+from tests.helpers.pool_model import ModelMachine, Pin, Use
 
 T = TypeVar("T")
 
@@ -57,37 +56,14 @@ LONG = 5.0  # the timeout of acquires the model says must succeed
 NOTICE = 5.0  # how long the pool may take to notice a killed worker, or to refill
 
 
-@dataclass(eq=False)
-class Pin:
-    """The model of one pinning of a session ID to a worker."""
-
-    sid: str
-    worker_id: str
-    last_active: float  # fake clock; when the pin was made or its last use closed
-    ended: bool = False  # released, evicted or crashed
-    crashed: bool = False  # its worker was killed
-
-
-@dataclass(eq=False)
-class Handle:
-    """An open use (a ``Session`` object) of one pin."""
-
-    session: herd.Session[Any]
-    pin: Pin
-
-
-class PoolMachine(RuleBasedStateMachine):
+class PoolMachine(ModelMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.loop = asyncio.new_event_loop()
         self.clock = FakeClock()
-        self.pool: herd.Pool[Any] | None = None
         self.min_workers = 0
         self.min_idle = 0
         self.max_workers = 2
         self.reuse = True
-        self.pins: dict[str, Pin] = {}  # live pins, by session ID
-        self.handles: list[Handle] = []  # open uses
         self.ever_pinned: set[str] = set()  # worker IDs that ever served a session
         self.dead: set[str] = set()  # worker IDs we killed
         self.killed_from: dict[str, str] = {}  # sid -> the worker killed under it
@@ -96,12 +72,6 @@ class PoolMachine(RuleBasedStateMachine):
         self.own = factory()  # workers started for one session (acquire(spawn=...))
 
     # -- plumbing -----------------------------------------------------------------------
-
-    def run(self, awaitable: Awaitable[T]) -> T:
-        async def wrapper() -> T:
-            return await awaitable
-
-        return self.loop.run_until_complete(wrapper())
 
     def wait(self, predicate: Callable[[], object], what: str) -> None:
         self.run(wait_until(predicate, timeout=NOTICE, what=what))
@@ -118,11 +88,6 @@ class PoolMachine(RuleBasedStateMachine):
             return stats.starting_workers == 0 and stats.total_workers >= wanted
 
         self.wait(settled, "the pool to refill to min_workers and its spares")
-
-    @property
-    def p(self) -> herd.Pool[Any]:
-        assert self.pool is not None
-        return self.pool
 
     async def on_crash(self, session_id: str) -> None:
         self.crash_reports.append(session_id)
@@ -160,24 +125,12 @@ class PoolMachine(RuleBasedStateMachine):
                 # Unstuck if need be: a herd bug, see the last test of this file.
                 self.run(_shut_down(pool))
                 assert pool.workers() == []
-                assert all(h.session.ended for h in self.handles)
+                assert all(h.session.ended for h in self.uses)
         finally:
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 
     # -- the model ----------------------------------------------------------------------
-
-    def uses(self, pin: Pin) -> int:
-        return sum(1 for h in self.handles if h.pin is pin)
-
-    def lingering(self) -> list[Pin]:
-        """Ended pins whose worker is still held by an open use (stats say "ending")."""
-        pins = {id(h.pin): h.pin for h in self.handles}
-        return [p for p in pins.values() if p.ended and not p.crashed]
-
-    def held(self) -> set[str]:
-        """Workers no new session may get: pinned, or ending with a use open."""
-        return {p.worker_id for p in self.pins.values()} | {p.worker_id for p in self.lingering()}
 
     def free(self) -> int:
         return self.max_workers - len(self.held())
@@ -224,14 +177,14 @@ class PoolMachine(RuleBasedStateMachine):
         """Model a release or eviction of a live pin."""
         del self.pins[pin.sid]
         pin.ended = True
-        if self.uses(pin) == 0:
+        if self.open_uses(pin) == 0:
             self.worker_freed(pin.worker_id)
 
-    def use_closed(self, handle: Handle) -> None:
+    def use_closed(self, handle: Use) -> None:
         """Model the end of one use (close, or the close part of release)."""
-        self.handles.remove(handle)
+        self.uses.remove(handle)
         pin = handle.pin
-        if pin.crashed or self.uses(pin):
+        if pin.crashed or self.open_uses(pin):
             return
         pin.last_active = self.clock()
         if pin.ended:
@@ -243,7 +196,7 @@ class PoolMachine(RuleBasedStateMachine):
             del self.pins[pin.sid]
             self.killed_from[pin.sid] = worker_id
         pin.ended = pin.crashed = True
-        for handle in self.handles:
+        for handle in self.uses:
             if handle.pin is pin:
                 assert handle.session.ended
                 with pytest.raises(herd.WorkerDeadError) as dead:
@@ -284,7 +237,7 @@ class PoolMachine(RuleBasedStateMachine):
             return
         if keep:
             session = self.run(pool.acquire(sid, timeout=LONG))
-            self.handles.append(Handle(session, self.acquired(sid, session)))
+            self.uses.append(Use(session, self.acquired(sid, session)))
             self.run(self.bump(session))
         else:
 
@@ -298,7 +251,7 @@ class PoolMachine(RuleBasedStateMachine):
             assert session.closed
             assert not session.ended
             pin = self.pins[sid]
-            if self.uses(pin) == 0:
+            if self.open_uses(pin) == 0:
                 pin.last_active = self.clock()
         self.settle()
 
@@ -317,7 +270,7 @@ class PoolMachine(RuleBasedStateMachine):
 
         session = self.run(self.p.acquire(sid, timeout=LONG, spawn=start))
         assert [session.worker.id] == started, "spawn= was not what served the new session"
-        self.handles.append(Handle(session, self.acquired(sid, session)))
+        self.uses.append(Use(session, self.acquired(sid, session)))
         self.run(self.bump(session))
         assert self.p.stats().total_workers <= self.max_workers
         self.settle()
@@ -342,7 +295,7 @@ class PoolMachine(RuleBasedStateMachine):
         for sid, result in zip(calls, results, strict=True):
             if sid in served:
                 assert isinstance(result, herd.Session), f"{sid}: {result!r}"
-                self.handles.append(Handle(result, self.acquired(sid, result)))
+                self.uses.append(Use(result, self.acquired(sid, result)))
             else:
                 assert isinstance(result, herd.PoolExhaustedError), f"{sid}: {result!r}"
         self.settle()
@@ -359,36 +312,36 @@ class PoolMachine(RuleBasedStateMachine):
             return await asyncio.gather(*(pool.acquire(sid, timeout=LONG) for sid in sids))
 
         for sid, session in zip(sids, self.run(all_of_them()), strict=True):
-            self.handles.append(Handle(session, self.new_pin(sid, session)))
+            self.uses.append(Use(session, self.new_pin(sid, session)))
         assert self.free() == 0
         self.settle()
 
-    @precondition(lambda self: self.handles)
+    @precondition(lambda self: self.uses)
     @rule(data=st.data(), release=st.booleans())
     def end_use(self, data: st.DataObject, release: bool) -> None:
         """``session.close()`` ends the use; ``session.release()`` the session too.
 
         Both are idempotent, and an old handle never ends a newer pin of its ID.
         """
-        handle = data.draw(st.sampled_from(self.handles))
+        handle = data.draw(st.sampled_from(self.uses))
         self.end_handle(handle, release)
         self.settle()
 
-    def end_handle(self, handle: Handle, release: bool) -> None:
+    def end_handle(self, handle: Use, release: bool) -> None:
         session, pin = handle.session, handle.pin
         for _ in range(2):  # idempotent
             self.run(session.release() if release else session.close())
         assert session.closed
         if release and self.pins.get(pin.sid) is pin:
-            self.handles.remove(handle)
+            self.uses.remove(handle)
             self.end_pin(pin)
         else:
             self.use_closed(handle)
         if release:
             assert session.ended
 
-    def stale_handles(self) -> list[Handle]:
-        return [h for h in self.handles if h.pin.ended and h.pin.sid in self.pins]
+    def stale_handles(self) -> list[Use]:
+        return [h for h in self.uses if h.pin.ended and h.pin.sid in self.pins]
 
     @precondition(lambda self: self.stale_handles())
     @rule(data=st.data(), release=st.booleans())
@@ -429,9 +382,9 @@ class PoolMachine(RuleBasedStateMachine):
         self.settle()
         if reacquire:  # never exhausted: the dead worker's place is free
             session = self.run(pool.acquire(pin.sid, timeout=LONG))
-            self.handles.append(Handle(session, self.acquired(pin.sid, session)))
+            self.uses.append(Use(session, self.acquired(pin.sid, session)))
             self.run(self.bump(session))
-            old = [h for h in self.handles if h.pin is pin]
+            old = [h for h in self.uses if h.pin is pin]
             if old and release_old:
                 self.end_handle(old[0], release=True)
             self.settle()
@@ -481,8 +434,8 @@ class PoolMachine(RuleBasedStateMachine):
         use = None
         if hold is not None and (hold in self.pins or self.free() > 0):
             session = self.run(pool.acquire(hold, timeout=LONG))
-            use = Handle(session, self.acquired(hold, session))
-            self.handles.append(use)
+            use = Use(session, self.acquired(hold, session))
+            self.uses.append(use)
         self.advance(seconds)
         if use is not None:
             assert pool.sessions().get(use.pin.sid) == use.pin.worker_id, "evicted while in use"
@@ -496,7 +449,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.run(self.p.sweep())
         now = self.clock()
         for pin in list(self.pins.values()):
-            if self.uses(pin) == 0 and now - pin.last_active > TTL:
+            if self.open_uses(pin) == 0 and now - pin.last_active > TTL:
                 self.end_pin(pin)
 
     def freeable(self) -> dict[str, list[Any]]:
@@ -504,9 +457,9 @@ class PoolMachine(RuleBasedStateMachine):
         if self.pool is None or self.free() > 0:
             return {}
         lingering = self.lingering()
-        sole_uses = [h for h in self.handles if self.uses(h.pin) == 1]
+        sole_uses = [h for h in self.uses if self.open_uses(h.pin) == 1]
         kinds: dict[str, list[Any]] = {
-            "release": [p for p in self.pins.values() if self.uses(p) == 0],
+            "release": [p for p in self.pins.values() if self.open_uses(p) == 0],
             "release_use": [h for h in sole_uses if self.pins.get(h.pin.sid) is h.pin],
             "close": [h for h in sole_uses if h.pin in lingering],
             "kill": list(self.pins.values()),
@@ -557,13 +510,13 @@ class PoolMachine(RuleBasedStateMachine):
         if how == "kill":
             self.killed(pin, freed)
         else:
-            if isinstance(what, Handle):
-                self.handles.remove(what)
+            if isinstance(what, Use):
+                self.uses.remove(what)
             if self.pins.get(pin.sid) is pin:
                 del self.pins[pin.sid]
                 pin.ended = True
         new = self.acquired(sid, session)
-        self.handles.append(Handle(session, new))
+        self.uses.append(Use(session, new))
         if how != "kill" and self.reuse:
             assert new.worker_id == freed, "the freed worker did not go to the waiter"
         else:
@@ -583,18 +536,6 @@ class PoolMachine(RuleBasedStateMachine):
         assert self.run(self.pool.registry.list()) == sessions
 
     @invariant()
-    def open_uses_match_their_pins(self) -> None:
-        for handle in self.handles:
-            assert not handle.session.closed
-            assert handle.session.worker.id == handle.pin.worker_id
-            assert handle.session.ended == handle.pin.ended
-            if handle.pin.crashed:
-                with pytest.raises(herd.WorkerDeadError):
-                    handle.session.check()
-            else:
-                handle.session.check()
-
-    @invariant()
     def stats_match_reality(self) -> None:
         if self.pool is None:
             return
@@ -611,7 +552,7 @@ class PoolMachine(RuleBasedStateMachine):
         ending = {r.id: r.session_id for r in rows.values() if r.state == "ending"}
         assert ending == {p.worker_id: p.sid for p in self.lingering()}
         live = list(self.pins.values()) + self.lingering()
-        assert {p.worker_id: self.uses(p) for p in live} == {
+        assert {p.worker_id: self.open_uses(p) for p in live} == {
             r.id: r.open_uses for r in rows.values() if r.session_id is not None
         }
         assert not rows.keys() & self.dead, "stats list a killed worker"
