@@ -271,7 +271,10 @@ class HerdKernelManager(AsyncMappingKernelManager):
             health_interval=options["health_interval"],
             worker_reuse=self._herd_reuse,
             on_crash=self._herd_crashed,
-            acquire_timeout=5.0,
+            # With a cap, a start waits 5 s for a kernel to free up, then 503. Without
+            # one, as stock, a start waits for its kernel however slow the launch
+            # (startup_timeout bounds it): 5 s cut starts short under load with 503s.
+            acquire_timeout=5.0 if options["max_kernels"] is not None else None,
             # A kernel start costs ~0.5 s of CPU: let the sessions that just took
             # warm kernels run their first cells before the refill starts.
             refill_delay=1.0,
