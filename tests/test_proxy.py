@@ -233,12 +233,10 @@ async def test_upstream_connections_are_kept_alive(make_gateway: Any) -> None:
     gw = await make_gateway()
     await gw.fetch("/echo")
     address = gw.pool.workers()[0].address
-    idle_before = list(gw.settings.upstreams._idle[address])
-    assert len(idle_before) == 1
-    stream = idle_before[0][1]
+    [stream] = gw.settings.upstreams.idle(address)
     for _ in range(5):
         await gw.fetch("/echo")
-    assert [s for _, s in gw.settings.upstreams._idle[address]] == [stream]
+    assert gw.settings.upstreams.idle(address) == [stream]
 
 
 # -- streaming ------------------------------------------------------------------------

@@ -248,7 +248,7 @@ async def test_a_connection_broken_unseen_is_retried_once_on_a_new_one(gateway: 
     gw = await gateway(keep_alive, upstreams=proxy.UpstreamPool(prune_interval=0))
     await exchange_ok(gw)
     await wait_until(lambda: gw.settings.upstreams.idle_count() == 1, what="connection kept")
-    [(_, stream)] = gw.settings.upstreams._idle[gw.upstream.address]
+    [stream] = gw.settings.upstreams.idle(gw.upstream.address)
     # Broken in a way the check on taking it cannot see (nothing to read, no
     # error pending), so the request head's write is what fails: then once more.
     stream.socket.shutdown(socket.SHUT_WR)

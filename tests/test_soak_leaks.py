@@ -210,7 +210,7 @@ async def test_idle_upstream_connections_are_closed_after_max_idle(
         # Without any request, the pruner closes them and forgets the address.
         await wait_until(lambda: upstreams.idle_count() == 0, timeout=3, what="a prune")
         assert all(stream.closed() for stream in streams)
-        assert upstreams._idle == {}
+        assert upstreams.addresses() == []
     finally:
         upstreams.close()
 
@@ -228,6 +228,6 @@ async def test_kept_connections_to_a_dead_worker_are_pruned_at_once(
         proc.wait()
         await wait_until(lambda: upstreams.idle_count() == 0, timeout=3, what="a prune")
         assert stream.closed()
-        assert upstreams._idle == {}
+        assert upstreams.addresses() == []
     finally:
         upstreams.close()

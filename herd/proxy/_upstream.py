@@ -53,6 +53,14 @@ class UpstreamPool:
         """Idle connections kept, all addresses together."""
         return sum(len(idle) for idle in self._idle.values())
 
+    def idle(self, address: str) -> list[iostream.IOStream]:
+        """The idle connections kept to ``address``, oldest first."""
+        return [stream for _, stream in self._idle.get(address, ())]
+
+    def addresses(self) -> list[str]:
+        """The addresses with idle connections kept."""
+        return list(self._idle)
+
     async def connect(
         self,
         address: str,
