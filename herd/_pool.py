@@ -407,17 +407,30 @@ class Pool(Generic[C]):
         """
         return AcquireContext(lambda: self._acquire(session_id, timeout, spawn))
 
+    def try_acquire(self, session_id: str) -> Session[C] | None:
+        """A use of the session ``session_id`` if it is pinned already, else ``None``.
+
+        The fast path of :meth:`acquire` without a coroutine: for callers on the
+        loop that answer from a protocol callback (herd's relay) and only await
+        :meth:`acquire` when this says ``None`` (a new session, or a pool that is
+        not serving). Never waits, never spawns, never raises.
+        """
+        pin = self._pins.get(session_id)
+        if pin is None or self._state is not PoolState.READY:
+            return None
+        pin.uses += 1  # a dict hit: no await, no validation needed
+        pin.used = True
+        return Session(pin)
+
     async def _acquire(
         self,
         session_id: str,
         timeout: Duration | Unset,
         spawn: Callable[[], Awaitable[Worker[C]]] | None = None,
     ) -> Session[C]:
-        pin = self._pins.get(session_id)
-        if pin is not None and self._state is PoolState.READY:
-            pin.uses += 1  # fast path: a dict hit, no await, no validation needed
-            pin.used = True
-            return Session(pin)
+        session = self.try_acquire(session_id)
+        if session is not None:
+            return session
         validate_session_id(session_id)
         self._check_open()
         if timeout is _UNSET:

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import tornado.web
 
 import herd
 from herd import proxy
-from tests.helpers import wait_until
+from tests.helpers import proxies, wait_until
 from tests.test_proxy import WS_HEADERS
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -79,12 +78,17 @@ class Gateway:
     port: int
     settings: proxy.ProxySettings
     upstream: Upstream
+    upstreams: Any  # the proxy's kept connections to the worker
+    engine: str
 
 
-@pytest.fixture
-async def gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
+@pytest.fixture(params=proxies.ENGINES)
+async def gateway(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     """``await gateway(serve)``: a proxy whose one worker runs ``serve`` for each connection
-    (``serve=None``: a port that refuses connections)."""
+    (``serve=None``: a port that refuses connections); each test runs on both front ends."""
+    engine: str = request.param
     cleanup: list[Callable[[], Awaitable[None]]] = []
 
     async def make(serve: Serve | None, **settings: Any) -> Gateway:
@@ -133,22 +137,14 @@ async def gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
         )
         await pool.start()
         config = proxy.ProxySettings(pool=pool, **settings)
-        app = tornado.web.Application([(r"(/.*)?", proxy.ProxyHandler, {"settings": config})])
-        server_ = proxy.ProxyServer(app, max_body_size=2**62)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(16)
-        sock.setblocking(False)
-        server_.add_sockets([sock])
+        served = await proxies.serve(engine, config)
 
         async def stop_gateway() -> None:
-            server_.stop()
-            await server_.close_all_connections()
-            config.upstreams.close()
+            await served.stop()
             await pool.shutdown()
 
         cleanup.append(stop_gateway)
-        return Gateway(pool, sock.getsockname()[1], config, upstream)
+        return Gateway(pool, served.port, config, upstream, served.upstreams, engine)
 
     yield make
     for step in reversed(cleanup):
@@ -213,7 +209,7 @@ async def test_a_refused_connection_is_a_precise_502(gateway: Any) -> None:
         "[Errno 111] Connection refused",
         "session_id": "s1",
     }
-    assert gw.settings.upstreams.idle_count() == 0
+    assert gw.upstreams.idle_count() == 0
     await wait_until(lambda: gw.pool.stats().workers[0].open_uses == 0, what="use released")
 
 
@@ -229,7 +225,7 @@ async def test_an_idle_connection_the_worker_closed_is_replaced(gateway: Any) ->
     # No pruning: the connection must be found closed when it is taken.
     gw = await gateway(one_request_per_connection, upstreams=proxy.UpstreamPool(prune_interval=0))
     await exchange_ok(gw)
-    await wait_until(lambda: gw.settings.upstreams.idle_count() == 1, what="connection kept")
+    await wait_until(lambda: gw.upstreams.idle_count() == 1, what="connection kept")
     await asyncio.wait_for(gw.upstream.closed.wait(), 5)
     await exchange_ok(gw)  # not a 502 from the dead connection
     assert gw.upstream.connections == 2
@@ -247,11 +243,12 @@ async def test_a_connection_broken_unseen_is_retried_once_on_a_new_one(gateway: 
 
     gw = await gateway(keep_alive, upstreams=proxy.UpstreamPool(prune_interval=0))
     await exchange_ok(gw)
-    await wait_until(lambda: gw.settings.upstreams.idle_count() == 1, what="connection kept")
-    [stream] = gw.settings.upstreams.idle(gw.upstream.address)
+    await wait_until(lambda: gw.upstreams.idle_count() == 1, what="connection kept")
+    [stream] = gw.upstreams.idle(gw.upstream.address)
     # Broken in a way the check on taking it cannot see (nothing to read, no
     # error pending), so the request head's write is what fails: then once more.
-    stream.socket.shutdown(socket.SHUT_WR)
+    sock = stream.socket if gw.engine == "tornado" else stream.transport.get_extra_info("socket")
+    sock.shutdown(socket.SHUT_WR)
     await exchange_ok(gw)
     assert gw.upstream.connections == 2
     await exchange_ok(gw)  # and the new connection was kept
@@ -312,7 +309,7 @@ async def test_a_worker_lost_mid_body_cuts_the_client_off(gateway: Any, framing:
     assert not complete
     assert body == b"x" * len(body)
     await wait_until(lambda: gw.pool.stats().workers[0].open_uses == 0, what="use released")
-    assert gw.settings.upstreams.idle_count() == 0
+    assert gw.upstreams.idle_count() == 0
     await exchange_ok(gw)  # the proxy, the session and the worker serve on
     assert "s1" in gw.pool.sessions()
 

@@ -57,6 +57,8 @@ import logging
 
 from ._handler import ProxyHandler as ProxyHandler
 from ._headers import HOP_BY_HOP as HOP_BY_HOP
+from ._keys import Headers as Headers
+from ._keys import RequestView as RequestView
 from ._keys import Route as Route
 from ._keys import SessionKey as SessionKey
 from ._keys import from_callable as from_callable
@@ -64,16 +66,26 @@ from ._keys import from_cookie as from_cookie
 from ._keys import from_header as from_header
 from ._keys import from_path as from_path
 from ._keys import from_query as from_query
+from ._relay import RelayServer as RelayServer
+from ._relay import RelayUpstreams as RelayUpstreams
+from ._relay import RequestHead as RequestHead
 from ._server import ProxyServer as ProxyServer
 from ._settings import ProxySettings as ProxySettings
 from ._settings import TunnelCount as TunnelCount
 from ._tunnel import _FrameMeter as _FrameMeter
+from ._upstream import KeepAlive as KeepAlive
 from ._upstream import UpstreamPool as UpstreamPool
 
 __all__ = [
+    "Headers",
+    "KeepAlive",
     "ProxyHandler",
     "ProxyServer",
     "ProxySettings",
+    "RelayServer",
+    "RelayUpstreams",
+    "RequestHead",
+    "RequestView",
     "Route",
     "SessionKey",
     "TunnelCount",

@@ -5,8 +5,9 @@ an :class:`~herd.proxy._exchange._Exchange` (HTTP) or a
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,16 +15,15 @@ from tornado import httputil, iostream
 from tornado.web import RequestHandler, stream_request_body
 
 from .._exceptions import (
-    InvalidSessionIdError,
     PoolClosedError,
     PoolExhaustedError,
     SpawnError,
 )
-from .._session import Session, session_tag, validate_session_id
+from .._session import Session, session_tag
 from ._errors import _Failure, _json_error
 from ._exchange import _Exchange
 from ._headers import _end_to_end
-from ._keys import Route
+from ._keys import Route, find_route
 from ._settings import ProxySettings
 from ._tunnel import _Tunnel
 
@@ -100,24 +100,8 @@ class ProxyHandler(RequestHandler):
             self._fail(failure, body_unread=True)
 
     def _find_route(self) -> Route:
-        uri = self.request.uri or "/"
-        prefix = self.settings_.prefix
-        if prefix:
-            if not (uri == prefix or uri.startswith(prefix + "/") or uri.startswith(prefix + "?")):
-                raise _Failure(404, "not_found", f"not under {prefix}")
-            uri = uri[len(prefix) :]
-        if not uri.startswith("/"):
-            uri = "/" + uri
-        route = self.settings_.key(self.request, uri)
-        if route is None:
-            how = self.settings_.key.__doc__ or "the session key"
-            raise _Failure(400, "no_session", f"no session key in the request (expected {how})")
-        try:
-            validate_session_id(route.session_id)
-        except InvalidSessionIdError as exc:
-            raise _Failure(400, "invalid_session", str(exc)) from None
-        forward = self.forward_uri(route.uri)
-        return route if forward == route.uri else dataclasses.replace(route, uri=forward)
+        settings = self.settings_
+        return find_route(self.request, settings.prefix, settings.key, self.forward_uri)
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -437,9 +421,25 @@ class ProxyHandler(RequestHandler):
                 502, "bad_handshake", "worker sent a malformed handshake answer"
             ) from None
         try:
-            await tunnel.run(self.detach, answer)
+            await tunnel.run(self._attach, answer)
         finally:
             self._close_use()
+
+    async def _attach(self, pipe: asyncio.Protocol) -> None:
+        """Hand the client's connection from Tornado to ``pipe`` (a tunnel's)."""
+        stream = self.detach()  # Tornado lets go of the connection here
+        # The client sends nothing before our 101, so Tornado holds none of its
+        # bytes: the socket moves to an asyncio transport (a dup, as closing the
+        # IOStream closes its own descriptor).
+        try:
+            sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
+        finally:
+            stream.close()
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: pipe, sock)
+        except BaseException:
+            sock.close()
+            raise
 
     def _websocket_headers(self) -> httputil.HTTPHeaders:
         headers = _end_to_end(self.request.headers)

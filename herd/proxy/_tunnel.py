@@ -19,12 +19,11 @@ import asyncio
 import logging
 import os
 import re
-import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from tornado import httputil, iostream
+from tornado import httputil
 
 from .._client import connect_socket
 from .._session import Session, session_tag
@@ -104,31 +103,22 @@ class _Tunnel:
         """Close the connection to the worker (the tunnel will not run)."""
         self.worker_side.close()
 
-    async def run(self, detach: Callable[[], iostream.IOStream], answer: bytes) -> None:
-        """Take the client's connection (``detach()``), send it the handshake ``answer``,
-        and relay until either side closes; then close both."""
+    async def run(self, attach: Callable[[_Pipe], Awaitable[None]], answer: bytes) -> None:
+        """Take the client's connection over (``attach(pipe)`` makes ``pipe`` its
+        protocol, and gives it any bytes the client sent after its handshake), send
+        it the handshake ``answer``, and relay until either side closes; then close
+        both."""
         route, worker_side = self.route, self.worker_side
-        loop = asyncio.get_running_loop()
         client_side = _Pipe(_FrameMeter(self.settings.max_message_size))
         started = time.monotonic()
-        sock: socket.socket | None = None  # the client's, until a transport owns it
         # From here on, whatever fails (a dup at the fd limit, a transport that
-        # cannot start, cancellation) releases the client's socket and the worker's
-        # connection (and the handler the session's use: a use left open pins the
+        # cannot start, cancellation) releases the client's connection and the
+        # worker's (and the caller the session's use: a use left open pins the
         # session forever).
         tunnels = self.settings.tunnels
-        tunnels.open += 1  # no longer Tornado's to count: ours, until it closes
+        tunnels.open += 1  # no longer the HTTP server's to count: ours, until it closes
         try:
-            stream = detach()  # Tornado lets go of the connection here
-            # The client sends nothing before our 101, so Tornado holds none of its
-            # bytes: the socket moves to an asyncio transport (a dup, as closing the
-            # IOStream closes its own descriptor).
-            try:
-                sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
-            finally:
-                stream.close()
-            await loop.connect_accepted_socket(lambda: client_side, sock)
-            sock = None
+            await attach(client_side)
             client_side.peer, worker_side.peer = worker_side, client_side
             log.info(
                 "websocket %s session=%s worker=%s open",
@@ -147,8 +137,6 @@ class _Tunnel:
                 client_side.send(_close_frame(1011, "the worker went away"))
         finally:
             tunnels.open -= 1
-            if sock is not None:
-                sock.close()
             client_side.close()
             worker_side.close()
             log.info(

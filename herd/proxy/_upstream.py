@@ -9,6 +9,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
 
 from tornado import iostream
 
@@ -17,11 +18,22 @@ from .._protocols import SocketOpener
 log = logging.getLogger("herd.proxy")
 
 
-class UpstreamPool:
-    """Idle keep-alive connections to workers, by address.
+class _Kept(Protocol):
+    """What a keep-alive pool holds: a connection that can be closed."""
 
-    A connection is reused only if the worker left it open (checked with a
-    non-blocking peek when it is taken) and idle for less than ``max_idle``.
+    def close(self) -> None: ...
+
+
+_K = TypeVar("_K", bound=_Kept)
+
+
+class KeepAlive(Generic[_K]):
+    """Idle keep-alive connections to workers, by address: the policy both of herd's
+    proxies share (:class:`UpstreamPool` holds Tornado streams, the relay asyncio
+    transports).
+
+    A connection is reused only if it is still usable (:meth:`_usable`: the worker
+    left it open) and idle for less than ``max_idle``.
 
     At most ``per_worker`` idle connections are kept per address, and every
     ``prune_interval`` seconds (while any are kept) :meth:`prune` closes those idle
@@ -45,68 +57,58 @@ class UpstreamPool:
         self.per_worker = per_worker
         self.max_idle = max_idle
         self.prune_interval = prune_interval
-        # Oldest first; connect() takes the newest. An address with none has no key.
-        self._idle: dict[str, deque[tuple[float, iostream.IOStream]]] = {}
+        # Oldest first; take() takes the newest. An address with none has no key.
+        self._idle: dict[str, deque[tuple[float, _K]]] = {}
         self._pruner: asyncio.TimerHandle | None = None  # set while any are kept
+
+    def _usable(self, conn: _K) -> bool:
+        """Whether ``conn`` can carry another request (the worker has not closed it)."""
+        raise NotImplementedError
+
+    def _closed(self, conn: _K) -> bool:
+        """Whether ``conn`` is known closed, checked cheaply (when it is put back)."""
+        return not self._usable(conn)
 
     def idle_count(self) -> int:
         """Idle connections kept, all addresses together."""
         return sum(len(idle) for idle in self._idle.values())
 
-    def idle(self, address: str) -> list[iostream.IOStream]:
+    def idle(self, address: str) -> list[_K]:
         """The idle connections kept to ``address``, oldest first."""
-        return [stream for _, stream in self._idle.get(address, ())]
+        return [conn for _, conn in self._idle.get(address, ())]
 
     def addresses(self) -> list[str]:
         """The addresses with idle connections kept."""
         return list(self._idle)
 
-    async def connect(
-        self,
-        address: str,
-        timeout: float,
-        open_socket: Callable[[], socket.socket] | None = None,
-    ) -> tuple[iostream.IOStream, bool]:
-        """A connection to ``address`` and whether it is a reused one.
-
-        :param open_socket: makes a new connection's socket (a worker in a network
-            namespace of its own is reachable only from sockets made there).
-        :raises OSError: the worker refused or did not answer in time.
-        """
+    def take(self, address: str) -> _K | None:
+        """A kept connection to ``address`` that is still usable, or ``None``;
+        the unusable ones met on the way are closed."""
         idle = self._idle.get(address)
+        if not idle:
+            return None
         now = time.monotonic()
         while idle:
-            since, stream = idle.pop()
-            if not idle:
-                del self._idle[address]
-            if now - since < self.max_idle and _still_open(stream):
-                return stream, True
-            stream.close()
-        host, _, port = address.rpartition(":")
-        sock = open_socket() if open_socket is not None else socket.socket()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        stream = iostream.IOStream(sock)
-        try:
-            await asyncio.wait_for(stream.connect((host, int(port))), timeout)
-        except TimeoutError:
-            stream.close()
-            raise OSError(errno.ETIMEDOUT, f"connecting to {address} timed out") from None
-        except iostream.StreamClosedError as exc:
-            stream.close()
-            cause = exc.real_error if isinstance(exc.real_error, OSError) else None
-            raise cause or OSError(errno.ECONNREFUSED, f"{address} refused") from None
-        return stream, False
+            since, conn = idle.pop()
+            if now - since < self.max_idle and self._usable(conn):
+                if not idle:
+                    del self._idle[address]
+                return conn
+            conn.close()
+        del self._idle[address]
+        return None
 
-    def put(self, address: str, stream: iostream.IOStream) -> None:
-        """Keep ``stream`` for the next request to ``address``."""
+    def put(self, address: str, conn: _K) -> None:
+        """Keep ``conn`` for the next request to ``address``."""
         idle = self._idle.get(address)
-        if stream.closed() or len(idle or ()) >= self.per_worker:
-            stream.close()
+        if len(idle or ()) >= self.per_worker or self._closed(conn):
+            conn.close()
             return
         if idle is None:
             idle = self._idle[address] = deque()
-        idle.append((time.monotonic(), stream))
-        self._schedule_prune()
+        idle.append((time.monotonic(), conn))
+        if self._pruner is None:
+            self._schedule_prune()
 
     def prune(self) -> int:
         """Close the idle connections kept ``max_idle`` or longer and those whose
@@ -114,12 +116,12 @@ class UpstreamPool:
         now = time.monotonic()
         closed = 0
         for address, idle in list(self._idle.items()):
-            keep: deque[tuple[float, iostream.IOStream]] = deque()
-            for since, stream in idle:
-                if now - since < self.max_idle and _still_open(stream):
-                    keep.append((since, stream))
+            keep: deque[tuple[float, _K]] = deque()
+            for since, conn in idle:
+                if now - since < self.max_idle and self._usable(conn):
+                    keep.append((since, conn))
                 else:
-                    stream.close()
+                    conn.close()
                     closed += 1
             if keep:
                 self._idle[address] = keep
@@ -129,8 +131,8 @@ class UpstreamPool:
 
     def forget(self, address: str) -> None:
         """Close every idle connection to ``address`` (its worker is gone)."""
-        for _, stream in self._idle.pop(address, ()):
-            stream.close()
+        for _, conn in self._idle.pop(address, ()):
+            conn.close()
 
     def close(self) -> None:
         """Close every idle connection (and stop pruning until one is kept again)."""
@@ -156,6 +158,51 @@ class UpstreamPool:
             log.debug("closed %d idle upstream connection(s); %d kept", closed, self.idle_count())
         if self._idle:
             self._schedule_prune()
+
+
+class UpstreamPool(KeepAlive[iostream.IOStream]):
+    """Idle keep-alive connections to workers, by address, as Tornado streams (for
+    :class:`~herd.proxy.ProxyHandler`); see :class:`KeepAlive` for the policy.
+
+    A connection is reused only if the worker left it open (checked with a
+    non-blocking peek when it is taken) and idle for less than ``max_idle``.
+    """
+
+    def _usable(self, conn: iostream.IOStream) -> bool:
+        return _still_open(conn)
+
+    def _closed(self, conn: iostream.IOStream) -> bool:
+        return conn.closed()  # (no syscall on each request: the peek waits for take)
+
+    async def connect(
+        self,
+        address: str,
+        timeout: float,
+        open_socket: Callable[[], socket.socket] | None = None,
+    ) -> tuple[iostream.IOStream, bool]:
+        """A connection to ``address`` and whether it is a reused one.
+
+        :param open_socket: makes a new connection's socket (a worker in a network
+            namespace of its own is reachable only from sockets made there).
+        :raises OSError: the worker refused or did not answer in time.
+        """
+        kept = self.take(address)
+        if kept is not None:
+            return kept, True
+        host, _, port = address.rpartition(":")
+        sock = open_socket() if open_socket is not None else socket.socket()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = iostream.IOStream(sock)
+        try:
+            await asyncio.wait_for(stream.connect((host, int(port))), timeout)
+        except TimeoutError:
+            stream.close()
+            raise OSError(errno.ETIMEDOUT, f"connecting to {address} timed out") from None
+        except iostream.StreamClosedError as exc:
+            stream.close()
+            cause = exc.real_error if isinstance(exc.real_error, OSError) else None
+            raise cause or OSError(errno.ECONNREFUSED, f"{address} refused") from None
+        return stream, False
 
 
 def _socket_maker(worker: object) -> Callable[[], socket.socket] | None:
