@@ -5,8 +5,8 @@
     herd serve --port 8080 --min 1 --max 5 --ttl 15m --session-header X-Session-ID -- \\
         python -m http.server --bind 127.0.0.1 {port}
 
-Starts a :class:`herd.Pool` of the command after ``--``, and a Tornado server
-that routes every request to its session's worker with :mod:`herd.proxy`.
+Starts a :class:`herd.Pool` of the command after ``--``, and a
+:class:`herd.proxy.RelayServer` that routes every request to its session's worker.
 SIGINT or SIGTERM stops the server, then every worker, then exits 0.
 """
 
@@ -26,10 +26,9 @@ import socket
 import sys
 import time
 import urllib.parse
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-import tornado.web
 from tornado.netutil import bind_sockets
 
 from . import __version__
@@ -37,15 +36,18 @@ from ._pool import Pool
 from ._process import ProcessFactory
 from ._session import session_tag
 from .proxy import (
-    ProxyHandler,
-    ProxyServer,
     ProxySettings,
+    RelayServer,
+    RequestHead,
+    Route,
     SessionKey,
     from_cookie,
     from_header,
     from_path,
     from_query,
 )
+from .proxy._keys import logged_uri
+from .proxy._relay import LocalRoute
 
 __all__ = ["add_limit_arguments", "add_pool_arguments", "main", "parse_duration", "parse_size"]
 
@@ -360,8 +362,17 @@ def _session_key(args: argparse.Namespace) -> SessionKey:
     return from_header(args.session_header or "X-Session-ID")
 
 
-class StatsHandler(tornado.web.RequestHandler):
-    """``GET``: the pool's :class:`~herd.PoolStats` as JSON.
+_Answer = tuple[int, list[tuple[str, str]], bytes]
+
+
+def _json_answer(status: int, document: object, *headers: tuple[str, str]) -> _Answer:
+    head = [("Content-Type", "application/json"), ("Cache-Control", "no-store"), *headers]
+    return status, head, json.dumps(document).encode()
+
+
+def stats_route(pool: Pool[Any], admin_token: str | None = None) -> LocalRoute:
+    """The ``--stats-path`` route: ``GET`` answers the pool's :class:`~herd.PoolStats`
+    as JSON.
 
     Session IDs are bearer credentials: without ``admin_token`` every session ID
     in the answer is replaced by its :func:`~herd.session_tag` (the tag the logs
@@ -369,27 +380,22 @@ class StatsHandler(tornado.web.RequestHandler):
     or ``token TOKEN``) and gets the IDs, each with its tag.
     """
 
-    def initialize(self, pool: Pool[Any], admin_token: str | None = None) -> None:
-        self.pool = pool
-        self.admin_token = admin_token
-
-    def get(self) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        if self.admin_token is None:
-            self.write(json.dumps(_without_session_ids(self.pool.stats().as_dict())))
-            return
-        scheme, _, given = self.request.headers.get("Authorization", "").partition(" ")
+    def answer(request: RequestHead) -> _Answer:
+        if request.method not in ("GET", "HEAD"):
+            message = f"{request.method} is not allowed here: the stats are read with GET"
+            error = {"error": "method_not_allowed", "message": message}
+            return _json_answer(405, error, ("Allow", "GET, HEAD"))
+        if admin_token is None:
+            return _json_answer(200, _without_session_ids(pool.stats().as_dict()))
+        scheme, _, given = (request.headers.get("Authorization") or "").partition(" ")
         if scheme.lower() not in ("bearer", "token") or not hmac.compare_digest(
-            given.strip().encode(), self.admin_token.encode()
+            given.strip().encode(), admin_token.encode()
         ):
-            self.set_status(401)
-            self.set_header("WWW-Authenticate", 'Bearer realm="herd"')
-            self.write(
-                {"error": "unauthorized", "message": "the stats need the gateway's admin token"}
-            )
-            return
-        self.write(json.dumps(_with_session_tags(self.pool.stats().as_dict())))
+            error = {"error": "unauthorized", "message": "the stats need the gateway's admin token"}
+            return _json_answer(401, error, ("WWW-Authenticate", 'Bearer realm="herd"'))
+        return _json_answer(200, _with_session_tags(pool.stats().as_dict()))
+
+    return answer
 
 
 def _without_session_ids(stats: dict[str, Any]) -> dict[str, Any]:
@@ -408,97 +414,42 @@ def _with_session_tags(stats: dict[str, Any]) -> dict[str, Any]:
     return stats
 
 
-def _logged_uri(handler: ProxyHandler) -> str:
-    """The request's URI with its session ID (a path segment or a query value)
-    replaced by the session's tag."""
-    route = handler.route
-    uri = handler.request.uri or ""
-    if route is None:
-        return uri
-    tag = session_tag(route.session_id)
-    if route.prefix:  # the ID was the first path segment
-        return "/" + tag + route.uri
-    path, sep, query = uri.partition("?")
-    if not sep:
-        return uri
-    fields = []
-    for field in query.split("&"):
-        name, eq, value = field.partition("=")
-        if eq and urllib.parse.unquote_plus(value) == route.session_id:
-            field = f"{name}={tag}"
-        fields.append(field)
-    return path + "?" + "&".join(fields)
-
-
-def _log_request(handler: tornado.web.RequestHandler) -> None:
-    status = handler.get_status()
-    if not log.isEnabledFor(logging.INFO if status < 500 else logging.WARNING):
-        return
-    took = 1000.0 * handler.request.request_time()
-    session = worker = "-"
-    uri = handler.request.uri
-    if isinstance(handler, ProxyHandler):
-        if handler.route is not None:
-            session = session_tag(handler.route.session_id)
-            uri = _logged_uri(handler)
-        if handler.session is not None:
-            worker = handler.session.worker.id
+def access_log(
+    request: RequestHead, status: int, route: Route | None, worker: str | None, seconds: float
+) -> None:
+    """One line per answered request on ``herd.serve`` (INFO; WARNING from 500 on),
+    with session IDs replaced by their tags."""
     level = logging.INFO if status < 500 else logging.WARNING
+    if not log.isEnabledFor(level):
+        return
     log.log(
         level,
         "%d %s %s session=%s worker=%s %.1fms",
         status,
-        handler.request.method,
-        uri,
-        session,
-        worker,
-        took,
+        request.method,
+        logged_uri(route, request.uri),
+        session_tag(route.session_id) if route is not None else "-",
+        worker or "-",
+        1000.0 * seconds,
     )
 
 
-class SameOriginProxyHandler(ProxyHandler):
-    """The proxy for a gateway that finds sessions by cookie: a browser sends a
-    site's cookies with a WebSocket handshake that any other site's page opens,
-    so such a handshake must come from a page of the gateway's own origin (as
-    Tornado's ``WebSocketHandler.check_origin`` requires), or from one of
-    ``allowed_origins``. A handshake with no ``Origin`` (not a browser) goes on."""
+def same_origin(allowed_origins: Sequence[str] = ()) -> Callable[[RequestHead], bool]:
+    """The WebSocket origin check of a gateway that finds sessions by cookie: a
+    browser sends a site's cookies with a WebSocket handshake that any other site's
+    page opens, so such a handshake must come from a page of the gateway's own
+    origin (as Tornado's ``WebSocketHandler.check_origin`` requires), or from one
+    of ``allowed_origins``. A handshake with no ``Origin`` (not a browser) goes on."""
+    allowed = frozenset(origin.lower().rstrip("/") for origin in allowed_origins)
 
-    allowed_origins: frozenset[str] = frozenset()
-
-    def check_websocket_origin(self) -> bool:
-        origin = self.request.headers.get("Origin")
-        if origin is None or origin.lower() in self.allowed_origins:
+    def check(request: RequestHead) -> bool:
+        origin = request.headers.get("Origin")
+        if origin is None or origin.lower() in allowed:
             return True
-        host = self.request.headers.get("Host", "")
+        host = request.headers.get("Host") or ""
         return urllib.parse.urlparse(origin).netloc.lower() == host.lower()
 
-
-def make_app(
-    pool: Pool[Any],
-    settings: ProxySettings,
-    stats_path: str,
-    admin_token: str | None = None,
-    *,
-    same_origin: bool = False,
-    allowed_origins: Sequence[str] = (),
-) -> tornado.web.Application:
-    """The gateway's Tornado application: stats route (if any), then the proxy.
-
-    :param same_origin: refuse WebSocket handshakes from other sites' pages (for
-        sessions found by cookie), but from ``allowed_origins``.
-    """
-    routes: list[Any] = []
-    if stats_path:
-        options = {"pool": pool, "admin_token": admin_token}
-        routes.append((re.escape(stats_path), StatsHandler, options))
-    handler: type[ProxyHandler] = ProxyHandler
-    if same_origin:
-        allowed = frozenset(origin.lower().rstrip("/") for origin in allowed_origins)
-        handler = type("SameOrigin", (SameOriginProxyHandler,), {"allowed_origins": allowed})
-    routes.append((r"/.*", handler, {"settings": settings}))
-    return tornado.web.Application(
-        routes, log_function=_log_request, websocket_max_message_size=settings.max_message_size
-    )
+    return check
 
 
 def raise_fd_limit() -> int:
@@ -637,22 +588,18 @@ async def serve(args: argparse.Namespace) -> int:
             max_body_size=args.max_body_size,
             max_message_size=args.max_message_size,
         )
-        server = ProxyServer(
-            make_app(
-                pool,
-                settings,
-                args.stats_path,
-                args.admin_token or os.environ.get("HERD_ADMIN_TOKEN") or None,
-                same_origin=bool(args.session_cookie),
-                allowed_origins=args.allow_origin,
-            ),
+        admin_token = args.admin_token or os.environ.get("HERD_ADMIN_TOKEN") or None
+        routes = {args.stats_path: stats_route(pool, admin_token)} if args.stats_path else {}
+        server = RelayServer(
+            settings,
             max_connections=max_connections,
-            tunnels=settings.tunnels,
             max_header_size=args.max_header_size,
-            max_body_size=2**62,  # the proxy enforces --max-body-size while streaming
             idle_connection_timeout=args.idle_connection_timeout or None,
+            check_origin=same_origin(args.allow_origin) if args.session_cookie else None,
+            routes=routes,
+            access_log=access_log,
         )
-        server.add_sockets(sockets)
+        await server.start(sockets)
         report = factory.sandbox_report
         log.info("sandbox: %s (%s)", report.level, report.reason)
         log.info(
@@ -666,8 +613,7 @@ async def serve(args: argparse.Namespace) -> int:
         await stop.wait()
         log.info("stopping: closing the server and %d worker(s)", pool.stats().total_workers)
         server.stop()
-        settings.upstreams.close()
-        await asyncio.wait_for(server.close_all_connections(), 5)
+        await server.close_all_connections(timeout=5)
     log.info("stopped")
     return 0
 

@@ -596,11 +596,11 @@ def test_a_head_that_trickles_in_is_cut_off_after_the_idle_connection_timeout(
     server.wait_ready()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         started = time.monotonic()
-        sock.sendall(b"GET / HT")  # a slowloris: the head never ends
+        sock.sendall(b"GET / HTTP/1.1\r\nX-Pad: ")  # a slowloris: the head never ends
         for _ in range(20):
             time.sleep(0.1)
             try:
-                sock.sendall(b"T")
+                sock.sendall(b"a")
             except OSError:
                 break
         sock.settimeout(10)

@@ -505,3 +505,185 @@ async def test_a_slow_websocket_client_pauses_the_worker_side_and_loses_nothing(
     finally:
         writer.close()
     await wait_until(lambda: gw.pool.stats().workers[0].open_uses == 0, what="use released")
+
+
+# -- framing: what a request or an answer may not smuggle ---------------------------------
+
+
+def recording(*answers: bytes) -> Serve:
+    """A worker that records each request (head and body, by its framing, as bytes on
+    the wire) and answers the n-th with ``answers[n]`` (the last one ever after)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            lower = head.lower()
+            raw = head
+            if b"transfer-encoding: chunked" in lower:
+                while True:
+                    size_line = await reader.readuntil(b"\r\n")
+                    raw += size_line
+                    size = int(size_line.split(b";")[0], 16)
+                    raw += await reader.readexactly(size + 2)
+                    if size == 0:
+                        break
+            elif b"content-length:" in lower:
+                length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+                raw += await reader.readexactly(length)
+            gw_upstream.requests.append(raw)
+            n = len(gw_upstream.requests) - 1
+            writer.write(answers[min(n, len(answers) - 1)])
+            await writer.drain()
+
+    gw_upstream = Upstream("")
+    serve.upstream = gw_upstream  # type: ignore[attr-defined]
+    return serve
+
+
+async def exchange(port: int, data: bytes, responses: int = 1) -> bytes:
+    """Send ``data`` on one connection; everything that comes back until ``responses``
+    Content-Length answers are in, or the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        received = b""
+        for _ in range(responses):
+            head = await read_head(reader)
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            received += head + await asyncio.wait_for(reader.readexactly(length), 5)
+        return received
+    finally:
+        writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(gateway: Any) -> None:
+    serve = recording(answer("200 OK", b"one"), answer("201 Created", b"two"), answer("200 OK"))
+    gw = await gateway(serve)
+    post = b"POST /b HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\nContent-Length: 5\r\n\r\nhello"
+    received = await exchange(gw.port, get("/a") + post + get("/c"), responses=3)
+    assert received.count(b"HTTP/1.1 ") == 3
+    first, second = received.index(b"one"), received.index(b"two")
+    assert first < received.index(b"HTTP/1.1 201") < second
+    requests = serve.upstream.requests
+    assert [r.split(b" ")[1] for r in requests] == [b"/a", b"/b", b"/c"]
+    assert requests[1].endswith(b"\r\n\r\nhello")
+
+
+async def test_a_chunked_body_reaches_the_worker_framed_anew(gateway: Any) -> None:
+    """Chunk extensions and trailers, which parsers disagree about, never pass (Tornado
+    refuses extensions: 400; the relay drops them and the trailers)."""
+    serve = recording(answer("200 OK", b"ok"))
+    gw = await gateway(serve)
+    chunked = (
+        b"POST /up HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3;name=value\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: smuggled\r\n\r\n"
+    )
+    if gw.engine == "tornado":
+        assert (await request(gw.port, chunked)).status == 400
+        assert serve.upstream.requests == []
+        return
+    assert b"200 OK" in await exchange(gw.port, chunked)
+    [raw] = serve.upstream.requests
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert dechunk(body) == (b"abcde", True)
+    assert b"name=value" not in raw
+    assert b"smuggled" not in raw
+
+
+H = b"POST /up HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n"
+
+# Requests whose framing parsers may read two ways. Tornado (ProxyHandler's server:
+# Jupyter's, in herd_nb) takes the ones marked True and mends them: unfolds obs-fold,
+# takes a bare LF for CRLF, strips a space before a colon, takes any HTTP/x.y, and
+# forwards an h2c upgrade's body as a plain body (Upgrade is hop-by-hop). The worker
+# then gets Tornado's own head and framing, so nothing is smuggled; the relay
+# refuses them all, as RFC 9112 prefers.
+AMBIGUOUS = {
+    "gzip-chunked": (H + b"Transfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", False),
+    "two-encodings": (
+        H
+        + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        False,
+    ),
+    "obs-fold": (H + b"Content-Length: 3\r\n 5\r\n\r\nabcde", True),
+    "bare-lf": (b"POST /up HTTP/1.1\nHost: x\nX-Session-ID: s1\nContent-Length: 3\n\nabc", True),
+    "space-colon": (H + b"Content-Length : 3\r\n\r\nabc", True),
+    "http2": (b"GET /up HTTP/2.0\r\nHost: x\r\nX-Session-ID: s1\r\n\r\n", True),
+    "h2c-body": (
+        H + b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAAQAAP__\r\nContent-Length: 3\r\n\r\nabc",
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(AMBIGUOUS))
+async def test_ambiguous_framing_is_a_400_and_never_reaches_the_worker(
+    gateway: Any, case: str
+) -> None:
+    raw, tornado_mends = AMBIGUOUS[case]
+    serve = recording(answer("200 OK", b"ok"))
+    gw = await gateway(serve)
+    if gw.engine == "tornado" and tornado_mends:
+        pytest.skip("Tornado mends this one, and forwards its own head and framing")
+    response = await request(gw.port, raw)
+    assert response.status == 400, response
+    assert response.headers["content-type"] == "application/json"
+    assert serve.upstream.requests == []
+
+
+async def test_an_h2c_upgrade_without_a_body_is_an_ordinary_request(gateway: Any) -> None:
+    serve = recording(answer("200 OK", b"ok"))
+    gw = await gateway(serve)
+    raw = (
+        b"GET /plain HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n"
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__"
+        b"\r\n\r\n"
+    )
+    received = await exchange(gw.port, raw + get("/next"), responses=2)
+    assert received.count(b"HTTP/1.1 200 OK") == 2
+    first = serve.upstream.requests[0].lower()
+    assert b"upgrade" not in first
+    assert b"http2-settings" not in first  # named by Connection: hop-by-hop
+
+
+async def test_a_worker_cannot_answer_twice_into_a_client_connection(gateway: Any) -> None:
+    """A tenant's worker writes a second response after its first: a proxy that took
+    it for the answer to the client's next request would hand one client's data to
+    whoever asks next on a shared connection (a load balancer's, say)."""
+    smuggled = answer("200 OK", b"ok") + answer("200 OK", b"SMUGGLED")
+    serve = recording(smuggled, answer("200 OK", b"fresh"))
+    gw = await gateway(serve)
+    received = await exchange(gw.port, get("/one") + get("/two"), responses=2)
+    assert b"SMUGGLED" not in received
+    assert received.endswith(b"fresh")
+    assert len(serve.upstream.requests) == 2
+    assert gw.upstream.connections == 2  # the connection with stray bytes was not kept
+
+
+async def test_a_worker_answer_with_length_and_chunked_is_a_502(gateway: Any) -> None:
+    both = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n"
+    )
+    gw = await gateway(recording(both, answer("200 OK", b"ok")))
+    response = await request(gw.port, get("/both"))
+    assert response.status == 502
+    # (Tornado's connection closes on it: the worker is then found alive but refusing)
+    assert json.loads(response.body)["error"] in ("bad_response", "worker_unavailable")
+    await exchange_ok(gw)
+
+
+async def test_an_http10_client_gets_a_chunked_answer_whole_and_a_close(gateway: Any) -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    gw = await gateway(recording(chunked))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(b"GET /old HTTP/1.0\r\nHost: x\r\nX-Session-ID: s1\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 5)  # until the gateway closes
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.")
+    assert b"chunked" not in head.lower()  # HTTP/1.0 knows no chunks
+    assert body == b"hello"

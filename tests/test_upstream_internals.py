@@ -268,6 +268,14 @@ def test_iostream_head_reads() -> None:
     )
 
 
+def test_iostream_read_buffer_size() -> None:
+    """proxy/_exchange.py _Exchange.keep: bytes a worker sent past its answer, already
+    buffered, make its connection unfit for keeping (else a second answer would go to
+    the next request); the stream's buffered byte count is ``_read_buffer_size``."""
+    assert "_read_buffer_size" in re.findall(r"self\.(\w+) =", _source(BaseIOStream.__init__))
+    assert "self._read_buffer_size += " in _source(BaseIOStream._read_to_buffer)
+
+
 # -- jupyter_client -----------------------------------------------------------------------
 
 

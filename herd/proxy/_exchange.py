@@ -59,6 +59,9 @@ class _Response(httputil.HTTPMessageDelegate):
         assert isinstance(start_line, httputil.ResponseStartLine)
         if 100 <= start_line.code < 200:
             return  # 100 Continue: Tornado reads on to the real response
+        if "Content-Length" in headers and "Transfer-Encoding" in headers:
+            # Tornado refuses it too, but only once the head has gone to the client.
+            raise httputil.HTTPInputError("a response with Content-Length and Transfer-Encoding")
         self.keep_alive = start_line.version == "HTTP/1.1" and "close" not in _tokens(
             headers.get("Connection", "")
         )
@@ -182,7 +185,11 @@ class _Exchange:
     def keep(self, open_after: bool) -> None:
         """The response is through: keep the connection for the next request, if the
         worker left it open and meant to, else close it."""
-        if open_after and self.response.keep_alive and self._stream is not None:
+        stream = self._stream
+        # Bytes past the answer already read into the stream's buffer are a second
+        # answer nobody asked for: never to be taken for the next request's.
+        stray = stream is not None and stream._read_buffer_size > 0
+        if open_after and self.response.keep_alive and stream is not None and not stray:
             assert self._upstream is not None
             self.settings.upstreams.put(self.address, self._upstream.detach())
             self._stream = None

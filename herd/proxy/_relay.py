@@ -331,6 +331,7 @@ class _Client(asyncio.Protocol):
         self.reading: _Request | None = None  # whose head or body is being parsed
         self.current: _Request | None = None  # whose answer is under way
         self.pipeline: deque[_Request] = deque()  # parsed, waiting for their turn
+        self._last: _Request | None = None  # the last request whose head was parsed
         self.waiting_since: float | None = None  # waiting for a request head since
         self.write_paused = False  # our transport's buffer is full
         self.closed = False
@@ -344,7 +345,7 @@ class _Client(asyncio.Protocol):
         self._head_size = 0
         self._head_reads = 0
         self._in_head = False
-        self._began = False  # a request began in this read
+        self._began = 0  # requests begun in this read
         self._too_large = False
         self._upgrade_bytes: bytes | None = None  # after a WebSocket handshake
 
@@ -380,7 +381,9 @@ class _Client(asyncio.Protocol):
         if self._upgrade_bytes is not None:  # a WebSocket handshake under way
             self._upgrade_bytes += data
             return
-        self._began = False
+        # All of this read is head if it began none, or began one at its start.
+        fresh = self.reading is None and not self._in_head
+        self._began = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -392,7 +395,7 @@ class _Client(asyncio.Protocol):
             else:
                 self._malformed(exc)
             return
-        if self._in_head and not self._began:
+        if self._in_head and (self._began == 0 or (self._began == 1 and fresh)):
             self._head_reads += len(data)
             if self._head_reads > self.server.max_header_size:
                 self._head_too_large()
@@ -431,7 +434,8 @@ class _Client(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.waiting_since = self.waiting_since or asyncio.get_running_loop().time()
-        self._in_head = self._began = True
+        self._in_head = True
+        self._began += 1
         self._head_reads = 0
 
     def on_url(self, url: bytes) -> None:
@@ -463,6 +467,7 @@ class _Client(asyncio.Protocol):
         self._in_head = False
         self.waiting_since = None
         request = _Request(self, head, parser.should_keep_alive(), parser.should_upgrade())
+        self._last = request
         if version not in ("1.1", "1.0"):
             request.refusal = _Failure(400, "bad_request", "only HTTP/1.0 and 1.1 are spoken here")
         self.reading = request
@@ -532,18 +537,18 @@ class _Client(asyncio.Protocol):
         self.refuse(_Failure(400, "bad_request", f"malformed request: {reason}"))
 
     def _upgraded(self, rest: bytes) -> None:
-        """llhttp stopped at an Upgrade request; ``rest`` is what followed its head."""
-        request = self.reading
-        self.reading = None
-        if request is None:  # refused already
-            return
-        request.body_end()
-        if request.websocket:
-            self._upgrade_bytes = rest  # the client's first frames, if it did not wait
+        """llhttp stopped after an Upgrade request (whose end it reported); ``rest`` is
+        what followed it."""
+        request = self._last
+        if request is not None and _is_websocket(request.head):
+            # Frames until the handshake is answered (a client waits for it: held
+            # here, and no more read); then the tunnel's, or the connection closes.
+            self._upgrade_bytes = rest
+            self.hold()
             return
         # Any other upgrade (h2c): answered as an ordinary request, on a new parser.
         self.parser = httptools.HttpRequestParser(self)
-        if rest:
+        if rest and not self.closed:
             self.data_received(rest)
 
     def take_upgrade_bytes(self) -> bytes:
@@ -716,8 +721,8 @@ class _Request:
         self.route = find_route(head, settings.prefix, settings.key, server.forward_uri)
         method = head.method
         headers = head.headers
-        upgrade = headers.get("Upgrade")
-        if upgrade is not None and upgrade.lower() == "websocket" and self.upgrade:
+        if self.upgrade and _is_websocket(head):
+            self.close_after = True  # refused: what follows is not HTTP
             if method != "GET":
                 raise _Failure(400, "bad_upgrade", f"a WebSocket handshake is a GET, not {method}")
             check = server.check_origin
@@ -1143,6 +1148,11 @@ class _Request:
             transport.resume_reading()
 
 
+def _is_websocket(head: RequestHead) -> bool:
+    upgrade = head.headers.get("Upgrade")
+    return upgrade is not None and upgrade.lower() == "websocket"
+
+
 class _Done(Exception):
     """The request was answered where it was routed (a local route)."""
 
@@ -1195,6 +1205,13 @@ def _connection_tokens(raw: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
 _NONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
 
 
+class _StrayAnswer(Exception):
+    """A worker's bytes after the end of its answer."""
+
+
+_Upgrade = httptools.HttpParserUpgrade
+
+
 class _Upstream(asyncio.Protocol):
     """A connection to a worker: parses its answers and hands them to the request
     it is carrying (at most one at a time; none while it is kept idle)."""
@@ -1212,6 +1229,8 @@ class _Upstream(asyncio.Protocol):
         self._in_body = False  # past the head of the answer (trailers follow the body)
         self._framing = _NONE
         self._keep = False  # the worker keeps the connection open after this answer
+        self._ended: bool | None = None  # the answer ended in this read: reusable?
+        self._stray = False  # bytes came past the end of an answer
         self._answered = False  # a byte of an answer arrived
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -1267,12 +1286,18 @@ class _Upstream(asyncio.Protocol):
         self._answered = True
         try:
             parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            if self.request is not None:
-                self.request.bad_response("an upgrade nobody asked for")
         except httptools.HttpParserError as exc:
-            if self.request is not None:
-                self.request.bad_response(str(exc))
+            if self._ended is None and self.request is not None:
+                message = "an upgrade nobody asked for" if exc.__class__ is _Upgrade else str(exc)
+                self.request.bad_response(message)
+            else:  # bytes past the end of the answer
+                self._stray = True
+        # The answer's end is acted on once llhttp is done with this read: whatever
+        # followed it in the read is a second answer nobody asked for, and must not
+        # reach the next request, which could take this connection at once.
+        reusable, self._ended = self._ended, None
+        if reusable is not None and self.request is not None:
+            self.request.response_end(reusable=reusable and not self._stray and self.open)
 
     def eof_received(self) -> bool | None:
         self._lost(None)
@@ -1304,8 +1329,9 @@ class _Upstream(asyncio.Protocol):
     # -- llhttp callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self._in_body:  # a second answer to one request
-            self.open = False
+        if self._ended is not None:  # a second answer to one request: stop parsing
+            self._stray = True
+            raise _StrayAnswer
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -1338,7 +1364,7 @@ class _Upstream(asyncio.Protocol):
         if request.head.method == "HEAD":
             # llhttp would wait for a body of the Content-Length: none comes.
             self._in_body = False
-            request.response_end(reusable=False)
+            self._ended = False
 
     def on_body(self, body: bytes) -> None:
         if self.request is not None:
@@ -1349,4 +1375,4 @@ class _Upstream(asyncio.Protocol):
         if request is None or not self._in_body:
             return  # an interim answer's end
         self._in_body = False
-        request.response_end(reusable=self._keep and self.open)
+        self._ended = self._keep
