@@ -1209,9 +1209,6 @@ class _StrayAnswer(Exception):
     """A worker's bytes after the end of its answer."""
 
 
-_Upgrade = httptools.HttpParserUpgrade
-
-
 class _Upstream(asyncio.Protocol):
     """A connection to a worker: parses its answers and hands them to the request
     it is carrying (at most one at a time; none while it is kept idle)."""
@@ -1286,9 +1283,10 @@ class _Upstream(asyncio.Protocol):
         self._answered = True
         try:
             parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if self._ended is None and self.request is not None:
-                message = "an upgrade nobody asked for" if exc.__class__ is _Upgrade else str(exc)
+                upgrade = isinstance(exc, httptools.HttpParserUpgrade)
+                message = "an upgrade nobody asked for" if upgrade else str(exc)
                 self.request.bad_response(message)
             else:  # bytes past the end of the answer
                 self._stray = True
