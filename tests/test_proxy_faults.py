@@ -687,3 +687,14 @@ async def test_an_http10_client_gets_a_chunked_answer_whole_and_a_close(gateway:
     assert head.startswith(b"HTTP/1.")
     assert b"chunked" not in head.lower()  # HTTP/1.0 knows no chunks
     assert body == b"hello"
+
+
+async def test_a_worker_switching_protocols_unasked_is_a_502(gateway: Any) -> None:
+    """A 101 to a request that asked for no upgrade: what follows is not HTTP, and must
+    not be relayed as if it were (nor the connection kept)."""
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: raw\r\n\r\nXX"
+    gw = await gateway(recording(switch, answer("200 OK", b"ok")))
+    response = await request(gw.port, get("/plain"))
+    assert response.status == 502
+    assert response.headers["content-type"] == "application/json"
+    await exchange_ok(gw)

@@ -57,6 +57,8 @@ class _Response(httputil.HTTPMessageDelegate):
         headers: httputil.HTTPHeaders,
     ) -> None:
         assert isinstance(start_line, httputil.ResponseStartLine)
+        if start_line.code == 101:  # (a WebSocket's goes through the tunnel, not here)
+            raise httputil.HTTPInputError("the worker switched protocols unasked")
         if 100 <= start_line.code < 200:
             return  # 100 Continue: Tornado reads on to the real response
         if "Content-Length" in headers and "Transfer-Encoding" in headers:
