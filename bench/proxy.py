@@ -56,7 +56,8 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import cast
 
 import psutil
 
@@ -257,7 +258,10 @@ class PeakRSS:
         return self.peak - self.start if self.proc else None
 
 
-def upload(target: Target, size: int) -> tuple[float | None, int | None, str]:
+Transfer = tuple[float | None, int | None, str]  # seconds (None: failed), RSS growth, note
+
+
+def upload(target: Target, size: int) -> Transfer:
     host, _, rest = target.base[7:].partition(":")
     port_text, _, prefix = rest.partition("/")
     path = f"/{prefix}/upload" if prefix else "/upload"
@@ -282,7 +286,7 @@ def upload(target: Target, size: int) -> tuple[float | None, int | None, str]:
     return (elapsed if note == "ok" else None), growth, note
 
 
-def download(target: Target, size: int) -> tuple[float | None, int | None, str]:
+def download(target: Target, size: int) -> Transfer:
     host, _, rest = target.base[7:].partition(":")
     port_text, _, prefix = rest.partition("/")
     path = f"/{prefix}/download/{size}" if prefix else f"/download/{size}"
@@ -380,62 +384,103 @@ def main() -> None:
         ]
         compare_gateways(variants, seconds, rounds, args.json)
         return
-    backend_port, herd_port, jsp_port = free_port(), free_port(), free_port()
-    results: dict[str, dict[str, object]] = {}
-    use_wrk = shutil.which("wrk") is not None
-    jsp_available = jsp_version() != "not installed"
+    compare_all(workdir, backend_py, seconds, size, rounds, args.json)
 
+
+def jupyter_server(port: int, workdir: str, token: str, extensions: str) -> list[str]:
+    argv = [
+        *(sys.executable, "-m", "jupyter_server", "--no-browser", "--ip=127.0.0.1"),
+        f"--port={port}",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.jpserver_extensions={extensions}",
+        f"--ServerApp.root_dir={workdir}",
+        "--ServerApp.disable_check_xsrf=True",
+        "--ServerApp.log_level=WARN",
+    ]
+    if os.geteuid() == 0:
+        argv.append("--allow-root")
+    return argv
+
+
+def compare_all(
+    workdir: str, backend_py: str, seconds: float, size: int, rounds: int, json_path: str | None
+) -> None:
+    """Every path in one run: alternating rounds of HTTP load (1, 10, 100 connections)
+    and 64 B WebSocket echoes, then the transfers and 1 MB echoes once each."""
+    use_wrk = shutil.which("wrk") is not None
+    backend_port, herd_port = free_port(), free_port()
+    load = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
         stack.enter_context(running([sys.executable, backend_py, str(backend_port)]))
         herd_proc = stack.enter_context(running(herd_serve(herd_port, backend_py, "process")))
         targets = [
             Target("direct", f"http://127.0.0.1:{backend_port}", {}, None),
-            Target(
-                "herd", f"http://127.0.0.1:{herd_port}", {"X-Session-ID": "bench"}, herd_proc.pid
-            ),
+            Target("herd", f"http://127.0.0.1:{herd_port}", {"X-Session-ID": "b"}, herd_proc.pid),
         ]
-        if jsp_available:
-            argv = [
-                sys.executable,
-                "-m",
-                "jupyter_server",
-                "--no-browser",
-                "--ip=127.0.0.1",
-                f"--port={jsp_port}",
-                f"--IdentityProvider.token={TOKEN}",
-                "--ServerApp.jpserver_extensions=jupyter_server_proxy=True",
-                f"--ServerApp.root_dir={workdir}",
-                "--ServerApp.disable_check_xsrf=True",
-            ]
-            if os.geteuid() == 0:
-                argv.append("--allow-root")
-            jsp_proc = stack.enter_context(running(argv, cwd=workdir))
-            targets.append(
-                Target(
-                    "jsp",
-                    f"http://127.0.0.1:{jsp_port}/proxy/{backend_port}",
-                    {"Authorization": f"token {TOKEN}"},
-                    jsp_proc.pid,
+        if shutil.which("socat"):
+            # The floor of any proxy: a C relay, one more hop and nothing else.
+            socat_port = free_port()
+            stack.enter_context(
+                running(
+                    [
+                        "socat",
+                        f"TCP-LISTEN:{socat_port},bind=127.0.0.1,fork,reuseaddr,nodelay",
+                        f"TCP:127.0.0.1:{backend_port},nodelay",
+                    ]
                 )
             )
+            targets.append(Target("socat", f"http://127.0.0.1:{socat_port}", {}, None))
+        if jsp_version() != "not installed":
+            # With a token (as users run it), and with authentication off (its
+            # fastest); the first also serves herd_nb's process pool route.
+            token_port, open_port = free_port(), free_port()
+            extensions = "{'jupyter_server_proxy': True, 'herd_nb': True}"
+            argv = jupyter_server(token_port, workdir, TOKEN, extensions)
+            argv += [
+                f"--Herd.command=['{sys.executable}', '{backend_py}', '{{port}}']",
+                "--Herd.health_path=/health",
+                "--Herd.isolation=process",
+                "--Herd.min_workers=1",
+            ]
+            token_proc = stack.enter_context(running(argv, cwd=workdir))
+            open_argv = jupyter_server(open_port, workdir, "", "{'jupyter_server_proxy': True}")
+            open_proc = stack.enter_context(running(open_argv, cwd=workdir))
+            auth = {"Authorization": f"token {TOKEN}"}
+            jsp_path = f"/proxy/{backend_port}"
+            targets += [
+                Target("jsp", f"http://127.0.0.1:{token_port}{jsp_path}", auth, token_proc.pid),
+                Target("jsp-open", f"http://127.0.0.1:{open_port}{jsp_path}", {}, open_proc.pid),
+                Target(
+                    "herd_nb",
+                    f"http://127.0.0.1:{token_port}/herd/proxy",
+                    {**auth, "X-Session-ID": "b"},
+                    token_proc.pid,
+                ),
+            ]
         for target in targets:
             wait_http(target.base + "/", target.headers)
-
+            one_round(target, 1.0, use_wrk)  # warm up: sessions, workers, connections
+        samples: dict[str, list[dict[str, float]]] = {target.name: [] for target in targets}
+        for n in range(rounds):
+            # Each path in turn first: what a round does to the machine falls on all alike.
+            shift = n % len(targets)
+            for target in targets[shift:] + targets[:shift]:
+                samples[target.name].append(one_round(target, seconds, use_wrk))
+            print(f"  round {n + 1}/{rounds}", file=sys.stderr, flush=True)
+        once: dict[str, dict[str, object]] = {}
         for target in targets:
-            row: dict[str, object] = {}
-            for connections in (1, 10):
-                row[f"c{connections}"] = asdict(load_of(target, connections, seconds, use_wrk))
-            for label, ws_size in (("64B", 64), ("1MB", 1 << 20)):
-                row[f"ws_{label}"] = asyncio.run(ws_round_trips(target, ws_size, seconds))
-            row["upload"] = upload(target, size)
-            row["download"] = download(target, size)
-            results[target.name] = row
-            print(f"  measured {target.name}", file=sys.stderr, flush=True)
-
-    print_table(results, size, use_wrk)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            if target.name == "socat":
+                continue
+            once[target.name] = {
+                "ws_1MB": asyncio.run(ws_round_trips(target, 1 << 20, seconds)),
+                "upload": upload(target, size),
+                "download": download(target, size),
+            }
+            print(f"  transfers through {target.name}", file=sys.stderr, flush=True)
+    print_all(samples, once, size, rounds, seconds, use_wrk, load)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"rounds": samples, "once": once}, f, indent=2)
 
 
 # -- tenant against process isolation --------------------------------------------------
@@ -445,8 +490,13 @@ ISOLATIONS = ("tenant", "process")
 METRICS = {
     "rps_c1": ("HTTP req/s, 1 conn", "{:.0f}"),
     "p50_c1": ("HTTP p50 ms, 1 conn", "{:.3f}"),
+    "p99_c1": ("HTTP p99 ms, 1 conn", "{:.3f}"),
     "rps_c10": ("HTTP req/s, 10 conn", "{:.0f}"),
     "p50_c10": ("HTTP p50 ms, 10 conn", "{:.2f}"),
+    "p99_c10": ("HTTP p99 ms, 10 conn", "{:.2f}"),
+    "rps_c100": ("HTTP req/s, 100 conn", "{:.0f}"),
+    "p50_c100": ("HTTP p50 ms, 100 conn", "{:.1f}"),
+    "p99_c100": ("HTTP p99 ms, 100 conn", "{:.1f}"),
     "ws_64B": ("WebSocket echo round trips/s 64B", "{:.0f}"),
 }
 
@@ -460,11 +510,12 @@ def load_of(target: Target, connections: int, seconds: float, use_wrk: bool) -> 
 
 def one_round(target: Target, seconds: float, use_wrk: bool) -> dict[str, float]:
     row: dict[str, float] = {}
-    for connections in (1, 10):
+    for connections in (1, 10, 100):
         load = load_of(target, connections, seconds, use_wrk)
         assert load.errors == 0, (target.name, load)
         row[f"rps_c{connections}"] = load.rps
         row[f"p50_c{connections}"] = load.p50_ms
+        row[f"p99_c{connections}"] = load.p99_ms
     row["ws_64B"] = asyncio.run(ws_round_trips(target, 64, seconds))
     return row
 
@@ -531,73 +582,103 @@ def print_pair(
     )
 
 
-def print_table(results: dict[str, dict[str, object]], size: int, use_wrk: bool) -> None:
-    names = list(results)
+def print_all(
+    samples: dict[str, list[dict[str, float]]],
+    once: dict[str, dict[str, object]],
+    size: int,
+    rounds: int,
+    seconds: float,
+    use_wrk: bool,
+    load: float,
+) -> None:
+    names = list(samples)
     tool = "wrk" if use_wrk else "python load generator"
     print(
-        f"herd proxy benchmark ({tool}; jupyter-server-proxy {jsp_version()}; "
-        f"{os.cpu_count()} cores)"
+        f"herd proxy benchmark ({tool}; jupyter-server-proxy {jsp_version()}; {rounds} "
+        f"alternating rounds of {seconds:g} s, medians; {os.cpu_count()} cores)"
     )
-    print(f"{'':34}" + "".join(f"{n:>16}" for n in names))
+    print(f"load average at the start: {load:.2f}, at the end: {os.getloadavg()[0]:.2f}")
+    median = {
+        name: {key: statistics.median(row[key] for row in rows) for key in METRICS}
+        for name, rows in samples.items()
+    }
+    width = max(10, *(len(name) + 2 for name in names))
 
     def line(label: str, cells: list[str]) -> None:
-        print(f"{label:34}" + "".join(f"{c:>16}" for c in cells))
+        print(f"{label:34}" + "".join(f"{c:>{width}}" for c in cells))
 
-    for c in (1, 10):
-        loads = [results[n][f"c{c}"] for n in names]
-        line(f"HTTP req/s, {c} conn", [f"{x['rps']:.0f}" for x in loads])  # type: ignore[index]
-        line(
-            f"HTTP p50 / p99 ms, {c} conn",
-            [f"{x['p50_ms']:.2f} / {x['p99_ms']:.2f}" for x in loads],
-        )  # type: ignore[index]
-    for label in ("64B", "1MB"):
-        line(
-            f"WebSocket echo round trips/s {label}",
-            [f"{results[n][f'ws_{label}']:.0f}" for n in names],
-        )
+    line("", names)
+    for key, (label, form) in METRICS.items():
+        line(label, [form.format(median[name][key]) for name in names])
+    line("WebSocket echo round trips/s 1MB", [_cell(once, n, "ws_1MB") for n in names])
     failures = []
     for kind in ("upload", "download"):
         cells = []
-        for n in names:
-            elapsed, growth, note = results[n][kind]  # type: ignore[misc]
+        for name in names:
+            if name not in once:
+                cells.append("-")
+                continue
+            elapsed, growth, note = cast(Transfer, once[name][kind])
             text = f"{elapsed:.1f}s" if elapsed is not None else "FAILED"
             if elapsed is None:
-                failures.append(f"  {n} {kind}: {note}")
+                failures.append(f"  {name} {kind}: {note}")
             if growth is not None:
                 text += f" +{growth >> 20}M"
             cells.append(text)
-        line(f"{size >> 20} MiB {kind}: time, RSS growth", cells)
+        line(f"{size >> 20} MiB {kind}: time, RSS +", cells)
     if failures:
         print("\n".join(["failed transfers:", *failures]))
 
-    print("\ntargets (ratios from this run)")
-    herd, direct = results["herd"], results["direct"]
+    herd, direct = median["herd"], median["direct"]
     checks: list[tuple[str, float | None, str, bool | None]] = []
-    p50_overhead = herd["c1"]["p50_ms"] - direct["c1"]["p50_ms"]  # type: ignore[index]
-    checks.append(
-        ("herd p50 overhead over direct, 1 conn", p50_overhead, "≤ 0.3 ms", p50_overhead <= 0.3)
-    )
-    if "jsp" in results:
-        jsp = results["jsp"]
-        ratio = herd["c10"]["rps"] / jsp["c10"]["rps"]  # type: ignore[index]
-        checks.append(("herd / jsp req/s, 10 conn", ratio, "≥ 4x", ratio >= 4))
-        ws = herd["ws_64B"] / jsp["ws_64B"]  # type: ignore[operator]
-        checks.append(("herd / jsp WebSocket 64 B round trips", ws, "≥ 1.5x", ws >= 1.5))
+
+    def ratio(label: str, value: float, target: str, ok: bool | None) -> None:
+        checks.append((label, value, target, ok))
+
+    for c in (10, 100):
+        r = herd[f"rps_c{c}"] / direct[f"rps_c{c}"]
+        ratio(f"herd / direct req/s, {c} conn", r, ">= 0.5", r >= 0.5)
+    added = herd["p50_c1"] - direct["p50_c1"]
+    ratio("herd p50 added over direct, 1 conn (ms)", added, "<= 0.3", added <= 0.3)
+    added = herd["p99_c10"] - direct["p99_c10"]
+    ratio("herd p99 added over direct, 10 conn (ms)", added, "<= 1", added <= 1.0)
+    r = herd["ws_64B"] / direct["ws_64B"]
+    ratio("herd / direct WebSocket 64 B", r, ">= 0.8", r >= 0.8)
+    if "socat" in median:
+        r = median["socat"]["ws_64B"] / direct["ws_64B"]
+        ratio("  (socat / direct WebSocket 64 B: the floor)", r, "", None)
+        r = herd["ws_64B"] / median["socat"]["ws_64B"]
+        ratio("  (herd / socat WebSocket 64 B)", r, "", None)
+    for name in ("jsp", "jsp-open"):
+        if name in median:
+            r = herd["rps_c10"] / median[name]["rps_c10"]
+            ratio(f"herd / {name} req/s, 10 conn", r, ">= 5", r >= 5)
     for kind in ("upload", "download"):
-        elapsed, growth, _ = herd[kind]  # type: ignore[misc]
-        mib = None if growth is None else growth / 2**20
-        checks.append(
-            (
-                f"herd RSS growth, {size >> 20} MiB {kind} (MiB)",
-                mib,
-                "≤ 64",
-                elapsed is not None and mib is not None and mib <= 64,
-            )
-        )
-    for label, value, target, ok in checks:
+        elapsed, growth, _ = cast(Transfer, once["herd"][kind])
+        mib = -1.0 if growth is None else growth / 2**20
+        ok = elapsed is not None and growth is not None and mib <= 64
+        ratio(f"herd RSS growth, {size >> 20} MiB {kind} (MiB)", mib, "<= 64", ok)
+    if "herd_nb" in median:
+        nb = median["herd_nb"]
+        for c in (1, 10):
+            r = nb[f"rps_c{c}"] / median["jsp"][f"rps_c{c}"]
+            ratio(f"herd_nb / jsp (one server) req/s, {c} conn", r, "", None)
+        r = nb["rps_c10"] / direct["rps_c10"]
+        ratio("herd_nb / direct req/s, 10 conn", r, "", None)
+        added = nb["p50_c1"] - median["jsp"]["p50_c1"]
+        ratio("herd_nb p50 over jsp's, 1 conn (ms)", added, "", None)
+        r = nb["ws_64B"] / direct["ws_64B"]
+        ratio("herd_nb / direct WebSocket 64 B", r, "", None)
+    print("\ntargets (from the medians above)")
+    for label, value, target, met in checks:
         shown = "-" if value is None else f"{value:.2f}"
-        verdict = "ok" if ok else "MISS"
-        print(f"  {label:44} {shown:>10}  {target:>10}  {verdict}")
+        verdict = "" if met is None else "ok" if met else "MISS"
+        print(f"  {label:46} {shown:>8}  {target:>8}  {verdict}")
+
+
+def _cell(once: dict[str, dict[str, object]], name: str, key: str) -> str:
+    value = once.get(name, {}).get(key)
+    return "-" if value is None else f"{value:.0f}"
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import time
@@ -672,10 +673,17 @@ class HerdProxyHandler(JupyterHandler, ProxyHandler):
     async def prepare(self) -> None:  # type: ignore[override]
         # Jupyter's checks first: identity (403 or a login redirect when
         # missing), and XSRF for unsafe methods. Nothing reaches a worker before.
-        await JupyterHandler.prepare(self)
+        # JupyterHandler.prepare ends with ``return super().prepare()``, which, by
+        # this class's MRO, is ProxyHandler.prepare's coroutine: awaited here, once.
+        proxy_step = await JupyterHandler.prepare(self)
         if self.current_user is None:
+            if inspect.iscoroutine(proxy_step):
+                proxy_step.close()
             raise web.HTTPError(403)
-        await ProxyHandler.prepare(self)
+        if inspect.isawaitable(proxy_step):
+            await proxy_step
+        else:  # a jupyter_server whose prepare no longer goes on up the MRO
+            await ProxyHandler.prepare(self)
 
     def on_finish(self) -> None:
         ProxyHandler.on_finish(self)

@@ -84,6 +84,9 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     finally:
         for server in started:
             server.stop()
+    for server in started:  # (a coroutine of the handler's that never ran, say)
+        warnings = [line for line in server.log().splitlines() if "Warning" in line]
+        assert not warnings, warnings
 
 
 @pytest.fixture

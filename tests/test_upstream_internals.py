@@ -415,6 +415,16 @@ def test_serverapp_signal_stop() -> None:
     assert list(inspect.signature(stop).parameters) == ["self", "sig", "frame"]
 
 
+def test_jupyter_handler_prepare_goes_on_up_the_mro() -> None:
+    """herd_nb/handlers.py HerdProxyHandler.prepare: ``JupyterHandler.prepare`` ends with
+    ``return super().prepare()``, ProxyHandler's coroutine by HerdProxyHandler's MRO;
+    herd awaits what it returns (else: a coroutine never awaited on every request)."""
+    from jupyter_server.base.handlers import JupyterHandler
+
+    assert "return super().prepare()" in _source(JupyterHandler.prepare)
+    assert inspect.iscoroutinefunction(JupyterHandler.prepare)
+
+
 def test_extension_app_private_hooks() -> None:
     """extension.py Herd overrides both: uncalled, no herd kernel manager, no pools started."""
     from jupyter_server.extension.application import ExtensionApp
