@@ -367,7 +367,8 @@ def main() -> None:
     rounds = args.rounds or (3 if args.quick else 5)
     if args.isolation:
         variants: list[Variant] = [
-            (isolation, herd_serve(0, backend_py, isolation), None) for isolation in ISOLATIONS
+            (isolation, herd_serve(0, backend_py, isolation), None, None)
+            for isolation in ISOLATIONS
         ]
         compare_gateways(variants, seconds, rounds, args.json)
         return
@@ -379,6 +380,9 @@ def main() -> None:
                 name,
                 herd_serve(0, backend_py, "process"),
                 {**os.environ, "PYTHONPATH": tree},
+                # In the tree: ``python -m`` puts its working directory first on
+                # sys.path, before PYTHONPATH (from this checkout, both would run it).
+                tree,
             )
             for name, tree in (("this", here), (os.path.basename(other) or "that", other))
         ]
@@ -435,13 +439,17 @@ def compare_all(
             # fastest); the first also serves herd_nb's process pool route.
             token_port, open_port = free_port(), free_port()
             extensions = "{'jupyter_server_proxy': True, 'herd_nb': True}"
+            config = os.path.join(workdir, "herd_nb_config.py")
+            with open(config, "w") as f:
+                f.write(
+                    f"c.Herd.command = [{sys.executable!r}, {backend_py!r}, '{{port}}']\n"
+                    "c.Herd.health_path = '/health'\n"
+                    "c.Herd.isolation = 'process'\n"
+                    "c.Herd.min_workers = 1\n"
+                    "c.Herd.warm_kernels = 0\n"
+                )
             argv = jupyter_server(token_port, workdir, TOKEN, extensions)
-            argv += [
-                f"--Herd.command=['{sys.executable}', '{backend_py}', '{{port}}']",
-                "--Herd.health_path=/health",
-                "--Herd.isolation=process",
-                "--Herd.min_workers=1",
-            ]
+            argv.append(f"--config={config}")
             token_proc = stack.enter_context(running(argv, cwd=workdir))
             open_argv = jupyter_server(open_port, workdir, "", "{'jupyter_server_proxy': True}")
             open_proc = stack.enter_context(running(open_argv, cwd=workdir))
@@ -520,7 +528,8 @@ def one_round(target: Target, seconds: float, use_wrk: bool) -> dict[str, float]
     return row
 
 
-Variant = tuple[str, list[str], dict[str, str] | None]  # name, herd serve argv, env
+# name, herd serve argv, env, working directory
+Variant = tuple[str, list[str], dict[str, str] | None, str | None]
 
 
 def compare_gateways(
@@ -528,14 +537,23 @@ def compare_gateways(
 ) -> None:
     """Alternating rounds against two ``herd serve`` that differ in one thing."""
     use_wrk = shutil.which("wrk") is not None
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in variants}
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in variants}
     load = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
         targets = []
-        for name, argv, env in variants:
+        for name, argv, env, cwd in variants:
+            where = subprocess.run(
+                [sys.executable, "-c", "import herd; print(herd.__file__)"],
+                env=env,
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            print(f"  {name}: {where}", file=sys.stderr, flush=True)
             port = free_port()
             argv = [part.replace("{gateway_port}", str(port)) for part in argv]
-            proc = stack.enter_context(running(argv, env=env))
+            proc = stack.enter_context(running(argv, env=env, cwd=cwd))
             headers = {"X-Session-ID": "bench"}
             targets.append(Target(name, f"http://127.0.0.1:{port}", headers, proc.pid))
         for target in targets:
@@ -602,7 +620,7 @@ def print_all(
         name: {key: statistics.median(row[key] for row in rows) for key in METRICS}
         for name, rows in samples.items()
     }
-    width = max(10, *(len(name) + 2 for name in names))
+    width = max(13, *(len(name) + 2 for name in names))
 
     def line(label: str, cells: list[str]) -> None:
         print(f"{label:34}" + "".join(f"{c:>{width}}" for c in cells))

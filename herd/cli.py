@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import logging
@@ -600,6 +601,11 @@ async def serve(args: argparse.Namespace) -> int:
             access_log=access_log,
         )
         await server.start(sockets)
+        # What start-up made lives as long as the process: out of the collector's
+        # sight, so that its full collections (pauses in the request path, seen in
+        # the p99) scan only what requests make.
+        gc.collect()
+        gc.freeze()
         report = factory.sandbox_report
         log.info("sandbox: %s (%s)", report.level, report.reason)
         log.info(

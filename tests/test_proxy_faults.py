@@ -698,3 +698,32 @@ async def test_a_worker_switching_protocols_unasked_is_a_502(gateway: Any) -> No
     assert response.status == 502
     assert response.headers["content-type"] == "application/json"
     await exchange_ok(gw)
+
+
+async def test_expect_100_continue_is_answered_before_the_body(gateway: Any) -> None:
+    serve = recording(answer("200 OK", b"ok"))
+    gw = await gateway(serve)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(
+            b"POST /up HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        assert (await read_head(reader)).startswith(b"HTTP/1.1 100 ")  # no body sent yet
+        writer.write(b"hello")
+        head = await read_head(reader)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert await asyncio.wait_for(reader.readexactly(2), 5) == b"ok"
+    finally:
+        writer.close()
+    [raw] = serve.upstream.requests
+    assert raw.endswith(b"\r\n\r\nhello")
+    assert b"expect" not in raw.lower()  # answered here: the worker sends no 100 of its own
+
+
+async def test_an_http10_keep_alive_client_keeps_its_connection(gateway: Any) -> None:
+    gw = await gateway(recording(answer("200 OK", b"ok")))
+    one = b"GET /a HTTP/1.0\r\nHost: x\r\nX-Session-ID: s1\r\nConnection: keep-alive\r\n\r\n"
+    received = await exchange(gw.port, one + one.replace(b"/a", b"/b"), responses=2)
+    assert received.count(b"ok") == 2
+    assert received.lower().count(b"connection: keep-alive") == 2

@@ -1,4 +1,11 @@
-"""Session-routing reverse proxy for HTTP and WebSocket, as Tornado handlers.
+"""Session-routing reverse proxy for HTTP and WebSocket, with two front ends that
+behave alike (and share their tests):
+
+- :class:`RelayServer`, ``herd serve``'s: an HTTP/1.1 server on asyncio protocols
+  and llhttp that parses request heads and relays bodies and answers as bytes
+  (see :mod:`herd.proxy._relay`);
+- :class:`ProxyHandler`, a Tornado ``RequestHandler`` for a Tornado application
+  (``herd_nb`` mounts it in Jupyter), in a :class:`ProxyServer`; described below.
 
 Each request: find the session key → ``pool.acquire(sid)`` → forward to the
 session's worker → close the use. Affinity therefore holds across requests and

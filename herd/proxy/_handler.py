@@ -231,6 +231,8 @@ class ProxyHandler(RequestHandler):
 
     def _request_headers(self) -> httputil.HTTPHeaders:
         headers = _end_to_end(self.request.headers)
+        # Tornado answered 100-continue itself; the body follows without one from the worker.
+        headers.pop("Expect", None)
         self._add_forwarded(headers, self.request.protocol)
         self.forward_headers(headers)
         if self._chunked_upstream:

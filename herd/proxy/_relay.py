@@ -697,6 +697,13 @@ class _Request:
         if self.websocket:
             self._spawn(self._tunnel())
             return
+        head = self.head
+        if not self.ended and head.version == "HTTP/1.1":
+            expect = head.headers.get("Expect")
+            if expect is not None and expect.lower() == "100-continue":
+                # The client waits for this before its body (curl: a second), as
+                # Tornado answers it; refusals above go first, in its place.
+                self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         settings = self.client.server.settings
         assert self.route is not None
         session = settings.pool.try_acquire(self.route.session_id)
@@ -946,6 +953,8 @@ class _Request:
         if self.close_after or self.client.closing:
             self.close_after = True
             lines.append(b"Connection: close")
+        elif old_client:  # one that asked to keep its connection
+            lines.append(b"Connection: keep-alive")
         lines.append(b"\r\n")
         self.client.write(b"\r\n".join(lines))
 
