@@ -12,6 +12,10 @@ from typing import Any
 
 from tornado.web import RequestHandler
 
+from .._exceptions import PoolClosedError, PoolExhaustedError, SpawnError
+from .._pool import Pool
+from .._session import Session
+
 
 class _Failure(Exception):
     """An error to answer with a JSON body."""
@@ -54,4 +58,29 @@ def _canned_error(status: bytes, error: str, message: str, *headers: bytes) -> b
             b"",
             body,
         ]
+    )
+
+
+async def acquire_or_fail(pool: Pool[Any], session_id: str, timeout: float | None) -> Session[Any]:
+    """``pool.acquire``, its errors as the proxy answers them: 503 (exhausted, with
+    ``Retry-After``; closed) or 502 (the worker could not start)."""
+    try:
+        return await pool.acquire(session_id, timeout=timeout)
+    except PoolExhaustedError as exc:
+        raise _Failure(503, "pool_exhausted", str(exc), Retry_After="1") from None
+    except PoolClosedError as exc:
+        raise _Failure(503, "pool_closed", str(exc)) from None
+    except SpawnError as exc:
+        raise _Failure(502, "spawn_failed", exc.message) from None
+
+
+async def worker_failure(pool: Pool[Any], session: Session[Any], exc: BaseException) -> _Failure:
+    """A connection to ``session``'s worker failed with ``exc``: the pool checks the
+    worker at once (a dead one goes through the crash path), and the 502 says which."""
+    alive = await pool.check_worker(session.worker.id)
+    state = "alive but refusing" if alive else "dead"
+    return _Failure(
+        502,
+        "worker_unavailable",
+        f"worker {session.worker.id} of session {session.session_id!r} is {state}: {exc}",
     )

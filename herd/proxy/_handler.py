@@ -14,13 +14,8 @@ from typing import Any
 from tornado import httputil, iostream
 from tornado.web import RequestHandler, stream_request_body
 
-from .._exceptions import (
-    PoolClosedError,
-    PoolExhaustedError,
-    SpawnError,
-)
 from .._session import Session, session_tag
-from ._errors import _Failure, _json_error
+from ._errors import _Failure, _json_error, acquire_or_fail, worker_failure
 from ._exchange import _Exchange
 from ._headers import _end_to_end
 from ._keys import Route, find_route
@@ -162,15 +157,8 @@ class ProxyHandler(RequestHandler):
             self._chunked_upstream = self.request.method not in ("POST", "PUT", "PATCH")
 
     async def _acquire(self, route: Route) -> Session[Any]:
-        pool = self.settings_.pool
-        try:
-            return await pool.acquire(route.session_id, timeout=self.settings_.acquire_timeout)
-        except PoolExhaustedError as exc:
-            raise _Failure(503, "pool_exhausted", str(exc), Retry_After="1") from None
-        except PoolClosedError as exc:
-            raise _Failure(503, "pool_closed", str(exc)) from None
-        except SpawnError as exc:
-            raise _Failure(502, "spawn_failed", exc.message) from None
+        settings = self.settings_
+        return await acquire_or_fail(settings.pool, route.session_id, settings.acquire_timeout)
 
     def _fail(self, failure: _Failure, *, body_unread: bool = False) -> None:
         """Answer with ``failure`` as JSON, or cut a response already under way short.
@@ -219,13 +207,7 @@ class ProxyHandler(RequestHandler):
         session = self.session
         assert session is not None
         self.settings_.upstreams.forget(session.worker.address)
-        alive = await self.settings_.pool.check_worker(session.worker.id)
-        state = "alive but refusing" if alive else "dead"
-        return _Failure(
-            502,
-            "worker_unavailable",
-            f"worker {session.worker.id} of session {session.session_id!r} is {state}: {exc}",
-        )
+        return await worker_failure(self.settings_.pool, session, exc)
 
     # -- HTTP ---------------------------------------------------------------------------
 

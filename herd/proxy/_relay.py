@@ -54,9 +54,8 @@ from tornado import httputil
 from tornado.escape import parse_qs_bytes
 
 from .._client import connect_socket
-from .._exceptions import PoolClosedError, PoolExhaustedError, SpawnError
 from .._session import Session, session_tag
-from ._errors import _canned_error, _error_body, _Failure
+from ._errors import _canned_error, _error_body, _Failure, acquire_or_fail, worker_failure
 from ._headers import HOP_BY_HOP
 from ._keys import Route, find_route, logged_uri
 from ._settings import ProxySettings
@@ -871,13 +870,7 @@ class _Request:
         assert session is not None
         server = self.client.server
         server.upstreams.forget(session.worker.address)
-        alive = await server.settings.pool.check_worker(session.worker.id)
-        state = "alive but refusing" if alive else "dead"
-        return _Failure(
-            502,
-            "worker_unavailable",
-            f"worker {session.worker.id} of session {session.session_id!r} is {state}: {exc}",
-        )
+        return await worker_failure(server.settings.pool, session, exc)
 
     def _send(self, upstream: _Upstream) -> None:
         """Write the request head (and any body so far) on ``upstream``."""
@@ -1190,14 +1183,7 @@ def _websocket_headers(head: RequestHead) -> httputil.HTTPHeaders:
 
 async def _acquire(settings: ProxySettings, route: Route | None) -> Session[Any]:
     assert route is not None
-    try:
-        return await settings.pool.acquire(route.session_id, timeout=settings.acquire_timeout)
-    except PoolExhaustedError as exc:
-        raise _Failure(503, "pool_exhausted", str(exc), Retry_After="1") from None
-    except PoolClosedError as exc:
-        raise _Failure(503, "pool_closed", str(exc)) from None
-    except SpawnError as exc:
-        raise _Failure(502, "spawn_failed", exc.message) from None
+    return await acquire_or_fail(settings.pool, route.session_id, settings.acquire_timeout)
 
 
 def _connection_tokens(raw: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
