@@ -347,6 +347,7 @@ class _Client(asyncio.Protocol):
         self._began = 0  # requests begun in this read
         self._too_large = False
         self._upgrade_bytes: bytes | None = None  # after a WebSocket handshake
+        self._corked: list[bytes] | None = None  # writes held (see cork)
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -500,9 +501,26 @@ class _Client(asyncio.Protocol):
             self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        corked = self._corked
+        if corked is not None:
+            corked.append(data)
+            return
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def cork(self) -> None:
+        """Hold what is written until :meth:`uncork`: an answer's head and body, parsed
+        from one read of the worker, leave in one ``send``, not one each."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        corked, self._corked = self._corked, None
+        if corked and not self.closed:
             assert self.transport is not None
-            self.transport.write(data)
+            self.transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
 
     def answered(self, request: _Request, *, close: bool) -> None:
         """``request``'s answer is out: on to the next one, or close."""
@@ -567,6 +585,7 @@ class _Client(asyncio.Protocol):
         self.closing = True
         if self.closed or self.transport is None:
             return
+        self.uncork()
         self.closed = True  # nothing more is parsed or answered
         self.server._forget(self)
         transport = self.transport
@@ -580,6 +599,7 @@ class _Client(asyncio.Protocol):
 
     def abort(self) -> None:
         if self.transport is not None:
+            self.uncork()
             self.transport.close()
         self.closed = True
         self.server._forget(self)
@@ -1276,6 +1296,16 @@ class _Upstream(asyncio.Protocol):
             self.close()
             return
         self._answered = True
+        client = self.request.client if self.request is not None else None
+        if client is not None:
+            client.cork()
+        try:
+            self._feed(parser, data)
+        finally:
+            if client is not None:
+                client.uncork()
+
+    def _feed(self, parser: httptools.HttpResponseParser, data: bytes) -> None:
         try:
             parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
