@@ -94,6 +94,21 @@ async def test_concurrent_first_acquires_pin_exactly_one_worker() -> None:
             await session.close()
 
 
+async def test_try_acquire_takes_only_a_pinned_session_of_a_serving_pool() -> None:
+    async with herd.Pool(FakeFactory(), min_workers=0, max_workers=2) as pool:
+        assert pool.try_acquire("new") is None  # a new session: acquire's job
+        assert not pool.sessions()  # nothing spawned, nothing pinned
+        first = await pool.acquire("s")
+        second = pool.try_acquire("s")
+        assert second is not None
+        assert second.worker.id == first.worker.id
+        assert pool.stats().workers[0].open_uses == 2
+        await first.close()
+        await second.close()
+        assert pool.stats().workers[0].open_uses == 0
+    assert pool.try_acquire("s") is None  # shut down: never a use of a closed pool
+
+
 async def test_singleflight_survives_the_first_caller_giving_up() -> None:
     async with herd.Pool(factory(), min_workers=0, max_workers=2) as pool:
         first = asyncio.ensure_future(acquire(pool, "s"))
