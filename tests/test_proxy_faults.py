@@ -727,3 +727,26 @@ async def test_an_http10_keep_alive_client_keeps_its_connection(gateway: Any) ->
     received = await exchange(gw.port, one + one.replace(b"/a", b"/b"), responses=2)
     assert received.count(b"ok") == 2
     assert received.lower().count(b"connection: keep-alive") == 2
+
+
+async def test_a_local_route_that_raises_is_a_json_500() -> None:
+    """A relay route's bug is the gateway's error (500), not a malformed request (400)."""
+
+    def broken(request: proxy.RequestHead) -> tuple[int, list[tuple[str, str]], bytes]:
+        raise RuntimeError("a bug")
+
+    pool: herd.Pool[Any] = herd.Pool(
+        LocalFactory("127.0.0.1:9"), min_workers=0, max_workers=1, health_interval=None
+    )
+    await pool.start()
+    served = await proxies.serve("relay", proxy.ProxySettings(pool=pool), routes={"/boom": broken})
+    try:
+        response = await request(served.port, b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+    finally:
+        await served.stop()
+        await pool.shutdown()
+    assert response.status == 500
+    assert json.loads(response.body) == {
+        "error": "internal_error",
+        "message": "RuntimeError: a bug",
+    }

@@ -774,7 +774,11 @@ class _Request:
             raise _Failure(413, "body_too_large", f"request body over {limit} bytes")
 
     def _answer_locally(self, route: LocalRoute) -> None:
-        status, headers, body = route(self.head)
+        try:
+            status, headers, body = route(self.head)
+        except Exception as exc:  # a bug in the route: the client gets a 500, not a 400
+            log.exception("the local route %s failed", self.head.path)
+            raise _Failure(500, "internal_error", f"{type(exc).__name__}: {exc}") from None
         lines = [b"HTTP/1.1 %d %s" % (status, _reason(status))]
         lines += [f"{name}: {value}".encode("latin-1") for name, value in headers]
         if self.close_after:
