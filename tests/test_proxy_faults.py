@@ -750,3 +750,30 @@ async def test_a_local_route_that_raises_is_a_json_500() -> None:
         "error": "internal_error",
         "message": "RuntimeError: a bug",
     }
+
+
+async def test_a_pipelined_body_over_the_limit_is_refused_in_its_turn(gateway: Any) -> None:
+    """The 413 of a request waiting behind another goes after that one's answer, never
+    into the middle of it."""
+
+    async def slow_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the answer is under way when the next request is read
+        writer.write(b"56789")
+        await writer.drain()
+        await gw.upstream.stop.wait()
+
+    gw = await gateway(slow_first, max_body_size=100)
+    big = b"POST /big HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\nContent-Length: 500\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(get("/first") + big + b"x" * 500)
+        first = await read_head(reader)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        assert await asyncio.wait_for(reader.readexactly(10), 5) == b"0123456789"
+        second = await read_head(reader)
+        assert second.startswith(b"HTTP/1.1 413 ")
+    finally:
+        writer.close()

@@ -798,10 +798,15 @@ class _Request:
         self.received += len(chunk)
         limit = self.client.server.settings.max_body_size
         if limit is not None and self.received > limit:
-            self.fail(_Failure(413, "body_too_large", f"request body over {limit} bytes"))
+            failure = _Failure(413, "body_too_large", f"request body over {limit} bytes")
+            if self.client.current is not self:  # pipelined: refused in its turn
+                self.refusal = self.refusal or failure
+                self.buffered = []
+                return
+            self.fail(failure)
             return
-        if self.complete:
-            return  # answered already (a refusal): the body is dropped
+        if self.complete or self.refusal is not None:
+            return  # answered already, or to be refused: the body is dropped
         if self.chunked_in:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
         upstream = self.upstream
