@@ -24,6 +24,8 @@ from ._exceptions import HerdError as HerdError
 from ._exceptions import InvalidSessionIdError as InvalidSessionIdError
 from ._exceptions import PoolClosedError as PoolClosedError
 from ._exceptions import PoolExhaustedError as PoolExhaustedError
+from ._exceptions import RegistryUnavailableError as RegistryUnavailableError
+from ._exceptions import SessionElsewhereError as SessionElsewhereError
 from ._exceptions import SpawnError as SpawnError
 from ._exceptions import WorkerDeadError as WorkerDeadError
 from ._pool import Pool as Pool
@@ -31,8 +33,10 @@ from ._pool import PoolState as PoolState
 from ._pool import WorkerState as WorkerState
 from ._process import ProcessFactory as ProcessFactory
 from ._process import ProcessWorker as ProcessWorker
+from ._protocols import Claim as Claim
 from ._protocols import ExitAware as ExitAware
 from ._protocols import LimitAware as LimitAware
+from ._protocols import NodeInfo as NodeInfo
 from ._protocols import SandboxReporting as SandboxReporting
 from ._protocols import SessionRegistry as SessionRegistry
 from ._protocols import SocketOpener as SocketOpener
@@ -52,6 +56,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AcquireContext",
+    "Claim",
     "CrashInfo",
     "Duration",
     "ExitAware",
@@ -60,6 +65,7 @@ __all__ = [
     "InvalidSessionIdError",
     "LimitAware",
     "MemoryRegistry",
+    "NodeInfo",
     "NodeStats",
     "Pool",
     "PoolClosedError",
@@ -69,8 +75,10 @@ __all__ = [
     "PoolStats",
     "ProcessFactory",
     "ProcessWorker",
+    "RegistryUnavailableError",
     "SandboxReporting",
     "Session",
+    "SessionElsewhereError",
     "SessionRegistry",
     "SocketOpener",
     "SpawnError",

@@ -8,6 +8,8 @@ Every error herd raises on purpose derives from :class:`HerdError`::
      +-- PoolExhaustedError       max_workers are busy and the acquire timed out waiting
      +-- WorkerDeadError          the worker pinned to a session died (the Go ErrWorkerDead)
      +-- SpawnError               a worker could not start (binary missing, exited, never healthy)
+     +-- RegistryUnavailableError the shared session registry (Redis) cannot be reached
+     +-- SessionElsewhereError    another node of the fleet owns the session (forward to it)
 
 Each error carries the context needed to act on it: ``session_id``, ``worker_id``
 and, for spawns, the command, the exit code and the tail of the worker's output.
@@ -24,6 +26,8 @@ __all__ = [
     "InvalidSessionIdError",
     "PoolClosedError",
     "PoolExhaustedError",
+    "RegistryUnavailableError",
+    "SessionElsewhereError",
     "SpawnError",
     "WorkerDeadError",
 ]
@@ -130,3 +134,32 @@ class SpawnError(HerdError):
         if self.output_tail:
             text += "\n  last output:\n" + "\n".join(f"    {line}" for line in self.output_tail)
         return text
+
+
+class RegistryUnavailableError(HerdError):
+    """The session registry could not be reached (Redis down, a network cut).
+
+    Raised for a *new* session only: sessions this node owns already keep
+    working without the registry. The message names the registry (its address,
+    without any password).
+
+    :param registry: the registry's address, as shown to users.
+    """
+
+    def __init__(self, message: str, *, session_id: str | None = None, registry: str = "") -> None:
+        super().__init__(message, session_id=session_id)
+        self.registry = registry
+
+
+class SessionElsewhereError(HerdError):
+    """Another live node of the fleet owns the session: a request for it must be
+    forwarded there (:mod:`herd.proxy` does). Only a shared registry raises it.
+
+    :param node: the owning node's ID.
+    :param address: the address the owning node advertises (``http://host:port``).
+    """
+
+    def __init__(self, message: str, *, session_id: str, node: str, address: str) -> None:
+        super().__init__(message, session_id=session_id)
+        self.node = node
+        self.address = address

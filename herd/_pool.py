@@ -17,12 +17,17 @@ Data flow::
                         │ (acquire(sid, spawn=f): supply.take_fresh(f): f() below
                         │  max_workers; at it an idle spare is retired for room)
                         v
-               pin: _pins[sid] = _by_worker[worker.id] = _Pin ──> registry.put(sid, worker.id)
+               (first: registry.claim(sid): another node's? ──> SessionElsewhereError,
+                        its owner kept in _remote for the proxy's next request)
+               pin: _pins[sid] = _by_worker[worker.id] = _Pin ──> registry.bind(claim, worker.id)
 
     worker exits ──> the supply's exit watch ──> _worker_died: unpin, on_crash; refill
     maintenance loop (every tick, injected clock):
                ttl eviction of unused pins, retire surplus idle workers, refill to min,
-               then registry deletes of ended sessions (_unregistered; kept on failure)
+               then registry releases of ended sessions (_unregistered; kept on failure)
+    renew loop (every registry.renew_interval, a shared registry only): registry.renew()
+               renews this node's claims in one batch; sessions lost to another node
+               are unpinned
     health loop (every health_interval): Worker.healthy(); health_failures failed
                probes in a row (over (health_failures - 1) * health_interval) or an
                exited process ──> _worker_died
@@ -56,13 +61,13 @@ import enum
 import inspect
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, Literal
 
 from ._config import Duration, PoolConfig, duration_seconds, required_seconds
-from ._exceptions import PoolClosedError, PoolExhaustedError
-from ._protocols import C, SandboxReporting, SessionRegistry, Worker, WorkerFactory
+from ._exceptions import PoolClosedError, PoolExhaustedError, SessionElsewhereError
+from ._protocols import C, Claim, SandboxReporting, SessionRegistry, Worker, WorkerFactory
 from ._session import AcquireContext, Session, _Pin, session_tag, validate_session_id
 from ._stats import CrashInfo, PoolStats, Sampler, worker_stats
 from ._supply import WorkerState, _Supply, _Trouble
@@ -85,6 +90,9 @@ class _Unset(enum.Enum):
 
 
 _UNSET = _Unset.UNSET
+
+#: Sessions remembered at most in the pool's small maps (owners elsewhere, restarts).
+_REMEMBERED = 10_000
 Unset = Literal[_Unset.UNSET]
 
 
@@ -138,7 +146,9 @@ class Pool(Generic[C]):
     :param on_crash: called with the session ID when a worker dies while pinned.
         A coroutine function runs as a task; a plain function runs in a thread, so
         a slow callback never stalls the pool. Exceptions are logged.
-    :param registry: where session owners are recorded; in memory by default.
+    :param registry: who owns which session: in memory by default (a fleet of
+        one); ``herd.registry.RedisRegistry`` shares sessions among several nodes.
+        The pool closes it when it shuts down.
     :param acquire_timeout: default seconds :meth:`acquire` waits for a worker;
         ``0``/``None`` waits as long as the caller does.
     :param idle_worker_timeout: seconds before an idle worker above
@@ -235,10 +245,15 @@ class Pool(Generic[C]):
         self._pins: dict[str, _Pin[C]] = {}  # by session ID
         self._by_worker: dict[str, _Pin[C]] = {}  # the same pins, by their worker's ID
         self._pending: dict[str, _Pending[C]] = {}
-        # Ended sessions still to delete from the registry (ID -> the worker they
-        # had); the maintenance loop does it, and keeps what failed for next time.
-        self._unregistered: dict[str, str] = {}
+        # Ended sessions whose claims are still to release (ID -> the claim); the
+        # maintenance loop does it, and keeps what failed for next time.
+        self._unregistered: dict[str, Claim] = {}
         self._registry_trouble = _Trouble("registry clean-up", first=self._tick())
+        # Sessions another node owns, as the registry last said (a shared registry
+        # only): the proxy forwards to them without asking again. Bounded.
+        self._remote: OrderedDict[str, Claim] = OrderedDict()
+        # Sessions whose worker died: their next pin says so (Session.restarted). Bounded.
+        self._restarts: OrderedDict[str, str] = OrderedDict()
         self._registry_retry_at = 0.0  # clock time; no clean-up before it after a failure
         # Background work.
         self._tasks: set[asyncio.Task[Any]] = set()  # cancelled at shutdown
@@ -299,6 +314,8 @@ class Pool(Generic[C]):
             self._supply.make_idle(slot)
         self._state = PoolState.READY
         self._background(self._maintenance_loop())
+        if self.registry.renew_interval:
+            self._background(self._renew_loop(self.registry.renew_interval))
         if self.config.health_interval:
             self._background(self._supply.health_loop(self.config.health_interval))
         # Detection runs probe processes if no spawn has done it yet: off the loop.
@@ -340,9 +357,10 @@ class Pool(Generic[C]):
         self._pins.clear()
         self._by_worker.clear()
         stopped = await self._supply.close()
-        for session_id in {*sessions, *self._unregistered}:
-            with contextlib.suppress(Exception):
-                await self.registry.delete(session_id)
+        try:
+            await self.registry.close()  # gives up every claim: other nodes may take them
+        except Exception as exc:
+            log.warning("%d session(s) left in the registry: %s", len(sessions), exc)
         self._unregistered.clear()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._state = PoolState.CLOSED
@@ -485,7 +503,9 @@ class Pool(Generic[C]):
             if not pin.ended:
                 pin.uses += 1
                 pin.used = True
-                return Session(pin)
+                session = Session(pin)
+                session.restarted, pin.restarted = pin.restarted, None
+                return session
             # The pin ended (crash, release) between its making and our turn: retry.
 
     def _abandon(self, task: asyncio.Task[_Pin[C]]) -> None:
@@ -504,35 +524,80 @@ class Pool(Generic[C]):
             "session %s: every acquire gave up; unpinned at once", session_tag(pin.session_id)
         )
         self._end_pin(pin)
-        self._unregister(pin.session_id, pin.worker.id)
+        self._unregister(pin.session_id, pin.claim)
 
     async def _pin_new(
         self, session_id: str, spawn: Callable[[], Awaitable[Worker[C]]] | None = None
     ) -> _Pin[C]:
         try:
-            if spawn is None:
-                slot = await self._supply.take()
-            else:
-                slot = await self._supply.take_fresh(spawn)
+            # The claim first: a session another node owns must not take a worker here.
+            claim = await self.registry.claim(session_id)
+            if not claim.mine:
+                self._remember_remote(claim)
+                raise SessionElsewhereError(
+                    f"session {session_tag(session_id)} is owned by node {claim.node} "
+                    f"({claim.address})",
+                    session_id=session_id,
+                    node=claim.node,
+                    address=claim.address,
+                )
+            self._remote.pop(session_id, None)
+            try:
+                if spawn is None:
+                    slot = await self._supply.take()
+                else:
+                    slot = await self._supply.take_fresh(spawn)
+            except BaseException:
+                self._unregister(session_id, claim)  # no worker: the claim goes
+                raise
             worker = slot.worker
             if not self._serving():
                 self._supply.retire(worker.id, "pool closing")
                 raise PoolClosedError(f"pool is {self._state.value}", session_id=session_id)
             pin = _Pin(session_id, worker, self, self._clock())
+            pin.claim = claim
+            pin.restarted = claim.restarted or self._restarts.pop(session_id, None)
             self._by_worker[worker.id] = pin
             self._pins[session_id] = pin  # visible before the await below: singleflight holds
         finally:
             pending = self._pending.get(session_id)
             if pending is not None and pending.task is asyncio.current_task():
                 del self._pending[session_id]
+        if claim.restarted:  # taken over from a node that died: its on_crash runs here
+            self._record_crash("-", session_id, claim.restarted)
+            self._crashed(session_id)
+        # Awaiting while pinned: concurrent acquires of this ID take the fast path.
         try:
-            # Awaiting while pinned: concurrent acquires of this ID take the fast path.
-            await self.registry.put(session_id, worker.id)
-        except BaseException:
+            bound = await self.registry.bind(claim, worker.id)
+        except Exception as exc:  # the claim stands; only the fleet's view lacks the worker
+            log.debug(
+                "session %s: naming its worker in the registry failed: %s",
+                session_tag(session_id),
+                exc,
+            )
+            bound = True
+        if not bound:  # fenced out meanwhile: another node took the session
             self._end_pin(pin)
-            raise
-        log.debug("session %s pinned to worker %s", session_tag(session_id), worker.id)
+        else:
+            log.debug("session %s pinned to worker %s", session_tag(session_id), worker.id)
         return pin
+
+    def _remember_remote(self, claim: Claim) -> None:
+        self._remote[claim.session_id] = claim
+        self._remote.move_to_end(claim.session_id)
+        while len(self._remote) > _REMEMBERED:
+            self._remote.popitem(last=False)
+
+    def remote_owner(self, session_id: str) -> Claim | None:
+        """The node that owns ``session_id``, if another node does, as last heard
+        from the registry (no I/O): :mod:`herd.proxy` forwards the request there.
+        Always ``None`` with a registry of one node."""
+        return self._remote.get(session_id)
+
+    def forget_remote_owner(self, session_id: str) -> None:
+        """A request forwarded to the owner :meth:`remote_owner` named failed, or it
+        no longer owns the session: the next :meth:`acquire` asks the registry."""
+        self._remote.pop(session_id, None)
 
     # The two methods a Session calls (herd._session._Owner).
 
@@ -546,16 +611,19 @@ class Pool(Generic[C]):
     async def _end_session(self, pin: _Pin[C]) -> None:
         if self._pins.get(pin.session_id) is pin:
             self._end_pin(pin)
+            if pin.claim is None:
+                return
             try:
-                await self.registry.delete(pin.session_id)
+                await self.registry.release(pin.claim)
             except Exception:
-                self._unregister(pin.session_id, pin.worker.id)  # retried in the background
+                self._unregister(pin.session_id, pin.claim)  # retried in the background
                 raise
 
-    def _unregister(self, session_id: str, worker_id: str) -> None:
-        """Have the maintenance loop delete an ended session from the registry."""
-        self._unregistered[session_id] = worker_id
-        self._wake.set()
+    def _unregister(self, session_id: str, claim: Claim | None) -> None:
+        """Have the maintenance loop release an ended session's claim."""
+        if claim is not None:
+            self._unregistered[session_id] = claim
+            self._wake.set()
 
     def _wake_maintenance(self) -> None:
         self._wake.set()
@@ -608,26 +676,28 @@ class Pool(Generic[C]):
             reason,
             f" while pinned to session {session_tag(pin.session_id)}" if pin else "",
         )
-        self._crashes.append(
-            CrashInfo(
-                worker_id=worker.id,
-                session_id=pin.session_id if pin else None,
-                reason=reason,
-                at=time.time(),
-            )
-        )
+        self._record_crash(worker.id, pin.session_id if pin else None, reason)
         if pin is not None:
             if self._pins.get(pin.session_id) is pin:
                 del self._pins[pin.session_id]
             pin.ended = True
             pin.death = reason
-            self._unregister(pin.session_id, worker.id)
+            self._restarts[pin.session_id] = f"its worker died ({reason})"
+            while len(self._restarts) > _REMEMBERED:
+                self._restarts.popitem(last=False)
+            self._unregister(pin.session_id, pin.claim)
             self._crashed(pin.session_id)
 
-    async def _forget(self, session_id: str, worker_id: str) -> None:
-        # Only if no new pin has claimed the session in the meantime.
-        if session_id not in self._pins and await self.registry.get(session_id) == worker_id:
-            await self.registry.delete(session_id)
+    def _record_crash(self, worker_id: str, session_id: str | None, reason: str) -> None:
+        self._crashes.append(
+            CrashInfo(worker_id=worker_id, session_id=session_id, reason=reason, at=time.time())
+        )
+
+    async def _forget(self, session_id: str, claim: Claim) -> None:
+        # Not if a new pin holds the session now (a registry may hand the same
+        # claim back to this node until it is released).
+        if session_id not in self._pins:
+            await self.registry.release(claim)
 
     async def _forget_ended(self) -> None:
         """Delete ended sessions from the registry. A failure stops the round (the
@@ -636,9 +706,9 @@ class Pool(Generic[C]):
         if not self._unregistered or self._clock() < self._registry_retry_at:
             return
         try:
-            for session_id, worker_id in list(self._unregistered.items()):
-                await self._forget(session_id, worker_id)
-                if self._unregistered.get(session_id) == worker_id:  # not ended again meanwhile
+            for session_id, claim in list(self._unregistered.items()):
+                await self._forget(session_id, claim)
+                if self._unregistered.get(session_id) == claim:  # not ended again meanwhile
                     del self._unregistered[session_id]
         except Exception as exc:
             self._registry_retry_at = self._clock() + self._registry_trouble.failed(exc)
@@ -716,6 +786,30 @@ class Pool(Generic[C]):
             else:
                 trouble.recovered()
 
+    async def _renew_loop(self, interval: float) -> None:
+        """Renew this node's claims every ``interval`` (one batch for all); unpin
+        the sessions the registry says another node has taken. A failure is logged
+        once and retried: the sessions keep being served meanwhile."""
+        trouble = _Trouble("registry renewal", first=interval)
+        while True:
+            try:
+                lost = await self.registry.renew()
+            except Exception as exc:
+                await asyncio.sleep(min(interval, trouble.failed(exc)))
+                continue
+            trouble.recovered()
+            for session_id in lost:
+                pin = self._pins.get(session_id)
+                if pin is not None:
+                    log.warning(
+                        "session %s was taken over by another node while this one could "
+                        "not renew its claim: unpinned here",
+                        session_tag(session_id),
+                    )
+                    pin.claim = None  # not ours to release
+                    self._end_pin(pin)
+            await asyncio.sleep(interval)
+
     async def sweep(self) -> None:
         """Run one maintenance pass now, with the pool's clock.
 
@@ -740,7 +834,7 @@ class Pool(Generic[C]):
                     now - pin.last_active,
                 )
                 self._end_pin(pin)
-                self._unregistered[pin.session_id] = pin.worker.id
+                self._unregister(pin.session_id, pin.claim)
         self._supply.retire_idle(now)
         self._supply.refill()
         self._supply.nudge()  # a refill waiting out a back-off looks at the clock again
@@ -800,6 +894,7 @@ class Pool(Generic[C]):
             sandbox_reason=report.reason if report is not None else "",
             recent_crashes=tuple(self._crashes),
             waiting_for_worker=supply.waiting(),
+            fleet=self.registry.fleet(),
         )
 
     def _sandbox_report(self) -> SandboxReport | None:

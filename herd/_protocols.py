@@ -4,8 +4,9 @@
   a client object of type ``C`` that talks to it.
 - :class:`WorkerFactory` starts workers; :class:`herd.ProcessFactory` starts any
   HTTP binary, ``herd_nb.KernelFactory`` starts Jupyter kernels.
-- :class:`SessionRegistry` stores which worker owns which session. The default
-  keeps it in memory; a shared registry lets several nodes agree on owners.
+- :class:`SessionRegistry` stores which node owns which session, as claims. The
+  default keeps them in memory; a shared registry (Redis) lets several nodes agree
+  on owners.
 
 Implementations do not subclass these: matching the methods is enough
 (``isinstance`` works too, the protocols are runtime-checkable).
@@ -20,7 +21,9 @@ that says what isolation its workers get).
 
 from __future__ import annotations
 
+import dataclasses
 import socket
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:
@@ -28,8 +31,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "C",
+    "Claim",
     "ExitAware",
     "LimitAware",
+    "NodeInfo",
     "SandboxReporting",
     "SessionRegistry",
     "SocketOpener",
@@ -110,33 +115,99 @@ class WorkerFactory(Protocol[C]):
         ...
 
 
-@runtime_checkable
-class SessionRegistry(Protocol):
-    """A map of session ID to the ID of the worker that owns it.
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claim:
+    """Who owns a session in the fleet: what :meth:`SessionRegistry.claim` returns.
 
-    The pool writes through it on every pin and unpin, never on the fast path of
-    an already-pinned session. All methods are coroutines so that an
-    implementation may do I/O (the in-memory one does none).
+    :param session_id: the session.
+    :param node: the ID of the owning node.
+    :param address: where the owning node takes requests (``http://host:port``;
+        ``""`` for a registry of one node).
+    :param epoch: the claim's fencing token: every new claim of any session gets a
+        larger one, and a registry refuses to bind, renew or release a claim whose
+        epoch is no longer the session's.
+    :param mine: whether this node owns it (a claim just made, or one it held).
+    :param restarted: for a new claim that replaced a dead node's: why (the
+        session's state on that node is gone); else ``None``.
     """
 
-    async def get(self, session_id: str) -> str | None:
-        """The owner of ``session_id``, or ``None``."""
+    session_id: str
+    node: str
+    address: str
+    epoch: int
+    mine: bool
+    restarted: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One node of the fleet as the registry last saw it (:meth:`SessionRegistry.fleet`).
+
+    :param node: the node's ID.
+    :param address: where it takes requests.
+    :param sessions: the sessions it owns, as it last reported.
+    :param this: whether it is the node asking.
+    """
+
+    node: str
+    address: str
+    sessions: int
+    this: bool = False
+
+
+@runtime_checkable
+class SessionRegistry(Protocol):
+    """Which node owns which session, shared by the nodes of a fleet.
+
+    A first acquire of a session **claims** it: atomically, so that two nodes
+    racing for one new session agree on one owner. A claim is a lease: the owner
+    renews its claims (in batches, never per request) and a node whose lease
+    lapsed cannot act as owner any more (:attr:`Claim.epoch` fences it out). The
+    pool calls these; the fast path of a session the node owns already makes no
+    call at all. :class:`herd.MemoryRegistry` is the registry of one node;
+    ``herd.registry.RedisRegistry`` shares one among many.
+    """
+
+    @property
+    def renew_interval(self) -> float | None:
+        """Seconds between :meth:`renew` calls (``None``: no renewal needed)."""
         ...
 
-    async def put(self, session_id: str, worker_id: str) -> None:
-        """Record that ``worker_id`` owns ``session_id`` (replacing any owner)."""
+    async def claim(self, session_id: str) -> Claim:
+        """Claim ``session_id`` for this node, or say who owns it.
+
+        :returns: this node's claim (new, or one it holds), or a live node's
+            (``mine`` false).
+        :raises herd.RegistryUnavailableError: the registry cannot be reached.
+        """
         ...
 
-    async def delete(self, session_id: str) -> None:
-        """Forget ``session_id``; no error if it is unknown."""
+    async def bind(self, claim: Claim, worker_id: str) -> bool:
+        """Name the worker that serves ``claim`` (for the fleet's view).
+
+        :returns: ``False`` if the claim is no longer this node's (fenced out).
+        """
         ...
 
-    async def list(self) -> dict[str, str]:
-        """Every session ID with its owner."""
+    async def release(self, claim: Claim) -> None:
+        """End ``claim``: the session is free to be claimed anew. A claim that is
+        no longer this node's is left alone."""
         ...
 
-    async def len(self) -> int:
-        """How many sessions are recorded."""
+    async def renew(self) -> Collection[str]:
+        """Renew every claim this node holds (and its own liveness).
+
+        :returns: the IDs of sessions whose claims this node has lost to another
+            node (it must stop serving them).
+        """
+        ...
+
+    def fleet(self) -> tuple[NodeInfo, ...]:
+        """The nodes as last seen by :meth:`renew` (no I/O; empty if unknown)."""
+        ...
+
+    async def close(self) -> None:
+        """Give up every claim and leave the fleet (a clean shutdown)."""
         ...
 
 

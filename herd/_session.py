@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any, Generic, Protocol
 
 from ._exceptions import InvalidSessionIdError, WorkerDeadError
-from ._protocols import C, Worker
+from ._protocols import C, Claim, Worker
 
 __all__ = [
     "MAX_SESSION_ID_LENGTH",
@@ -102,10 +102,12 @@ class _Pin(Generic[C]):
     """A session pinned to a worker, for as long as the session lives."""
 
     __slots__ = (
+        "claim",
         "death",
         "ended",
         "last_active",
         "owner",
+        "restarted",
         "session_id",
         "used",
         "uses",
@@ -121,6 +123,8 @@ class _Pin(Generic[C]):
         self.last_active = now  # when the last use ended (or the pin was made)
         self.ended = False  # released, evicted or crashed: no new uses
         self.death: str | None = None  # why the worker died, if that ended the pin
+        self.claim: Claim | None = None  # the registry's claim, once made
+        self.restarted: str | None = None  # why the session's state was lost, for its next use
 
 
 class Session(Generic[C]):
@@ -133,11 +137,15 @@ class Session(Generic[C]):
 
     # Only the pin: at 10,000 live sessions every extra object an acquire
     # touches is a cache miss, and the fast path is what users feel.
-    __slots__ = ("_closed", "_pin")
+    __slots__ = ("_closed", "_pin", "restarted")
 
     def __init__(self, pin: _Pin[C]) -> None:
         self._pin = pin
         self._closed = False
+        #: On the first use of a session that had to start over on a fresh worker
+        #: (its worker died, or the node that owned it did): why. ``None`` on
+        #: every other use. herd's proxy passes it on as ``Herd-Session-Restarted``.
+        self.restarted: str | None = None
 
     @property
     def session_id(self) -> str:

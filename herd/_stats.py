@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from ._procfs import descendants
+from ._protocols import NodeInfo
 
 if TYPE_CHECKING:
     from ._protocols import Worker
@@ -144,6 +145,8 @@ class PoolStats:
     :param recent_crashes: the last workers that died on their own, oldest first.
     :param waiting_for_worker: acquires queued at ``max_workers`` until a worker
         is free (served first come, first served).
+    :param fleet: the nodes that share the pool's registry, with the sessions each
+        owns, as the registry last saw them (one node for an in-memory registry).
     """
 
     state: str
@@ -163,6 +166,7 @@ class PoolStats:
     sandbox_reason: str = ""
     recent_crashes: tuple[CrashInfo, ...] = ()
     waiting_for_worker: int = 0
+    fleet: tuple[NodeInfo, ...] = ()
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready dict (nested dataclasses become dicts)."""

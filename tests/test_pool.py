@@ -574,20 +574,20 @@ async def test_a_probe_that_fails_on_the_pools_side_counts_for_nothing(
 
 
 class FlakyRegistry(MemoryRegistry):
-    """A MemoryRegistry whose next ``fail_gets`` lookups raise, as a registry that
-    is briefly down does."""
+    """A MemoryRegistry whose next ``fail_releases`` releases raise, as a registry
+    that is briefly down does."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fail_gets = 0
+        self.fail_releases = 0
         self.failed = 0
 
-    async def get(self, session_id: str) -> str | None:
-        if self.fail_gets > 0:
-            self.fail_gets -= 1
+    async def release(self, claim: herd.Claim) -> None:
+        if self.fail_releases > 0:
+            self.fail_releases -= 1
             self.failed += 1
             raise ConnectionError("registry unreachable")
-        return await super().get(session_id)
+        await super().release(claim)
 
 
 async def test_a_failing_registry_does_not_stop_eviction_or_refill(
@@ -598,11 +598,11 @@ async def test_a_failing_registry_does_not_stop_eviction_or_refill(
     async with herd.Pool(
         factory(), min_workers=1, max_workers=2, ttl=0.2, registry=registry
     ) as pool:
-        registry.fail_gets = 3  # the clean-up after the first eviction fails, thrice
+        registry.fail_releases = 3  # the clean-up after the first eviction fails, thrice
         await (await pool.acquire("a")).close()
         await wait_until(lambda: "a" not in pool.sessions(), what="the first eviction")
         await wait_until(lambda: registry.failed == 3, what="the failed clean-ups")
-        await wait_until(lambda: not registry._owners, what="the retried clean-up")
+        await wait_until(lambda: not registry._claims, what="the retried clean-up")
         # The maintenance goes on: the next session is evicted by itself too...
         await (await pool.acquire("b")).close()
         await wait_until(lambda: "b" not in pool.sessions(), what="the next eviction")
@@ -646,7 +646,9 @@ async def test_a_cancelled_acquire_at_the_cap_leaves_the_queue_and_pins_nothing(
         with pytest.raises(asyncio.CancelledError):
             await b
         assert pool.sessions() == {"c": c.worker.id}
-        await wait_until(lambda: pool.registry._owners == {"c": c.worker.id}, what="registry")
+        registry = pool.registry
+        assert isinstance(registry, MemoryRegistry)
+        await wait_until(lambda: registry._workers == {"c": c.worker.id}, what="registry")
         await c.release()
 
 
@@ -864,19 +866,19 @@ async def test_the_spawn_back_off_is_configurable() -> None:
 
 
 class FlakyDeletes(MemoryRegistry):
-    """A MemoryRegistry whose next ``failures`` deletes raise; counts every delete."""
+    """A MemoryRegistry whose next ``failures`` releases raise; counts every release."""
 
     def __init__(self) -> None:
         super().__init__()
         self.failures = 0
         self.deletes = 0
 
-    async def delete(self, session_id: str) -> None:
+    async def release(self, claim: herd.Claim) -> None:
         self.deletes += 1
         if self.failures:
             self.failures -= 1
             raise ConnectionError("registry down")
-        await super().delete(session_id)
+        await super().release(claim)
 
 
 def quiet(**options: Any) -> dict[str, Any]:

@@ -82,34 +82,35 @@ class Registry(MemoryRegistry):
 
     def __init__(self) -> None:
         super().__init__()
-        self.fail_puts = False
-        self.fail_deletes = False
-        self.puts = 0
-        self.deleted: list[str] = []
+        self.fail_claims = False
+        self.fail_releases = False
+        self.claims = 0
+        self.released: list[str] = []
 
-    async def put(self, session_id: str, worker_id: str) -> None:
-        self.puts += 1
-        if self.fail_puts:
-            raise ConnectionError("registry down: put refused")
-        await super().put(session_id, worker_id)
+    async def claim(self, session_id: str) -> herd.Claim:
+        self.claims += 1
+        if self.fail_claims:
+            raise ConnectionError("registry down: claim refused")
+        return await super().claim(session_id)
 
-    async def delete(self, session_id: str) -> None:
-        if self.fail_deletes:
-            raise ConnectionError("registry down: delete refused")
-        self.deleted.append(session_id)
-        await super().delete(session_id)
+    async def release(self, claim: herd.Claim) -> None:
+        if self.fail_releases:
+            raise ConnectionError("registry down: release refused")
+        self.released.append(claim.session_id)
+        await super().release(claim)
 
 
-# -- 1. a registry whose put fails --------------------------------------------------------
+# -- 1. a registry whose claim fails ------------------------------------------------------
 
 
 @pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "no-reuse"])
-async def test_a_failing_registry_put_fails_the_acquire_and_loses_no_worker(reuse: bool) -> None:
-    """A registry ``put`` that raises fails the first acquire of a session with the
+async def test_a_failing_registry_claim_fails_the_acquire_and_takes_no_worker(
+    reuse: bool,
+) -> None:
+    """A registry ``claim`` that raises fails the first acquire of a session with the
     registry's own error (every concurrent caller of that ID gets it, after one
-    ``put``); the worker taken for it goes back to idle (or is closed, and
-    replaced, without reuse), nothing stays pinned or registered; once ``put``
-    works the same ID is pinned, and the maintenance loop still evicts by TTL."""
+    claim); no worker is taken for it, nothing stays pinned or registered; once
+    claims work the same ID is pinned, and the maintenance loop still evicts by TTL."""
     registry = Registry()
     factory = FakeFactory()
     async with herd.Pool(
@@ -123,43 +124,39 @@ async def test_a_failing_registry_put_fails_the_acquire_and_loses_no_worker(reus
         spawn_backoff=0.01,
     ) as pool:
         (taken,) = factory.spawned
-        registry.fail_puts = True
+        registry.fail_claims = True
         results = await asyncio.gather(
             acquire(pool, "s", 2), acquire(pool, "s", 2), return_exceptions=True
         )
         for result in results:
-            # Today the registry's error is raised as it is, not wrapped in a HerdError.
+            # The registry's error is raised as it is, not wrapped in a HerdError.
             assert isinstance(result, ConnectionError), result
-            assert "put refused" in str(result)
-        assert registry.puts == 1  # singleflight: one pin was tried, for both callers
+            assert "claim refused" in str(result)
+        assert registry.claims == 1  # singleflight: one claim was tried, for both callers
         assert pool.sessions() == {}
         assert await registry.list() == {}
-        if reuse:
-            assert [w.id for w in pool.workers()] == [taken.id]
-            assert not taken.closed
-        else:
-            assert taken.closed
-            await wait_until(lambda: pool.stats().available_workers == 1, what="a refill")
+        assert [w.id for w in pool.workers()] == [taken.id]
+        assert not taken.closed
         stats = assert_stats_add_up(pool)
         assert (stats.total_workers, stats.available_workers, stats.active_sessions) == (1, 1, 0)
         assert stats.recent_crashes == ()  # a registry failure is no worker crash
         await assert_no_leak(pool, factory)
 
-        registry.fail_puts = False
+        registry.fail_claims = False
         async with pool.acquire("s", timeout=2) as session:
             pinned = session.worker.id
         assert await registry.list() == {"s": pinned}
         await wait_until(lambda: "s" not in pool.sessions(), what="the TTL eviction")
-        await wait_until(lambda: "s" in registry.deleted, what="the registry clean-up")
+        await wait_until(lambda: "s" in registry.released, what="the registry clean-up")
         assert await registry.list() == {}
         assert_stats_add_up(pool)
         await assert_no_leak(pool, factory)
 
 
-async def test_a_failing_registry_delete_on_release_is_retried_in_the_background() -> None:
-    """``release`` with a registry whose ``delete`` raises: the call raises that
+async def test_a_failing_registry_release_is_retried_in_the_background() -> None:
+    """``release`` with a registry whose ``release`` raises: the call raises that
     error, but the session is ended and its worker freed at once, and the
-    maintenance loop deletes the registry entry once the registry works again."""
+    maintenance loop releases the claim once the registry works again."""
     registry = Registry()
     factory = FakeFactory()
     async with herd.Pool(
@@ -167,15 +164,15 @@ async def test_a_failing_registry_delete_on_release_is_retried_in_the_background
     ) as pool:
         async with pool.acquire("s") as session:
             worker_id = session.worker.id
-        registry.fail_deletes = True
-        with pytest.raises(ConnectionError, match="delete refused"):
+        registry.fail_releases = True
+        with pytest.raises(ConnectionError, match="release refused"):
             await pool.release("s")
         assert pool.sessions() == {}
         assert [w.id for w in pool.workers()] == [worker_id]
         assert assert_stats_add_up(pool).available_workers == 1
         assert await registry.list() == {"s": worker_id}  # stale until the retry
-        registry.fail_deletes = False
-        await wait_until(lambda: "s" in registry.deleted, timeout=5, what="the retried delete")
+        registry.fail_releases = False
+        await wait_until(lambda: "s" in registry.released, timeout=5, what="the retried release")
         assert await registry.list() == {}
 
 
