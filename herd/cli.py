@@ -48,7 +48,7 @@ from .proxy import (
     from_query,
 )
 from .proxy._keys import logged_uri
-from .proxy._relay import LocalRoute
+from .proxy._relay import LocalRoute, node_address
 
 __all__ = ["add_limit_arguments", "add_pool_arguments", "main", "parse_duration", "parse_size"]
 
@@ -292,6 +292,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pool_arguments(serve.add_argument_group("pool"))
 
+    fleet = serve.add_argument_group(
+        "fleet", "several gateways sharing their sessions through Redis (pip install 'herd[redis]')"
+    )
+    fleet.add_argument(
+        "--registry",
+        metavar="URL",
+        default=None,
+        help="share sessions with the other nodes on this registry: redis://[:PASSWORD@]HOST:"
+        "PORT[/DB], rediss://, unix://, redis+sentinel://HOST:PORT[,...]/SERVICE or "
+        "redis+cluster://HOST:PORT ($HERD_REGISTRY keeps a password out of the process "
+        "list); default: this node alone",
+    )
+    fleet.add_argument(
+        "--node-address",
+        metavar="URL",
+        default=None,
+        help="with --registry: where the other nodes reach this one, to forward requests "
+        "for its sessions (http://10.0.0.2:8080)",
+    )
+    fleet.add_argument(
+        "--node-id", metavar="ID", default=None, help="this node's name in the fleet"
+    )
+    fleet.add_argument(
+        "--node-lease",
+        type=_arg(parse_duration),
+        default=10.0,
+        metavar="DURATION",
+        help="with --registry: how long the fleet waits for a silent node before its "
+        "sessions start over on the live ones",
+    )
+
     worker = serve.add_argument_group("workers")
     worker.add_argument(
         "--health-path",
@@ -509,6 +540,28 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+def _registry(args: argparse.Namespace) -> Any:
+    """The registry ``--registry`` names (``None``: this node alone)."""
+    url = args.registry or os.environ.get("HERD_REGISTRY") or None
+    if url is None:
+        if args.node_address:
+            raise ValueError("--node-address needs --registry (the fleet's Redis)")
+        return None
+    from . import registry
+
+    if url.startswith("memory"):
+        return registry.from_url(url)
+    if not args.node_address:
+        raise ValueError(
+            "--registry needs --node-address: where the other nodes reach this one "
+            "(http://HOST:PORT, this server's own port)"
+        )
+    node_address(args.node_address)  # a ValueError names what is wrong
+    return registry.from_url(
+        url, address=args.node_address, node_id=args.node_id, lease=args.node_lease
+    )
+
+
 def _close_all(sockets: list[socket.socket]) -> None:
     for sock in sockets:
         sock.close()
@@ -530,8 +583,10 @@ async def serve(args: argparse.Namespace) -> int:
         memory_limit=args.memory,
         pids_limit=args.pids,
     )
+    registry = _registry(args)
     pool: Pool[Any] = Pool(
         factory,
+        registry=registry,
         min_workers=args.min_workers,
         max_workers=args.max_workers,
         ttl=args.ttl,
@@ -616,6 +671,13 @@ async def serve(args: argparse.Namespace) -> int:
             args.max_workers,
             " ".join(args.worker_command),
         )
+        if isinstance(getattr(registry, "address", None), str) and registry.address:
+            log.info(
+                "node %s of the fleet at %s; other nodes reach it at %s",
+                registry.node,
+                registry.shown_url,
+                registry.address,
+            )
         await stop.wait()
         log.info("stopping: closing the server and %d worker(s)", pool.stats().total_workers)
         server.stop()

@@ -129,9 +129,9 @@ async def test_nothing_in_redis_shows_a_session_id(
 
 
 async def test_redis_down_then_back(nodes: list[RedisRegistry], redis_server: RedisServer) -> None:
-    """Down: a claim fails at once with the registry's address (never its
-    password); back (empty, as a Redis without persistence restarts): the next
-    renewal registers the node again and re-claims the sessions it holds."""
+    """Down: a claim fails at once with the registry's address; back (empty, as a
+    Redis without persistence restarts): the next renewal registers the node
+    again and re-claims the sessions it holds, and new sessions wait a moment."""
     a, b = nodes
     await a.claim("kept")
     redis_server.stop()
@@ -147,6 +147,11 @@ async def test_redis_down_then_back(nodes: list[RedisRegistry], redis_server: Re
     claim = await b.claim("kept")
     assert not claim.mine
     assert claim.node == "a"
+    # a found the counter gone back: new sessions wait until every live node has
+    # renewed (and registered its sessions again), so none is claimed twice.
+    with pytest.raises(herd.RegistryUnavailableError, match="lost its data"):
+        await b.claim("new")
+    await asyncio.sleep(a.grace)
     assert (await b.claim("new")).mine
 
 

@@ -12,7 +12,13 @@ from typing import Any
 
 from tornado.web import RequestHandler
 
-from .._exceptions import PoolClosedError, PoolExhaustedError, SpawnError
+from .._exceptions import (
+    PoolClosedError,
+    PoolExhaustedError,
+    RegistryUnavailableError,
+    SessionElsewhereError,
+    SpawnError,
+)
 from .._pool import Pool
 from .._session import Session
 
@@ -61,11 +67,27 @@ def _canned_error(status: bytes, error: str, message: str, *headers: bytes) -> b
     )
 
 
-async def acquire_or_fail(pool: Pool[Any], session_id: str, timeout: float | None) -> Session[Any]:
+async def acquire_or_fail(
+    pool: Pool[Any], session_id: str, timeout: float | None, *, forwards: bool = False
+) -> Session[Any]:
     """``pool.acquire``, its errors as the proxy answers them: 503 (exhausted, with
-    ``Retry-After``; closed) or 502 (the worker could not start)."""
+    ``Retry-After``; closed; the registry down) or 502 (the worker could not start).
+
+    :param forwards: the caller forwards requests to other nodes: a session owned
+        by another node raises :class:`herd.SessionElsewhereError` for it (else 503).
+    """
     try:
         return await pool.acquire(session_id, timeout=timeout)
+    except SessionElsewhereError as exc:
+        if forwards:
+            raise
+        raise _Failure(
+            503,
+            "session_elsewhere",
+            f"{exc}: this server does not forward requests to other nodes",
+        ) from None
+    except RegistryUnavailableError as exc:
+        raise _Failure(503, "registry_unavailable", str(exc), Retry_After="1") from None
     except PoolExhaustedError as exc:
         raise _Failure(503, "pool_exhausted", str(exc), Retry_After="1") from None
     except PoolClosedError as exc:

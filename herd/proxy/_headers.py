@@ -5,10 +5,13 @@ from __future__ import annotations
 from tornado import httputil
 
 # RFC 9110 §7.6.1: connection-specific headers a proxy must not forward, plus
-# those named in the Connection header itself.
+# those named in the Connection header itself; and herd's own hop header between
+# the nodes of a fleet (FORWARDED_HOPS), which no worker sees.
+FORWARDED_HOPS = "Herd-Forwarded"
 HOP_BY_HOP = frozenset(
     {
         "connection",
+        "herd-forwarded",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",

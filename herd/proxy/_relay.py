@@ -40,23 +40,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import http.client
 import http.cookies
 import logging
 import os
 import socket
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, cast, overload
+from typing import Any, ClassVar, cast, overload
 
 import httptools
 from tornado import httputil
 from tornado.escape import parse_qs_bytes
 
 from .._client import connect_socket
+from .._exceptions import SessionElsewhereError
 from .._session import Session, session_tag
 from ._errors import _canned_error, _error_body, _Failure, acquire_or_fail, worker_failure
-from ._headers import HOP_BY_HOP
+from ._headers import FORWARDED_HOPS, HOP_BY_HOP
 from ._keys import Route, find_route, logged_uri
 from ._settings import ProxySettings
 from ._tunnel import _Pipe, _Tunnel
@@ -68,6 +71,7 @@ _HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 _METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS"})
 _READ_HIGH = 256 * 1024  # request body buffered while no upstream is ready, before pausing
 _CLOSE_LINGER = 5.0  # for a client to read an error answer and close its end
+_MAX_HOPS = 2  # nodes a request may pass through before its session's owner
 
 LocalRoute = Callable[["RequestHead"], tuple[int, list[tuple[str, str]], bytes]]
 """A route the relay answers itself (``herd serve``'s stats): gets the request,
@@ -661,6 +665,7 @@ class _Request:
         "ended",
         "head",
         "keep_alive",
+        "node",
         "received",
         "refusal",
         "reused",
@@ -685,6 +690,7 @@ class _Request:
         self.refusal: _Failure | None = None
         self.route: Route | None = None
         self.session: Session[Any] | None = None
+        self.node: _Node | None = None  # the node the request is forwarded to, if any
         self.upstream: _Upstream | None = None
         self.reused = False
         self.chunked_in = False  # the client's body is chunked
@@ -725,7 +731,8 @@ class _Request:
                 self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         settings = self.client.server.settings
         assert self.route is not None
-        session = settings.pool.try_acquire(self.route.session_id)
+        pool = settings.pool
+        session = pool.try_acquire(self.route.session_id)
         if session is not None:
             self.session = session
             upstream = self.client.server.upstreams.take(session.worker.address)
@@ -733,6 +740,17 @@ class _Request:
                 self.reused = True
                 self._send(upstream)
                 return
+        else:
+            # Owned by another node, as the registry said before: forwarded there
+            # (unless it was forwarded here: then the registry is asked afresh).
+            owner = pool.remote_owner(self.route.session_id)
+            if owner is not None and FORWARDED_HOPS not in self.head.headers:
+                self.node = _Node.of(owner.node, owner.address)
+                upstream = self.client.server.upstreams.take(self.node.address)
+                if upstream is not None:
+                    self.reused = True
+                    self._send(upstream)
+                    return
         self._spawn(self._connect())
 
     def _route(self) -> None:
@@ -857,22 +875,74 @@ class _Request:
 
     async def _connect(self) -> None:
         """Acquire the session (if the fast path could not), connect, send."""
-        settings = self.client.server.settings
-        if self.session is None:
-            self.session = await _acquire(settings, self.route)
+        if self.session is None and self.node is None:
+            await self._locate()
             if self.complete:  # the client left while we waited
-                self.session.close_nowait()
+                self._close_use()
                 return
-        upstream = self.client.server.upstreams.take(self.session.worker.address)
-        self.reused = upstream is not None
-        if upstream is None:
-            upstream = await self._open()
-        if self.complete:
-            upstream.close()
+        for attempt in (1, 2):
+            upstream = self.client.server.upstreams.take(self._address())
+            self.reused = upstream is not None
+            if upstream is None:
+                try:
+                    upstream = await self._open()
+                except _NodeUnreachable:
+                    if attempt == 2:
+                        raise
+                    # The registry may know better (the node died: a live one takes
+                    # the session over), or still name it (then: 503).
+                    self._forget_node()
+                    await self._locate()
+                    continue
+            if self.complete:
+                upstream.close()
+                return
+            self._send(upstream)
             return
-        self._send(upstream)
+
+    async def _locate(self) -> None:
+        """Acquire the session here, or find the node that owns it."""
+        server = self.client.server
+        settings, route = server.settings, self.route
+        assert route is not None
+        try:
+            self.session = await acquire_or_fail(
+                settings.pool, route.session_id, settings.acquire_timeout, forwards=True
+            )
+        except SessionElsewhereError as exc:
+            hops = _hops(self.head)
+            if hops >= _MAX_HOPS:
+                raise _Failure(
+                    502,
+                    "forward_loop",
+                    f"session {session_tag(route.session_id)} is owned by node {exc.node}, "
+                    f"but this request came through {hops} node(s) already",
+                ) from None
+            if not exc.address:
+                raise _Failure(
+                    503,
+                    "session_elsewhere",
+                    f"session {session_tag(route.session_id)} is owned by node {exc.node}, "
+                    "which advertises no address to forward to (--node-address)",
+                ) from None
+            self.node = _Node.of(exc.node, exc.address)
+
+    def _address(self) -> str:
+        if self.node is not None:
+            return self.node.address
+        assert self.session is not None
+        return self.session.worker.address
+
+    def _forget_node(self) -> None:
+        node, self.node = self.node, None
+        assert node is not None
+        assert self.route is not None
+        self.client.server.upstreams.forget(node.address)
+        self.client.server.settings.pool.forget_remote_owner(self.route.session_id)
 
     async def _open(self) -> _Upstream:
+        if self.node is not None:
+            return await self._open_node(self.node)
         assert self.session is not None
         settings = self.client.server.settings
         worker = self.session.worker
@@ -893,8 +963,34 @@ class _Request:
             raise await self._worker_failed(exc) from None
         return upstream
 
+    async def _open_node(self, node: _Node) -> _Upstream:
+        host, _, port = node.address.rpartition(":")
+        upstream = _Upstream(node.address)
+        try:
+            async with asyncio.timeout(self.client.server.settings.connect_timeout):
+                sock = await connect_socket(host, int(port), None)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await asyncio.get_running_loop().create_connection(lambda: upstream, sock=sock)
+        except (OSError, TimeoutError) as exc:
+            assert self.route is not None
+            code = getattr(exc, "errno", None)
+            reason = os.strerror(code) if code else "timed out"
+            raise _NodeUnreachable(
+                503,
+                "node_unreachable",
+                f"node {node.id} ({node.address}), which owns session "
+                f"{session_tag(self.route.session_id)}, does not answer ({reason}); its "
+                "sessions move to a live node once its lease in the registry lapses",
+                Retry_After="1",
+            ) from None
+        return upstream
+
     async def _worker_failed(self, exc: BaseException) -> _Failure:
         """A connection to the worker failed: is the worker dead? 502 either way."""
+        if self.node is not None:
+            node = self.node
+            self._forget_node()
+            return _Failure(502, "node_failed", f"node {node.id} ({node.address}) failed: {exc}")
         session = self.session
         assert session is not None
         server = self.client.server
@@ -905,6 +1001,9 @@ class _Request:
         """Write the request head (and any body so far) on ``upstream``."""
         self.upstream = upstream
         upstream.attach(self)
+        if self.node is not None:
+            self._send_to_node(upstream)
+            return
         head, route = self.head, self.route
         assert route is not None
         lines = [b"%s %s HTTP/1.1" % (head.method.encode(), route.uri.encode("latin-1"))]
@@ -923,6 +1022,30 @@ class _Request:
         lines.append(b"X-Forwarded-For: " + (previous + b", " + remote if previous else remote))
         lines.append(b"X-Forwarded-Proto: http")
         lines.append(b"X-Forwarded-Host: " + (head.headers.get("Host") or "").encode("latin-1"))
+        self._send_rest(upstream, lines)
+
+    def _send_to_node(self, upstream: _Upstream) -> None:
+        """The request as the client sent it (its own URI, so the owner finds the
+        session by the same key), for the node that owns the session."""
+        head = self.head
+        lines = [b"%s %s HTTP/1.1" % (head.method.encode(), head.uri.encode("latin-1"))]
+        raw = head.headers.raw
+        named = _connection_tokens(raw)
+        previous = None
+        for name, value in raw:
+            lower = name.lower()
+            if lower in _HOP or lower in named or lower == b"expect":
+                continue
+            if lower == b"x-forwarded-for":
+                previous = value if previous is None else previous + b"," + value
+                continue
+            lines.append(name + b": " + value)
+        remote = (head.remote_ip or "").encode()
+        lines.append(b"X-Forwarded-For: " + (previous + b", " + remote if previous else remote))
+        lines.append(b"%s: %d" % (FORWARDED_HOPS.encode(), _hops(head) + 1))
+        self._send_rest(upstream, lines)
+
+    def _send_rest(self, upstream: _Upstream, lines: list[bytes]) -> None:
         if self.chunked_in:
             lines.append(b"Transfer-Encoding: chunked")
         lines.append(b"\r\n")
@@ -967,9 +1090,12 @@ class _Request:
             lower = name.lower()
             if lower in _HOP or lower in named:
                 continue
-            if lower == b"location":
+            if lower == b"location" and self.node is None:  # (a node rewrote it already)
                 value = self._rewrite_location(value)
             lines.append(name + b": " + value)
+        session = self.session
+        if session is not None and session.restarted is not None:
+            lines.append(b"Herd-Session-Restarted: " + _header_text(session.restarted))
         if self.chunked_out:
             lines.append(b"Transfer-Encoding: chunked")
         if self.close_after or self.client.closing:
@@ -1145,12 +1271,18 @@ class _Request:
         settings = self.client.server.settings
         route = self.route
         assert route is not None
-        self.session = await _acquire(settings, route)
-        tunnel = _Tunnel(settings, self.session, route)
-        try:
-            answer = await tunnel.open(lambda: _websocket_headers(self.head))
-        except OSError as exc:  # refused, timed out, or closed before answering
-            raise await self._worker_failed(exc) from None
+        await self._locate()
+        for attempt in (1, 2):
+            node = self.node
+            tunnel = _Tunnel(settings, self.session, route, node=node, uri=self.head.uri)
+            try:
+                answer = await tunnel.open(functools.partial(_websocket_headers, self.head, node))
+                break
+            except OSError as exc:  # refused, timed out, or closed before answering
+                if node is None or attempt == 2:
+                    raise await self._worker_failed(exc) from None
+                self._forget_node()
+                await self._locate()
         if self.client.closed:
             tunnel.close()
             self.fail(None)
@@ -1188,7 +1320,8 @@ class _Done(Exception):
     """The request was answered where it was routed (a local route)."""
 
 
-def _websocket_headers(head: RequestHead) -> httputil.HTTPHeaders:
+def _websocket_headers(head: RequestHead, node: _Node | None = None) -> httputil.HTTPHeaders:
+    """The handshake's headers for the worker, or for the ``node`` that owns the session."""
     headers = httputil.HTTPHeaders()
     raw = head.headers.raw
     named = _connection_tokens(raw)
@@ -1205,14 +1338,61 @@ def _websocket_headers(head: RequestHead) -> httputil.HTTPHeaders:
     headers["Upgrade"] = head.headers.get("Upgrade") or "websocket"
     remote = head.remote_ip or ""
     headers["X-Forwarded-For"] = f"{previous}, {remote}" if previous else remote
+    if node is not None:
+        headers[FORWARDED_HOPS] = str(_hops(head) + 1)
+        return headers
     headers["X-Forwarded-Proto"] = "ws"
     headers["X-Forwarded-Host"] = head.headers.get("Host") or ""
     return headers
 
 
-async def _acquire(settings: ProxySettings, route: Route | None) -> Session[Any]:
-    assert route is not None
-    return await acquire_or_fail(settings.pool, route.session_id, settings.acquire_timeout)
+def _hops(head: RequestHead) -> int:
+    """The nodes a request came through (its ``Herd-Forwarded`` header); a value
+    that is not a small number counts as too many (a client's, not a node's)."""
+    value = head.headers.get(FORWARDED_HOPS)
+    if value is None:
+        return 0
+    return int(value) if value.isdigit() and len(value) < 3 else _MAX_HOPS
+
+
+def _header_text(text: str) -> bytes:
+    """``text`` safe as a header value: one line of Latin-1."""
+    return " ".join(text.split()).encode("latin-1", "replace")
+
+
+class _Node:
+    """Another node of the fleet, to forward requests to: its ID and ``host:port``."""
+
+    __slots__ = ("address", "id")
+
+    _known: ClassVar[dict[tuple[str, str], _Node]] = {}
+
+    def __init__(self, node_id: str, address: str) -> None:
+        self.id = node_id
+        self.address = address
+
+    @classmethod
+    def of(cls, node_id: str, url: str) -> _Node:
+        """The node at ``url`` (``http://host:port``, as nodes advertise themselves)."""
+        key = (node_id, url)
+        node = cls._known.get(key)
+        if node is None:
+            if len(cls._known) > 1000:
+                cls._known.clear()
+            node = cls._known[key] = cls(node_id, node_address(url))
+        return node
+
+
+def node_address(url: str) -> str:
+    """``host:port`` of a node's advertised ``http://host:port`` (port 80 if none).
+
+    :raises ValueError: not an ``http://`` URL with a host.
+    """
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(f"a node address is http://HOST:PORT, not {url!r}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{parts.port or 80}"
 
 
 def _connection_tokens(raw: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -1227,6 +1407,10 @@ def _connection_tokens(raw: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
 
 # How a worker's response body is framed.
 _NONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
+
+
+class _NodeUnreachable(_Failure):
+    """The node that owns the session could not be reached."""
 
 
 class _StrayAnswer(Exception):

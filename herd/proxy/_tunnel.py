@@ -39,18 +39,37 @@ _STATUS = re.compile(rb"[1-5][0-9][0-9]")  # a status code (RFC 9110 §15)
 
 
 class _Tunnel:
-    """One WebSocket connection from a client to the session's worker.
+    """One WebSocket connection from a client to the session's worker, or to the
+    node of the fleet that owns the session.
 
     :param settings: the handler's settings (timeouts, message size, tunnel count).
-    :param session: the use of the session the tunnel holds open for its whole life.
+    :param session: the use of the session the tunnel holds open for its whole life
+        (``None``: the session is another node's).
     :param route: where the handshake goes.
+    :param node: the node that owns the session (it has ``.id`` and ``.address``,
+        ``host:port``), instead of a session here.
+    :param uri: the URI to ask the node for (the client's own).
     """
 
-    def __init__(self, settings: ProxySettings, session: Session[Any], route: Route) -> None:
+    def __init__(
+        self,
+        settings: ProxySettings,
+        session: Session[Any] | None,
+        route: Route,
+        *,
+        node: Any = None,
+        uri: str | None = None,
+    ) -> None:
         self.settings = settings
         self.session = session
         self.route = route
+        self.node = node
+        self.uri = uri if node is not None and uri is not None else route.uri
         self.worker_side = _Pipe(_FrameMeter(None), expect_head=True)
+        if session is not None:
+            self.label = f"worker={session.worker.id}"
+        else:
+            self.label = f"node={node.id}"
 
     async def open(self, headers: Callable[[], httputil.HTTPHeaders]) -> bytes:
         """Connect to the worker and send it the handshake (with ``headers()``, made
@@ -60,11 +79,15 @@ class _Tunnel:
         :raises _Failure: 504 (no answer within ``upstream_timeout``), 502 (an answer
             other than 101, or not HTTP).
         """
-        worker = self.session.worker
-        host, _, port = worker.address.rpartition(":")
+        if self.session is not None:
+            worker = self.session.worker
+            address, opener = worker.address, _socket_maker(worker)
+        else:
+            address, opener = self.node.address, None
+        host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.settings.connect_timeout):
-            connected = await connect_socket(host, int(port), _socket_maker(worker))
+            connected = await connect_socket(host, int(port), opener)
             connected.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames go at once
             await loop.create_connection(lambda: self.worker_side, sock=connected)
         try:
@@ -83,7 +106,7 @@ class _Tunnel:
         return head
 
     async def _handshake(self, headers: httputil.HTTPHeaders) -> bytes:
-        lines = [f"GET {self.route.uri} HTTP/1.1"]
+        lines = [f"GET {self.uri} HTTP/1.1"]
         lines += [f"{name}: {value}" for name, value in headers.get_all()]
         self.worker_side.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         try:
@@ -123,10 +146,10 @@ class _Tunnel:
             await attach(client_side)
             client_side.peer, worker_side.peer = worker_side, client_side
             log.info(
-                "websocket %s session=%s worker=%s open",
+                "websocket %s session=%s %s open",
                 route.uri,
                 session_tag(route.session_id),
-                self.session.worker.id,
+                self.label,
             )
             client_side.send(answer + worker_side.take_early_bytes())
             worker_side.send(client_side.take_early_bytes())  # none, from a client that waits
@@ -142,10 +165,10 @@ class _Tunnel:
             client_side.close()
             worker_side.close()
             log.info(
-                "websocket %s session=%s worker=%s closed after %.1fs",
+                "websocket %s session=%s %s closed after %.1fs",
                 route.uri,
                 session_tag(route.session_id),
-                self.session.worker.id,
+                self.label,
                 time.monotonic() - started,
             )
 

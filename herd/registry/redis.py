@@ -8,6 +8,9 @@ What lives in Redis (every key under one hash tag, ``herd:{NAMESPACE}:``, so tha
 a Redis Cluster keeps them in one slot and the scripts below stay atomic)::
 
     epoch            a counter: fencing tokens and node incarnations come from it
+    grace            set for a moment when a node finds the counter gone back (Redis
+                     lost its data): no new claims until it expires, so that the
+                     live nodes register the sessions they serve first
     nodes            the set of node IDs
     node:ID          hash {inc, address, sessions}, expires after the node's lease
     s:HASH           hash {node, inc, epoch, worker}: a session's claim; expires
@@ -55,17 +58,23 @@ log = logging.getLogger("herd.registry")
 
 T = TypeVar("T")
 
-# KEYS: node key, nodes set, epoch counter
+# KEYS: node key, nodes set, epoch counter, grace key
 # ARGV: node ID, address, lease ms, claim ttl ms, sessions, claim prefix, node prefix,
-#       then (hash, epoch) pairs of the claims this node holds
+#       grace ms, the node's last incarnation ('' if none), then (hash, epoch) pairs
+#       of the claims this node holds
 _REGISTER = """
 local inc = redis.call('INCR', KEYS[3])
+if ARGV[9] ~= '' and inc <= tonumber(ARGV[9]) then
+  -- The counter went back: Redis lost its data. No new session for a moment, so
+  -- that every live node registers its sessions again before anyone claims them.
+  redis.call('SET', KEYS[4], '1', 'PX', ARGV[8])
+end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'inc', inc, 'address', ARGV[2], 'sessions', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
 local lost = {}
-for i = 8, #ARGV, 2 do
+for i = 10, #ARGV, 2 do
   local key = ARGV[6] .. ARGV[i]
   local cur = redis.call('HMGET', key, 'node', 'inc', 'epoch')
   local ours = cur[1] == false or (cur[1] == ARGV[1] and cur[3] == ARGV[i + 1])
@@ -117,13 +126,16 @@ end
 return {'ok', lost, fleet}
 """
 
-# KEYS: claim key, epoch counter, node key
+# KEYS: claim key, epoch counter, node key, grace key
 # ARGV: node ID, incarnation, claim ttl ms, node prefix
 _CLAIM = """
 if redis.call('HGET', KEYS[3], 'inc') ~= ARGV[2] then return {'lapsed'} end
 local cur = redis.call('HMGET', KEYS[1], 'node', 'inc', 'epoch')
 local previous = ''
-if cur[1] then
+if not cur[1] then
+  local wait = redis.call('PTTL', KEYS[4])
+  if wait > 0 then return {'wait', wait} end
+else
   if cur[1] == ARGV[1] and cur[2] == ARGV[2] then return {'mine', cur[3]} end
   local owner = redis.call('HMGET', ARGV[4] .. cur[1], 'inc', 'address')
   if owner[1] == cur[2] then return {'other', cur[3], cur[1], owner[2]} end
@@ -268,6 +280,7 @@ class RedisRegistry:
         self._node_key = self._node_prefix + self.node
         self._nodes_key = prefix + "nodes"
         self._epoch_key = prefix + "epoch"
+        self._grace_key = prefix + "grace"
         # Keyed by the namespace: two fleets on one Redis never share a key.
         self._hash_key = hashlib.blake2b(prefix.encode(), digest_size=16).digest()
         self._register = self._client.register_script(_REGISTER)
@@ -276,6 +289,7 @@ class RedisRegistry:
         self._fenced = self._client.register_script(_FENCED)
         self._leave = self._client.register_script(_LEAVE)
         self._incarnation: str | None = None  # None: not registered (yet, or lapsed)
+        self._last_incarnation = ""  # the last one, kept through a lapse
         self._held: dict[str, Claim] = {}  # by the session's hash
         self._lost: list[str] = []  # lost at a registration, told by the next renew()
         self._fleet: tuple[NodeInfo, ...] = ()
@@ -286,6 +300,12 @@ class RedisRegistry:
     def renew_interval(self) -> float:
         """A third of the lease."""
         return self.lease / 3
+
+    @property
+    def grace(self) -> float:
+        """Seconds without new sessions after Redis lost its data: every live node
+        renews (and so registers its sessions again) within it."""
+        return self.renew_interval * 1.5
 
     def _key(self, session_id: str) -> str:
         digest = hashlib.blake2b(session_id.encode(), key=self._hash_key, digest_size=20)
@@ -317,7 +337,7 @@ class RedisRegistry:
             reply = await self._call(
                 "registering the node",
                 self._register(
-                    keys=[self._node_key, self._nodes_key, self._epoch_key],
+                    keys=[self._node_key, self._nodes_key, self._epoch_key, self._grace_key],
                     args=[
                         self.node,
                         self.address,
@@ -326,12 +346,14 @@ class RedisRegistry:
                         len(self._held),
                         self._claim_prefix,
                         self._node_prefix,
+                        int(self.grace * 1000),
+                        self._last_incarnation,
                         *self._pairs(),
                     ],
                 ),
             )
             incarnation, lost = _text(reply[0]), [_text(x) for x in reply[1]]
-            self._incarnation = incarnation
+            self._incarnation = self._last_incarnation = incarnation
             self._last_refresh = asyncio.get_running_loop().time()
             self._lost += [self._held.pop(digest).session_id for digest in lost]
             log.info(
@@ -350,16 +372,20 @@ class RedisRegistry:
         for _ in range(2):  # a lapse found by the claim: register, then once more
             incarnation = await self._ensure_registered()
             args = [self.node, incarnation, int(self.claim_ttl * 1000), self._node_prefix]
-            reply = await self._call(
-                "claiming a session",
-                self._claim(
-                    keys=[self._claim_prefix + digest, self._epoch_key, self._node_key], args=args
-                ),
-            )
+            keys = [self._claim_prefix + digest, self._epoch_key, self._node_key, self._grace_key]
+            reply = await self._call("claiming a session", self._claim(keys=keys, args=args))
             kind = _text(reply[0])
             if kind == "lapsed":
                 self._lapsed(incarnation)
                 continue
+            if kind == "wait":
+                raise RegistryUnavailableError(
+                    f"session registry {self.shown_url} lost its data (restarted without "
+                    "persistence?): the nodes are registering their sessions again; new "
+                    f"sessions in {int(_text(reply[1])) / 1000:.1f}s",
+                    session_id=session_id,
+                    registry=self.shown_url,
+                )
             epoch = int(_text(reply[1]))
             if kind == "other":
                 node, address = _text(reply[2]), _text(reply[3])
