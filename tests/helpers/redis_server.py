@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import Any
 
 import pytest
 
@@ -45,6 +46,8 @@ class RedisServer:
         self.password = password
         self.dir = tempfile.mkdtemp(prefix="herd-redis-")
         self.process: subprocess.Popen[bytes] | None = None
+        self._stats_client: Any = None
+        self._info_calls = 0
 
     @property
     def url(self) -> str:
@@ -74,21 +77,29 @@ class RedisServer:
             time.sleep(0.01)
 
     def stop(self) -> None:
+        if self._stats_client is not None:
+            self._stats_client.close()
+            self._stats_client = None
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
         self.process = None
 
-    def command(self, *args: str) -> str:
-        """The reply to one command, as text."""
+    def command_calls(self) -> dict[str, int]:
+        """How many times Redis has run each command (``INFO commandstats``; the
+        calls inside Lua scripts included), for differences between two calls:
+        the queries' own (one kept connection, an ``INFO`` each) are taken out."""
         import redis
 
-        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
-        try:
-            reply = client.execute_command(*args)
-        finally:
-            client.close()
-        return reply.decode() if isinstance(reply, bytes) else str(reply)
+        if self._stats_client is None:
+            self._stats_client = redis.Redis(
+                host="127.0.0.1", port=self.port, password=self.password
+            )
+        stats = self._stats_client.info("commandstats")
+        self._info_calls += 1
+        calls = {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()}
+        calls["info"] = calls.get("info", 0) - self._info_calls
+        return calls
 
     def keys_and_values(self) -> dict[bytes, object]:
         """Every key with its value (hashes as dicts), to look for leaks."""
