@@ -36,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -181,9 +180,7 @@ def main() -> None:
         f"spread / local req/s: {median('spread', 'rps') / median('local', 'rps'):.2f}; "
         f"forwarded / local: {median('forwarded', 'rps') / median('local', 'rps'):.2f}"
     )
-    print(
-        f"Redis commands per request: {calls} / {requests} = {per_request:.5f} (target <= 0.01)"
-    )
+    print(f"Redis commands per request: {calls} / {requests} = {per_request:.5f} (target <= 0.01)")
     print("  by command:", ", ".join(f"{k} {v}" for k, v in sorted(by_command.items())))
     print("sessions per node:", [s["active_sessions"] for s in stats])
     if args.json:

@@ -431,10 +431,13 @@ def stats_route(pool: Pool[Any], admin_token: str | None = None) -> LocalRoute:
 
 
 def _without_session_ids(stats: dict[str, Any]) -> dict[str, Any]:
-    """``stats`` with every session ID replaced by its tag."""
+    """``stats`` with every session ID replaced by its tag, and no node's internal
+    address (a map of the private network is for the admin token's holder)."""
     for row in (*stats["workers"], *stats["recent_crashes"]):
         if row.get("session_id") is not None:
             row["session_id"] = session_tag(row["session_id"])
+    for row in stats["fleet"]:
+        row["address"] = ""
     return stats
 
 

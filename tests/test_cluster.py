@@ -159,15 +159,14 @@ def test_redis_down_owned_sessions_go_on_new_ones_get_503_then_all_recovers(
     assert count(a, "before")[0] == 6
 
 
-def test_a_websocket_through_a_node_that_does_not_own_the_session() -> None:
+def test_a_websocket_and_requests_through_a_node_that_does_not_own_the_session() -> None:
     from tornado.httpclient import HTTPRequest
     from tornado.websocket import websocket_connect
 
-    from tests.helpers.fleet import Fleet as F
     from tests.test_cli import WEB_WORKER
 
     redis_binary()
-    fleet = F(2, "--min", "0", "--max", "4", command=["python", WEB_WORKER, "{port}"])
+    fleet = Fleet(2, "--min", "0", "--max", "4", command=["python", WEB_WORKER, "{port}"])
     try:
         owner, other = fleet.nodes
         assert owner.request("/echo", "ws-session")[0] == 200  # owner pins it
@@ -188,5 +187,18 @@ def test_a_websocket_through_a_node_that_does_not_own_the_session() -> None:
         # Every worker is the owner's: the tunnel went through other to owner.
         assert owner.stats()["total_workers"] == 1
         assert other.stats()["total_workers"] == 0
+        # Forwarded HTTP: the worker sees the client's request, with the client
+        # first in X-Forwarded-For, and never herd's hop header (nor a client's).
+        for node in (owner, other):
+            status, _, raw = node.request("/echo?x=1", "ws-session", **{"Herd-Forwarded": "1"})
+            assert status == 200
+            echoed = json.loads(raw)
+            assert echoed["uri"] == "/echo?x=1"
+            assert "Herd-Forwarded" not in echoed["headers"]
+            assert echoed["headers"]["X-Forwarded-For"].startswith("127.0.0.1")
+        # A client that claims to come through two nodes is not forwarded again.
+        status, _, raw = other.request("/echo", "ws-session", **{"Herd-Forwarded": "2"})
+        assert status == 502
+        assert json.loads(raw)["error"] == "forward_loop"
     finally:
         fleet.close()

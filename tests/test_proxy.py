@@ -335,7 +335,10 @@ async def test_worker_killed_mid_request_is_502_then_a_fresh_worker(make_gateway
     assert response.code == 502
     assert body(response)["error"] == "worker_unavailable"
     await wait_until(lambda: crashed == ["s1"], what="crash path")
-    assert body(await gw.fetch("/state"))["count"] == 1  # a fresh process
+    fresh = await gw.fetch("/state")
+    assert body(fresh)["count"] == 1  # a fresh process, and the answer says so, once
+    assert fresh.headers["Herd-Session-Restarted"].startswith("its worker died (")
+    assert "Herd-Session-Restarted" not in (await gw.fetch("/state")).headers
 
 
 async def test_worker_exit_without_response_is_502(make_gateway: Any) -> None:

@@ -8,16 +8,19 @@ Two registries in one process stand for two nodes; the cluster tests
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import herd
 from herd.registry.redis import RedisRegistry
-from tests.helpers import factory
-from tests.helpers.redis_server import RedisServer
+from tests.helpers import factory, wait_until
+from tests.helpers.redis_server import Cluster, RedisServer, Sentinel
 
 
 @pytest.fixture
@@ -222,3 +225,118 @@ async def test_a_pool_serves_what_it_owns_without_redis_and_points_elsewhere(
         async with b.acquire("s") as session:
             assert session.restarted is None
         assert crashed == []
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+NODE_A = """
+import asyncio, herd
+from herd.registry.redis import RedisRegistry
+from tests.helpers import factory
+
+async def main():
+    registry = RedisRegistry({url!r}, node_id="a", address="http://127.0.0.1:9", lease={lease})
+    async with herd.Pool(factory(), min_workers=0, max_workers=1, registry=registry) as pool:
+        await (await pool.acquire("s")).close()
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_dead_node_s_session_starts_over_on_the_node_that_notices(
+    redis_server: RedisServer,
+) -> None:
+    """Node a (its own process) owns "s" and is SIGKILLed. Node b, asked for "s",
+    names a until a's lease lapses, then takes the session over: a fresh worker,
+    ``Session.restarted`` says why, and b's ``on_crash`` runs for it."""
+    lease = 1.0
+    code = NODE_A.format(url=redis_server.url, lease=lease)
+    node_a = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert node_a.stdout is not None
+        assert await asyncio.to_thread(node_a.stdout.readline) == b"ready\n"
+        crashed: list[str] = []
+        registry = RedisRegistry(redis_server.url, node_id="b", lease=lease)
+        async with herd.Pool(
+            factory(), min_workers=0, max_workers=1, registry=registry, on_crash=crashed.append
+        ) as b:
+            with pytest.raises(herd.SessionElsewhereError, match="node a"):
+                await b.acquire("s")
+            node_a.kill()
+            node_a.wait()
+            killed = time.monotonic()
+            while True:
+                b.forget_remote_owner("s")  # as the proxy does when a's connection fails
+                try:
+                    session = await b.acquire("s")
+                    break
+                except herd.SessionElsewhereError:
+                    assert time.monotonic() - killed < lease + 1, "a's lease did not lapse"
+                    await asyncio.sleep(0.05)
+            assert session.restarted == "node a, which owned it, stopped"
+            await wait_until(lambda: crashed == ["s"], what="on_crash on the node that noticed")
+            (crash,) = b.stats().recent_crashes
+            assert crash.session_id == "s"
+            await session.close()
+            again = await b.acquire("s")
+            assert again.restarted is None  # said once
+            await again.close()
+    finally:
+        if node_a.poll() is None:
+            node_a.kill()
+            node_a.wait()
+        if node_a.stdout is not None:
+            node_a.stdout.close()
+
+
+async def test_sentinel_finds_the_master(redis_server: RedisServer) -> None:
+    sentinel = Sentinel(redis_server)
+    try:
+        url = f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster"
+        a = RedisRegistry(url, node_id="a", address="http://127.0.0.1:1")
+        b = RedisRegistry(redis_server.url, node_id="b")  # the master itself
+        try:
+            assert (await a.claim("s")).mine
+            claim = await b.claim("s")
+            assert not claim.mine
+            assert claim.node == "a"
+        finally:
+            await a.close()
+            await b.close()
+    finally:
+        sentinel.close()
+
+
+async def test_tls_with_the_servers_certificate_and_not_without() -> None:
+    server = RedisServer(tls=True).start()
+    try:
+        trusted = RedisRegistry(server.url, node_id="a")  # rediss://...?ssl_ca_certs=...
+        assert (await trusted.claim("s")).mine
+        await trusted.close()
+        untrusted = RedisRegistry(f"rediss://127.0.0.1:{server.port}/0", node_id="b")
+        with pytest.raises(herd.RegistryUnavailableError, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusted.claim("s")
+        await untrusted.close()
+    finally:
+        server.close()
+
+
+async def test_a_redis_cluster_keeps_the_fleet_in_one_slot() -> None:
+    """Every key shares one hash tag, so the scripts run on the one master that
+    holds the slot, whichever master a node connects to first."""
+    cluster = Cluster()
+    try:
+        a = RedisRegistry(cluster.url(0), node_id="a", address="http://127.0.0.1:1")
+        b = RedisRegistry(cluster.url(1), node_id="b", address="http://127.0.0.1:2")
+        try:
+            claims = await asyncio.gather(*(n.claim(f"s{i}") for i in range(10) for n in (a, b)))
+            assert sum(c.mine for c in claims) == 10
+            assert await a.renew() == []
+            assert {n.node for n in (await b.renew(), b.fleet())[1]} == {"a", "b"}
+        finally:
+            await a.close()
+            await b.close()
+    finally:
+        cluster.close()

@@ -303,6 +303,9 @@ class ProxyHandler(RequestHandler):
         if location is not None:
             headers["Location"] = self._rewrite_location(location)
         self._merge_default_headers(headers)
+        session = self.session
+        if session is not None and session.restarted is not None:
+            headers["Herd-Session-Restarted"] = " ".join(session.restarted.split())
         # The worker's headers as they are (Tornado parsed and validated them), in
         # place of Tornado's own (Server, Content-Type, Date): set_header would
         # check each again. RequestHandler's private map (Tornado 6.3-6.6.1).

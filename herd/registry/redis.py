@@ -185,11 +185,12 @@ def shown_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-def _client(url: str, connect_timeout: float, timeout: float) -> Any:
+def _client(url: str, connect_timeout: float, timeout: float) -> tuple[Any, list[Any]]:
     """A redis.asyncio client for ``url``: ``redis://``, ``rediss://``, ``unix://``
     as redis-py reads them, ``redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT]/SERVICE[/DB]``
     (the master of SERVICE, found through those Sentinels), or
-    ``redis+cluster://[:PASSWORD@]HOST:PORT`` (a Redis Cluster)."""
+    ``redis+cluster://[:PASSWORD@]HOST:PORT`` (a Redis Cluster); and the other
+    clients it made, to close with it (the Sentinels')."""
     options: dict[str, Any] = {
         "socket_connect_timeout": connect_timeout,
         "socket_timeout": timeout,
@@ -216,15 +217,16 @@ def _client(url: str, connect_timeout: float, timeout: float) -> Any:
             db=db,
             **options,
         )
-        return sentinel.master_for(path[0])
+        return sentinel.master_for(path[0]), list(sentinel.sentinels)
     if parts.scheme == "redis+cluster":
         from redis.asyncio.cluster import RedisCluster
 
         plain = urllib.parse.urlunsplit(parts._replace(scheme="redis"))
-        return RedisCluster.from_url(
+        cluster = RedisCluster.from_url(
             plain, socket_connect_timeout=connect_timeout, socket_timeout=timeout
         )
-    return aioredis.Redis.from_url(url, **options)
+        return cluster, []
+    return aioredis.Redis.from_url(url, **options), []
 
 
 class RedisRegistry:
@@ -273,7 +275,10 @@ class RedisRegistry:
         self.node = node_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.lease = lease
         self.claim_ttl = claim_ttl
-        self._client = client if client is not None else _client(url, connect_timeout, timeout)
+        self._others: list[Any] = []  # more clients to close with it
+        if client is None:
+            client, self._others = _client(url, connect_timeout, timeout)
+        self._client = client
         prefix = f"herd:{{{namespace}}}:"
         self._claim_prefix = prefix + "s:"
         self._node_prefix = prefix + "node:"
@@ -489,7 +494,8 @@ class RedisRegistry:
         finally:
             self._held.clear()
             self._incarnation = None
-            await self._client.aclose()
+            for client in (self._client, *self._others):
+                await client.aclose()
 
     def __repr__(self) -> str:
         return f"RedisRegistry({self.shown_url!r}, node={self.node!r}, sessions={len(self._held)})"
