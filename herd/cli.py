@@ -47,8 +47,9 @@ from .proxy import (
     from_path,
     from_query,
 )
+from .proxy._fleet import node_address
 from .proxy._keys import logged_uri
-from .proxy._relay import LocalRoute, node_address
+from .proxy._relay import LocalRoute
 
 __all__ = ["add_limit_arguments", "add_pool_arguments", "main", "parse_duration", "parse_size"]
 

@@ -101,27 +101,30 @@ class _Exchange:
     connection, from :meth:`start` until :meth:`keep` or :meth:`discard`.
 
     :param settings: the handler's settings (the keep-alive pool, the timeouts).
-    :param worker: the session's worker.
+    :param worker: the session's worker (``None``: ``address`` is another node's).
     :param start_line: the request line to send (the method and the worker's URI).
     :param chunked: frame the request body in chunks here (Tornado's client does it
         by itself for a POST, PUT or PATCH body of unknown length).
     :param on_head: gets the response's status line and headers.
     :param on_chunk: gets each piece of the response body.
+    :param address: ``host:port`` of the node of the fleet that owns the session,
+        when ``worker`` is ``None``.
     """
 
     def __init__(
         self,
         settings: ProxySettings,
-        worker: Worker[Any],
+        worker: Worker[Any] | None,
         start_line: httputil.RequestStartLine,
         *,
         chunked: bool,
         on_head: _OnHead,
         on_chunk: _OnChunk,
+        address: str = "",
     ) -> None:
         self.settings = settings
         self.worker = worker
-        self.address = worker.address
+        self.address = worker.address if worker is not None else address
         self.start_line = start_line
         self.chunked = chunked
         self.response = _Response(on_head, on_chunk)
@@ -142,7 +145,9 @@ class _Exchange:
         retry = True
         while True:
             stream, reused = await self.settings.upstreams.connect(
-                self.address, self.settings.connect_timeout, _socket_maker(self.worker)
+                self.address,
+                self.settings.connect_timeout,
+                _socket_maker(self.worker) if self.worker is not None else None,
             )
             self._stream = stream
             self._upstream = HTTP1Connection(stream, True, _UPSTREAM_PARAMETERS)

@@ -14,10 +14,12 @@ from typing import Any
 from tornado import httputil, iostream
 from tornado.web import RequestHandler, stream_request_body
 
+from .._exceptions import SessionElsewhereError
 from .._session import Session, session_tag
 from ._errors import _Failure, _json_error, acquire_or_fail, worker_failure
 from ._exchange import _Exchange
-from ._headers import _end_to_end
+from ._fleet import Node, forward_to, hops, node_unreachable
+from ._headers import FORWARDED_HOPS, _end_to_end
 from ._keys import Route, find_route
 from ._settings import ProxySettings
 from ._tunnel import _Tunnel
@@ -60,6 +62,7 @@ class ProxyHandler(RequestHandler):
         self.settings_ = settings if settings is not None else ProxySettings(**fields)
         self.route = None
         self.session = None
+        self._node: Node | None = None  # the node that owns the session, if another
         self._exchange: _Exchange | None = None  # an HTTP request's, from prepare()
         self._received = 0
         self._chunked_upstream = False
@@ -89,8 +92,8 @@ class ProxyHandler(RequestHandler):
             self._check_framing()
             # Tornado's default limit is 100 MB; ours is enforced in data_received.
             self.request.connection.set_max_body_size(2**62)  # type: ignore[union-attr]
-            self.session = await self._acquire(self.route)
-            await self._start_exchange(self.session, self.route)
+            await self._locate(self.route)
+            await self._start_exchange(self.route)
         except _Failure as failure:
             self._fail(failure, body_unread=True)
 
@@ -156,9 +159,31 @@ class ProxyHandler(RequestHandler):
             # itself; any other method with a chunked body is framed here.
             self._chunked_upstream = self.request.method not in ("POST", "PUT", "PATCH")
 
-    async def _acquire(self, route: Route) -> Session[Any]:
+    async def _locate(self, route: Route, *, ask: bool = False) -> None:
+        """Acquire the session here (:attr:`session`), or find the node of the fleet
+        that owns it (:attr:`_node`). ``ask``: not from what the pool remembers."""
         settings = self.settings_
-        return await acquire_or_fail(settings.pool, route.session_id, settings.acquire_timeout)
+        pool = settings.pool
+        self._node = None
+        if not ask and FORWARDED_HOPS not in self.request.headers:
+            owner = pool.remote_owner(route.session_id)
+            if owner is not None:
+                self._node = Node.of(owner.node, owner.address)
+                return
+        try:
+            self.session = await acquire_or_fail(
+                pool, route.session_id, settings.acquire_timeout, forwards=True
+            )
+        except SessionElsewhereError as exc:
+            self._node = forward_to(exc, hops(self.request.headers))
+
+    def _forget_node(self) -> None:
+        """The owner named did not answer: the registry is asked again next time."""
+        node, self._node = self._node, None
+        assert node is not None
+        assert self.route is not None
+        self.settings_.upstreams.forget(node.address)
+        self.settings_.pool.forget_remote_owner(self.route.session_id)
 
     def _fail(self, failure: _Failure, *, body_unread: bool = False) -> None:
         """Answer with ``failure`` as JSON, or cut a response already under way short.
@@ -204,6 +229,10 @@ class ProxyHandler(RequestHandler):
 
     async def _worker_failed(self, exc: BaseException) -> _Failure:
         """A connection to the worker failed: is the worker dead? 502 either way."""
+        if self._node is not None:
+            node = self._node
+            self._forget_node()
+            return _Failure(502, "node_failed", f"node {node.id} ({node.address}) failed: {exc}")
         session = self.session
         assert session is not None
         self.settings_.upstreams.forget(session.worker.address)
@@ -229,20 +258,52 @@ class ProxyHandler(RequestHandler):
         headers["X-Forwarded-Proto"] = proto
         headers["X-Forwarded-Host"] = self.request.headers.get("Host", "")
 
-    async def _start_exchange(self, session: Session[Any], route: Route) -> None:
-        start = httputil.RequestStartLine(self.request.method or "GET", route.uri, "HTTP/1.1")
-        self._exchange = _Exchange(
-            self.settings_,
-            session.worker,
-            start,
-            chunked=self._chunked_upstream,
-            on_head=self._send_head,
-            on_chunk=self._send_chunk,
-        )
-        try:
-            await self._exchange.start(self._request_headers)
-        except (OSError, iostream.StreamClosedError) as exc:
-            raise await self._worker_failed(exc) from None
+    def _node_headers(self) -> httputil.HTTPHeaders:
+        """The client's request for the node that owns the session: its headers as
+        they came (credentials too: the owner authenticates the client again),
+        the client first in X-Forwarded-For, one more hop."""
+        headers = _end_to_end(self.request.headers)
+        headers.pop("Expect", None)
+        remote = self.request.remote_ip or ""
+        previous = self.request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{previous}, {remote}" if previous else remote
+        headers[FORWARDED_HOPS] = str(hops(self.request.headers) + 1)
+        if self._chunked_upstream:
+            headers["Transfer-Encoding"] = "chunked"
+        return headers
+
+    async def _start_exchange(self, route: Route) -> None:
+        method = self.request.method or "GET"
+        for attempt in (1, 2):
+            node = self._node
+            if node is None:
+                assert self.session is not None
+                start = httputil.RequestStartLine(method, route.uri, "HTTP/1.1")
+                worker, headers = self.session.worker, self._request_headers
+            else:  # the client's own URI: the owner finds the session by the same key
+                start = httputil.RequestStartLine(method, self.request.uri or "/", "HTTP/1.1")
+                worker, headers = None, self._node_headers
+            self._exchange = _Exchange(
+                self.settings_,
+                worker,
+                start,
+                chunked=self._chunked_upstream,
+                on_head=self._send_head,
+                on_chunk=self._send_chunk,
+                address=node.address if node is not None else "",
+            )
+            try:
+                await self._exchange.start(headers)
+                return
+            except OSError as exc:
+                if node is None:
+                    raise await self._worker_failed(exc) from None
+                self._forget_node()
+                if attempt == 2:
+                    raise node_unreachable(node, route.session_id, exc) from None
+                await self._locate(route, ask=True)  # a dead node's session starts over here
+            except iostream.StreamClosedError as exc:
+                raise await self._worker_failed(exc) from None
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
         if self._failed or self._exchange is None:
@@ -300,7 +361,7 @@ class ProxyHandler(RequestHandler):
         self.set_status(start_line.code, start_line.reason or None)
         headers = _end_to_end(headers)
         location = headers.get("Location")
-        if location is not None:
+        if location is not None and self._node is None:  # (a node rewrote it already)
             headers["Location"] = self._rewrite_location(location)
         self._merge_default_headers(headers)
         session = self.session
@@ -393,13 +454,24 @@ class ProxyHandler(RequestHandler):
     # -- WebSocket ------------------------------------------------------------------------
 
     async def _tunnel_websocket(self) -> None:
-        assert self.route is not None
-        self.session = await self._acquire(self.route)
-        tunnel = _Tunnel(self.settings_, self.session, self.route)
-        try:
-            head = await tunnel.open(self._websocket_headers)
-        except OSError as exc:  # refused, timed out, or closed before answering
-            raise await self._worker_failed(exc) from None
+        route = self.route
+        assert route is not None
+        await self._locate(route)
+        for attempt in (1, 2):
+            node = self._node
+            tunnel = _Tunnel(self.settings_, self.session, route, node=node, uri=self.request.uri)
+            try:
+                head = await tunnel.open(
+                    self._websocket_headers if node is None else self._node_websocket_headers
+                )
+                break
+            except OSError as exc:  # refused, timed out, or closed before answering
+                if node is None:
+                    raise await self._worker_failed(exc) from None
+                self._forget_node()
+                if attempt == 2:
+                    raise node_unreachable(node, route.session_id, exc) from None
+                await self._locate(route, ask=True)
         try:
             answer = self._handshake_answer(head)
         except httputil.HTTPInputError:
@@ -434,6 +506,12 @@ class ProxyHandler(RequestHandler):
         headers["Upgrade"] = self.request.headers.get("Upgrade", "websocket")
         self._add_forwarded(headers, "wss" if self.request.protocol == "https" else "ws")
         self.forward_headers(headers)
+        return headers
+
+    def _node_websocket_headers(self) -> httputil.HTTPHeaders:
+        headers = self._node_headers()
+        headers["Connection"] = "Upgrade"
+        headers["Upgrade"] = self.request.headers.get("Upgrade", "websocket")
         return headers
 
     def on_connection_close(self) -> None:

@@ -46,10 +46,9 @@ import http.cookies
 import logging
 import os
 import socket
-import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar, cast, overload
+from typing import Any, cast, overload
 
 import httptools
 from tornado import httputil
@@ -59,6 +58,7 @@ from .._client import connect_socket
 from .._exceptions import SessionElsewhereError
 from .._session import Session, session_tag
 from ._errors import _canned_error, _error_body, _Failure, acquire_or_fail, worker_failure
+from ._fleet import Node, NodeUnreachable, forward_to, hops, node_unreachable
 from ._headers import FORWARDED_HOPS, HOP_BY_HOP
 from ._keys import Route, find_route, logged_uri
 from ._settings import ProxySettings
@@ -71,7 +71,6 @@ _HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 _METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS"})
 _READ_HIGH = 256 * 1024  # request body buffered while no upstream is ready, before pausing
 _CLOSE_LINGER = 5.0  # for a client to read an error answer and close its end
-_MAX_HOPS = 2  # nodes a request may pass through before its session's owner
 
 LocalRoute = Callable[["RequestHead"], tuple[int, list[tuple[str, str]], bytes]]
 """A route the relay answers itself (``herd serve``'s stats): gets the request,
@@ -690,7 +689,7 @@ class _Request:
         self.refusal: _Failure | None = None
         self.route: Route | None = None
         self.session: Session[Any] | None = None
-        self.node: _Node | None = None  # the node the request is forwarded to, if any
+        self.node: Node | None = None  # the node the request is forwarded to, if any
         self.upstream: _Upstream | None = None
         self.reused = False
         self.chunked_in = False  # the client's body is chunked
@@ -745,7 +744,7 @@ class _Request:
             # (unless it was forwarded here: then the registry is asked afresh).
             owner = pool.remote_owner(self.route.session_id)
             if owner is not None and FORWARDED_HOPS not in self.head.headers:
-                self.node = _Node.of(owner.node, owner.address)
+                self.node = Node.of(owner.node, owner.address)
                 upstream = self.client.server.upstreams.take(self.node.address)
                 if upstream is not None:
                     self.reused = True
@@ -886,7 +885,7 @@ class _Request:
             if upstream is None:
                 try:
                     upstream = await self._open()
-                except _NodeUnreachable:
+                except NodeUnreachable:
                     if attempt == 2:
                         raise
                     # The registry may know better (the node died: a live one takes
@@ -910,22 +909,7 @@ class _Request:
                 settings.pool, route.session_id, settings.acquire_timeout, forwards=True
             )
         except SessionElsewhereError as exc:
-            hops = _hops(self.head)
-            if hops >= _MAX_HOPS:
-                raise _Failure(
-                    502,
-                    "forward_loop",
-                    f"session {session_tag(route.session_id)} is owned by node {exc.node}, "
-                    f"but this request came through {hops} node(s) already",
-                ) from None
-            if not exc.address:
-                raise _Failure(
-                    503,
-                    "session_elsewhere",
-                    f"session {session_tag(route.session_id)} is owned by node {exc.node}, "
-                    "which advertises no address to forward to (--node-address)",
-                ) from None
-            self.node = _Node.of(exc.node, exc.address)
+            self.node = forward_to(exc, hops(self.head.headers))
 
     def _address(self) -> str:
         if self.node is not None:
@@ -963,7 +947,7 @@ class _Request:
             raise await self._worker_failed(exc) from None
         return upstream
 
-    async def _open_node(self, node: _Node) -> _Upstream:
+    async def _open_node(self, node: Node) -> _Upstream:
         host, _, port = node.address.rpartition(":")
         upstream = _Upstream(node.address)
         try:
@@ -973,16 +957,7 @@ class _Request:
                 await asyncio.get_running_loop().create_connection(lambda: upstream, sock=sock)
         except (OSError, TimeoutError) as exc:
             assert self.route is not None
-            code = getattr(exc, "errno", None)
-            reason = os.strerror(code) if code else "timed out"
-            raise _NodeUnreachable(
-                503,
-                "node_unreachable",
-                f"node {node.id} ({node.address}), which owns session "
-                f"{session_tag(self.route.session_id)}, does not answer ({reason}); its "
-                "sessions move to a live node once its lease in the registry lapses",
-                Retry_After="1",
-            ) from None
+            raise node_unreachable(node, self.route.session_id, exc) from None
         return upstream
 
     async def _worker_failed(self, exc: BaseException) -> _Failure:
@@ -1042,7 +1017,7 @@ class _Request:
             lines.append(name + b": " + value)
         remote = (head.remote_ip or "").encode()
         lines.append(b"X-Forwarded-For: " + (previous + b", " + remote if previous else remote))
-        lines.append(b"%s: %d" % (FORWARDED_HOPS.encode(), _hops(head) + 1))
+        lines.append(b"%s: %d" % (FORWARDED_HOPS.encode(), hops(head.headers) + 1))
         self._send_rest(upstream, lines)
 
     def _send_rest(self, upstream: _Upstream, lines: list[bytes]) -> None:
@@ -1320,7 +1295,7 @@ class _Done(Exception):
     """The request was answered where it was routed (a local route)."""
 
 
-def _websocket_headers(head: RequestHead, node: _Node | None = None) -> httputil.HTTPHeaders:
+def _websocket_headers(head: RequestHead, node: Node | None = None) -> httputil.HTTPHeaders:
     """The handshake's headers for the worker, or for the ``node`` that owns the session."""
     headers = httputil.HTTPHeaders()
     raw = head.headers.raw
@@ -1339,60 +1314,16 @@ def _websocket_headers(head: RequestHead, node: _Node | None = None) -> httputil
     remote = head.remote_ip or ""
     headers["X-Forwarded-For"] = f"{previous}, {remote}" if previous else remote
     if node is not None:
-        headers[FORWARDED_HOPS] = str(_hops(head) + 1)
+        headers[FORWARDED_HOPS] = str(hops(head.headers) + 1)
         return headers
     headers["X-Forwarded-Proto"] = "ws"
     headers["X-Forwarded-Host"] = head.headers.get("Host") or ""
     return headers
 
 
-def _hops(head: RequestHead) -> int:
-    """The nodes a request came through (its ``Herd-Forwarded`` header); a value
-    that is not a small number counts as too many (a client's, not a node's)."""
-    value = head.headers.get(FORWARDED_HOPS)
-    if value is None:
-        return 0
-    return int(value) if value.isdigit() and len(value) < 3 else _MAX_HOPS
-
-
 def _header_text(text: str) -> bytes:
     """``text`` safe as a header value: one line of Latin-1."""
     return " ".join(text.split()).encode("latin-1", "replace")
-
-
-class _Node:
-    """Another node of the fleet, to forward requests to: its ID and ``host:port``."""
-
-    __slots__ = ("address", "id")
-
-    _known: ClassVar[dict[tuple[str, str], _Node]] = {}
-
-    def __init__(self, node_id: str, address: str) -> None:
-        self.id = node_id
-        self.address = address
-
-    @classmethod
-    def of(cls, node_id: str, url: str) -> _Node:
-        """The node at ``url`` (``http://host:port``, as nodes advertise themselves)."""
-        key = (node_id, url)
-        node = cls._known.get(key)
-        if node is None:
-            if len(cls._known) > 1000:
-                cls._known.clear()
-            node = cls._known[key] = cls(node_id, node_address(url))
-        return node
-
-
-def node_address(url: str) -> str:
-    """``host:port`` of a node's advertised ``http://host:port`` (port 80 if none).
-
-    :raises ValueError: not an ``http://`` URL with a host.
-    """
-    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
-        raise ValueError(f"a node address is http://HOST:PORT, not {url!r}")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{host}:{parts.port or 80}"
 
 
 def _connection_tokens(raw: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -1407,10 +1338,6 @@ def _connection_tokens(raw: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
 
 # How a worker's response body is framed.
 _NONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
-
-
-class _NodeUnreachable(_Failure):
-    """The node that owns the session could not be reached."""
 
 
 class _StrayAnswer(Exception):

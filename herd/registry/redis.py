@@ -194,8 +194,9 @@ def _client(url: str, connect_timeout: float, timeout: float) -> tuple[Any, list
     options: dict[str, Any] = {
         "socket_connect_timeout": connect_timeout,
         "socket_timeout": timeout,
-        # Fail fast: a new session waits for no retries (the pool retries renewals).
-        "retry": Retry(NoBackoff(), 0),
+        # Fail fast: one retry at once (a kept connection that Redis closed when it
+        # restarted fails its first command), no back-off (the pool retries renewals).
+        "retry": Retry(NoBackoff(), 1),
     }
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "redis+sentinel":
@@ -308,9 +309,9 @@ class RedisRegistry:
 
     @property
     def grace(self) -> float:
-        """Seconds without new sessions after Redis lost its data: every live node
-        renews (and so registers its sessions again) within it."""
-        return self.renew_interval * 1.5
+        """Seconds without new sessions after Redis lost its data: a lease, within
+        which every live node renews (and so registers its sessions again)."""
+        return self.lease
 
     def _key(self, session_id: str) -> str:
         digest = hashlib.blake2b(session_id.encode(), key=self._hash_key, digest_size=20)
@@ -437,6 +438,13 @@ class RedisRegistry:
     async def renew(self) -> list[str]:
         """Renew this node's lease (and, every third of ``claim_ttl``, its claims);
         register it again if it lapsed. Returns the sessions lost to other nodes."""
+        try:
+            return await self._renew_now()
+        except RegistryUnavailableError:
+            self._fleet = ()  # unknown while Redis cannot be reached
+            raise
+
+    async def _renew_now(self) -> list[str]:
         incarnation = await self._ensure_registered()
         lost = self._take_lost()
         now = asyncio.get_running_loop().time()
