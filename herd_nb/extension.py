@@ -158,6 +158,29 @@ class Herd(ExtensionApp):
         "{base_url}herd/proxy/; empty: no process pool.",
     )
     health_path = Unicode("/", config=True, help="GET path a process worker must answer with 2xx.")
+    registry_url = Unicode(
+        "",
+        config=True,
+        help="Share the process pool's sessions with other Jupyter servers (the nodes "
+        "of a fleet behind one load balancer) through this Redis: redis://[:PASSWORD@]"
+        "HOST:PORT[/DB], rediss://, redis+sentinel://... or redis+cluster://... "
+        "(pip install 'herd[redis]'). Each node serves the sessions it owns and forwards "
+        "requests for the others' to them; all nodes need the same base_url, session "
+        "header and token. Empty: this server alone.",
+    )
+    node_address = Unicode(
+        "",
+        config=True,
+        help="With registry_url: where the other nodes reach this server "
+        "(http://10.0.0.2:8888); default: the address and port it listens on.",
+    )
+    node_id = Unicode("", config=True, help="With registry_url: this server's name in the fleet.")
+    node_lease = Float(
+        10.0,
+        config=True,
+        help="With registry_url: seconds the fleet waits for a silent node before its "
+        "sessions start over on the live ones.",
+    )
 
     def _link_jupyter_server_extension(self, serverapp: Any) -> None:
         super()._link_jupyter_server_extension(serverapp)
@@ -175,7 +198,7 @@ class Herd(ExtensionApp):
         """Build the pools from the config (checked here: bad values stop start-up)."""
         try:
             self._build_pools()
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, ImportError) as exc:
             # jupyter_server logs an extension's exceptions and serves on without
             # it; a misconfigured pool must stop the server instead.
             self.log.critical("herd_nb: invalid configuration (c.Herd.*): %s", exc)
@@ -203,6 +226,7 @@ class Herd(ExtensionApp):
             )
             pool: herd.Pool[Any] = herd.Pool(
                 factory,
+                registry=self._registry(),
                 min_workers=self.min_workers,
                 max_workers=10 if self.max_workers is None else self.max_workers,
                 ttl=300.0 if self.ttl is None else self.ttl,
@@ -217,6 +241,29 @@ class Herd(ExtensionApp):
                 key=proxy.from_header(self.session_header),
                 prefix=f"{base}/herd/proxy",
             )
+
+    def _registry(self) -> Any:
+        """The process pool's registry (``registry_url``); ``None``: this server alone."""
+        if not self.registry_url:
+            return None
+        from herd import registry
+        from herd.proxy._fleet import node_address
+
+        address = self.node_address
+        if not address:
+            assert self.serverapp is not None
+            ip = self.serverapp.ip
+            if ip in ("", "0.0.0.0", "::", "*"):
+                raise ValueError(
+                    "registry_url: the server listens on every interface; set "
+                    "c.Herd.node_address to where the other nodes reach it"
+                )
+            host = f"[{ip}]" if ":" in ip else ip
+            address = f"http://{host}:{self.serverapp.port}"
+        node_address(address)  # a ValueError says what is wrong
+        return registry.from_url(
+            self.registry_url, address=address, node_id=self.node_id or None, lease=self.node_lease
+        )
 
     def _build_kernel_pools(self) -> None:
         self._warm_names = None
