@@ -340,3 +340,25 @@ async def test_a_redis_cluster_keeps_the_fleet_in_one_slot() -> None:
             await b.close()
     finally:
         cluster.close()
+
+
+async def test_redis_down_stops_no_maintenance(redis_server: RedisServer) -> None:
+    """With Redis gone, the pool still evicts idle sessions, replaces a dead worker
+    and serves what it owns; the claims it could not release go once Redis is back."""
+    registry = RedisRegistry(redis_server.url, node_id="a", lease=1)
+    async with herd.Pool(
+        factory(), min_workers=1, max_workers=3, ttl=0.5, registry=registry
+    ) as pool:
+        held = await pool.acquire("held")
+        await (await pool.acquire("idle")).close()
+        redis_server.stop()
+        await wait_until(lambda: "idle" not in pool.sessions(), what="the TTL eviction")
+        async with pool.acquire("held") as again:  # owned: served without Redis
+            assert again.worker.id == held.worker.id
+        with pytest.raises(herd.RegistryUnavailableError):
+            await pool.acquire("new")
+        await held.close()
+        redis_server.start()
+        await wait_until(lambda: not pool._unregistered, timeout=15, what="the released claims")
+        await asyncio.sleep(registry.grace)  # (Redis came back empty: new sessions wait)
+        assert (await pool.acquire("new")).worker is not None

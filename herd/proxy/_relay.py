@@ -16,7 +16,11 @@ parser of Node.js, through ``httptools``), and passes the rest as bytes::
                                       ─> end: connection kept, use closed, logged
 
 For a session already pinned, with a kept connection to its worker, a request
-runs in the protocols' callbacks alone: no task, no future, no coroutine. A new
+runs in the protocols' callbacks alone: no task, no future, no coroutine.
+With a shared registry, a request for a session another node of the fleet owns
+goes to that node instead of a worker (:mod:`herd.proxy._fleet`): the client's
+own URI and headers, the same framing and streaming, and for an owner the pool
+remembers, the same callbacks-only path. A new
 session (an acquire that waits), a new upstream connection, a worker that fails
 (the crash path) and a WebSocket handshake run in a task of the request.
 
@@ -1220,7 +1224,10 @@ class _Request:
     def _logged(self) -> None:
         access_log = self.client.server.access_log
         if access_log is not None:
-            worker = self.session.worker.id if self.session is not None else None
+            if self.session is not None:
+                worker: str | None = self.session.worker.id
+            else:  # forwarded: the node that owns the session
+                worker = f"node:{self.node.id}" if self.node is not None else None
             took = asyncio.get_running_loop().time() - self.started
             access_log(self.head, self.status, self.route, worker, took)
 
