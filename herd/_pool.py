@@ -90,10 +90,10 @@ class _Unset(enum.Enum):
 
 
 _UNSET = _Unset.UNSET
+Unset = Literal[_Unset.UNSET]
 
 #: Sessions remembered at most in the pool's small maps (owners elsewhere, restarts).
 _REMEMBERED = 10_000
-Unset = Literal[_Unset.UNSET]
 
 
 class PoolState(enum.Enum):
@@ -255,6 +255,9 @@ class Pool(Generic[C]):
         # Sessions whose worker died: their next pin says so (Session.restarted). Bounded.
         self._restarts: OrderedDict[str, str] = OrderedDict()
         self._registry_retry_at = 0.0  # clock time; no clean-up before it after a failure
+        # Releases in flight, by session ID: a new claim of the session waits for its
+        # old one's release (a registry hands a claim it holds back to its node).
+        self._releasing: dict[str, asyncio.Future[None]] = {}
         # Background work.
         self._tasks: set[asyncio.Task[Any]] = set()  # cancelled at shutdown
         self._wake = asyncio.Event()
@@ -531,7 +534,12 @@ class Pool(Generic[C]):
     ) -> _Pin[C]:
         try:
             # The claim first: a session another node owns must not take a worker here.
+            releasing = self._releasing.get(session_id)
+            if releasing is not None:
+                await asyncio.shield(releasing)
             claim = await self.registry.claim(session_id)
+            if self._unregistered.get(session_id) == claim:
+                del self._unregistered[session_id]  # handed back: in use again, not released
             if not claim.mine:
                 self._remember_remote(claim)
                 raise SessionElsewhereError(
@@ -614,10 +622,24 @@ class Pool(Generic[C]):
             if pin.claim is None:
                 return
             try:
-                await self.registry.release(pin.claim)
+                await self._release(pin.session_id, pin.claim)
             except Exception:
                 self._unregister(pin.session_id, pin.claim)  # retried in the background
                 raise
+
+    async def _release(self, session_id: str, claim: Claim) -> None:
+        """Release ``claim``; a new claim of the session waits until it is done."""
+        done = asyncio.get_running_loop().create_future()
+        previous = self._releasing.get(session_id)
+        self._releasing[session_id] = done
+        try:
+            if previous is not None:
+                await asyncio.shield(previous)
+            await self.registry.release(claim)
+        finally:
+            if self._releasing.get(session_id) is done:
+                del self._releasing[session_id]
+            done.set_result(None)
 
     def _unregister(self, session_id: str, claim: Claim | None) -> None:
         """Have the maintenance loop release an ended session's claim."""
@@ -697,7 +719,7 @@ class Pool(Generic[C]):
         # Not if a new pin holds the session now (a registry may hand the same
         # claim back to this node until it is released).
         if session_id not in self._pins:
-            await self.registry.release(claim)
+            await self._release(session_id, claim)
 
     async def _forget_ended(self) -> None:
         """Delete ended sessions from the registry. A failure stops the round (the
@@ -707,6 +729,8 @@ class Pool(Generic[C]):
             return
         try:
             for session_id, claim in list(self._unregistered.items()):
+                if self._unregistered.get(session_id) != claim:
+                    continue  # handed back to a new pin meanwhile
                 await self._forget(session_id, claim)
                 if self._unregistered.get(session_id) == claim:  # not ended again meanwhile
                     del self._unregistered[session_id]

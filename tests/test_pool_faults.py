@@ -945,3 +945,36 @@ async def test_a_sessions_repr_shows_its_tag_not_its_id() -> None:
             text = repr(session)
     assert "secret-id-42" not in text
     assert herd.session_tag("secret-id-42") in text
+
+
+class SlowReleases(MemoryRegistry):
+    """A MemoryRegistry whose releases take a while, as over a network."""
+
+    async def release(self, claim: herd.Claim) -> None:
+        await asyncio.sleep(0.05)
+        await super().release(claim)
+
+
+async def test_a_session_acquired_again_while_its_claim_is_released_keeps_a_claim() -> None:
+    """A registry hands the claim it holds back to its node: a new acquire of a
+    session whose release is on its way must not pin the session on that claim
+    and then see it released under it (on a shared registry, another node could
+    then take the session too)."""
+    registry = SlowReleases()
+    async with herd.Pool(
+        FakeFactory(),
+        min_workers=0,
+        max_workers=2,
+        ttl=None,
+        health_interval=None,
+        registry=registry,
+    ) as pool:
+        await (await pool.acquire("s")).close()
+        releasing = asyncio.ensure_future(pool.release("s"))
+        await asyncio.sleep(0)  # the release is under way
+        session = await pool.acquire("s")
+        await releasing
+        await pool.sweep()
+        assert await registry.list() == {"s": session.worker.id}
+        await session.release()
+        assert await registry.list() == {}
