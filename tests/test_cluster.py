@@ -9,6 +9,7 @@ with Redis down, owned sessions go on and new ones get a 503 that names Redis.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import random
 import signal
@@ -196,6 +197,22 @@ def test_a_websocket_and_requests_through_a_node_that_does_not_own_the_session()
             assert echoed["uri"] == "/echo?x=1"
             assert "Herd-Forwarded" not in echoed["headers"]
             assert echoed["headers"]["X-Forwarded-For"].startswith("127.0.0.1")
+        # Bodies stream through both nodes: 8 MiB down, 8 MiB up (chunked).
+        status, _, data = other.request("/download/8388608", "ws-session", timeout=30)
+        assert (status, len(data)) == (200, 8388608)
+        conn = http.client.HTTPConnection("127.0.0.1", other.port, timeout=30)
+        try:
+            conn.request(
+                "POST",
+                "/upload",
+                body=iter([b"x" * 65536] * 128),
+                headers={"X-Session-ID": "ws-session"},
+                encode_chunked=True,
+            )
+            uploaded = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+        assert uploaded["bytes"] == 8388608
         # A client that claims to come through two nodes is not forwarded again.
         status, _, raw = other.request("/echo", "ws-session", **{"Herd-Forwarded": "2"})
         assert status == 502
