@@ -985,20 +985,7 @@ class _Request:
             return
         head, route = self.head, self.route
         assert route is not None
-        lines = [b"%s %s HTTP/1.1" % (head.method.encode(), route.uri.encode("latin-1"))]
-        raw = head.headers.raw
-        named = _connection_tokens(raw)
-        previous = None
-        for name, value in raw:
-            lower = name.lower()
-            if lower in _HOP or lower in named or lower == b"expect":
-                continue
-            if lower == b"x-forwarded-for":
-                previous = value if previous is None else previous + b"," + value
-                continue
-            lines.append(name + b": " + value)
-        remote = (head.remote_ip or "").encode()
-        lines.append(b"X-Forwarded-For: " + (previous + b", " + remote if previous else remote))
+        lines = _request_lines(head, route.uri)
         lines.append(b"X-Forwarded-Proto: http")
         lines.append(b"X-Forwarded-Host: " + (head.headers.get("Host") or "").encode("latin-1"))
         self._send_rest(upstream, lines)
@@ -1007,20 +994,7 @@ class _Request:
         """The request as the client sent it (its own URI, so the owner finds the
         session by the same key), for the node that owns the session."""
         head = self.head
-        lines = [b"%s %s HTTP/1.1" % (head.method.encode(), head.uri.encode("latin-1"))]
-        raw = head.headers.raw
-        named = _connection_tokens(raw)
-        previous = None
-        for name, value in raw:
-            lower = name.lower()
-            if lower in _HOP or lower in named or lower == b"expect":
-                continue
-            if lower == b"x-forwarded-for":
-                previous = value if previous is None else previous + b"," + value
-                continue
-            lines.append(name + b": " + value)
-        remote = (head.remote_ip or "").encode()
-        lines.append(b"X-Forwarded-For: " + (previous + b", " + remote if previous else remote))
+        lines = _request_lines(head, head.uri)
         lines.append(b"%s: %d" % (FORWARDED_HOPS.encode(), hops(head.headers) + 1))
         self._send_rest(upstream, lines)
 
@@ -1331,6 +1305,26 @@ def _websocket_headers(head: RequestHead, node: Node | None = None) -> httputil.
 def _header_text(text: str) -> bytes:
     """``text`` safe as a header value: one line of Latin-1."""
     return " ".join(text.split()).encode("latin-1", "replace")
+
+
+def _request_lines(head: RequestHead, uri: str) -> list[bytes]:
+    """The request line for ``uri`` and the client's end-to-end headers, the client
+    last in ``X-Forwarded-For``."""
+    lines = [b"%s %s HTTP/1.1" % (head.method.encode(), uri.encode("latin-1"))]
+    raw = head.headers.raw
+    named = _connection_tokens(raw)
+    previous = None
+    for name, value in raw:
+        lower = name.lower()
+        if lower in _HOP or lower in named or lower == b"expect":
+            continue
+        if lower == b"x-forwarded-for":
+            previous = value if previous is None else previous + b"," + value
+            continue
+        lines.append(name + b": " + value)
+    remote = (head.remote_ip or "").encode()
+    lines.append(b"X-Forwarded-For: " + (previous + b", " + remote if previous else remote))
+    return lines
 
 
 def _connection_tokens(raw: list[tuple[bytes, bytes]]) -> frozenset[bytes]:

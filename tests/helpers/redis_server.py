@@ -26,15 +26,20 @@ def free_port() -> int:
         return port
 
 
-def redis_binary() -> str:
-    """The ``redis-server`` path; skips (fails under CI) if there is none."""
-    found = shutil.which("redis-server")
+def required(program: str, package: str) -> str:
+    """The path of ``program``; skips the test (fails it under CI) if there is none."""
+    found = shutil.which(program)
     if found is None:
-        message = "redis-server is not installed (apt-get install redis-server)"
+        message = f"{program} is not installed (apt-get install {package})"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
     return found
+
+
+def redis_binary() -> str:
+    """The ``redis-server`` path; skips (fails under CI) if there is none."""
+    return required("redis-server", "redis-server")
 
 
 class RedisServer:
@@ -84,12 +89,7 @@ class RedisServer:
 
     def _start_tls(self) -> RedisServer:
         """TLS only (``rediss://``), with a certificate made here for 127.0.0.1."""
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            message = "openssl is not installed (apt-get install openssl)"
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
+        openssl = required("openssl", "openssl")
         cert, key = f"{self.dir}/cert.pem", f"{self.dir}/key.pem"
         subprocess.run(
             [
@@ -206,12 +206,7 @@ class Cluster:
     """A Redis Cluster of three masters on loopback ports (``redis-cli --cluster create``)."""
 
     def __init__(self) -> None:
-        cli = shutil.which("redis-cli")
-        if cli is None:
-            message = "redis-cli is not installed (apt-get install redis-tools)"
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
+        cli = required("redis-cli", "redis-tools")
         self.binary = redis_binary()
         self.dir = tempfile.mkdtemp(prefix="herd-redis-cluster-")
         # A cluster node also listens on its port + 10000 (the cluster bus).
