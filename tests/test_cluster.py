@@ -31,7 +31,9 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture
 def fleet() -> Iterator[Fleet]:
     redis_binary()  # skip (or fail under CI) without redis-server
-    made = Fleet(3, "--min", "0", "--max", "60", "--node-lease", f"{LEASE:g}s")
+    made = Fleet(
+        3, "--min", "0", "--max", "60", "--node-lease", f"{LEASE:g}s", "--log-level", "info"
+    )
     try:
         yield made
     finally:
@@ -68,6 +70,11 @@ def test_requests_to_random_nodes_reach_their_sessions_one_worker(fleet: Fleet) 
         timeout=10,
         what="the fleet's view to count every session",
     )
+    # Every request was logged (at info), by its session's tag: never by its ID.
+    for node in fleet.nodes:
+        log = node.output()
+        assert "session=s-" in log
+        assert [sid for sid in sessions if f"{sid} " in log or f"{sid}'" in log] == []
 
 
 def test_concurrent_first_requests_through_different_nodes_spawn_one_worker(

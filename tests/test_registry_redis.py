@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import herd
+from herd.cli import _with_session_tags, _without_session_ids
 from herd.registry.redis import RedisRegistry
 from tests.helpers import factory, wait_until
 from tests.helpers.redis_server import Cluster, RedisServer, Sentinel
@@ -220,6 +221,12 @@ async def test_a_pool_serves_what_it_owns_without_redis_and_points_elsewhere(
         assert owner is not None
         assert owner.node == "a"
         assert b.stats().total_workers == 0  # no worker taken for a session owned elsewhere
+        # herd serve's stats: the fleet, node addresses only for the admin token.
+        await reg_b.renew()
+        public = _without_session_ids(b.stats().as_dict())
+        assert {(row["node"], row["address"]) for row in public["fleet"]} == {("a", ""), ("b", "")}
+        admin = _with_session_tags(b.stats().as_dict())
+        assert ("a", "http://a.example:1") in {(r["node"], r["address"]) for r in admin["fleet"]}
         await a.release("s")
         b.forget_remote_owner("s")
         async with b.acquire("s") as session:
@@ -231,6 +238,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 NODE_A = """
 import asyncio, herd
+from herd.cli import _with_session_tags, _without_session_ids
 from herd.registry.redis import RedisRegistry
 from tests.helpers import factory
 
