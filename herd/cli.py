@@ -369,6 +369,32 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="USER",
         help="run the workers as this user (a name or UID); needs root",
     )
+    kernel = serve.add_argument_group(
+        "kernel gateway",
+        "herd serve --kernel NAME: REPL sessions over HTTP and the Jupyter Kernel Gateway "
+        "protocol, on warm kernels (herd_nb; no worker command)",
+    )
+    kernel.add_argument(
+        "--kernel",
+        metavar="NAME",
+        default=None,
+        help="serve kernels of this kernelspec (python3, ...) instead of a command",
+    )
+    kernel.add_argument(
+        "--warm", type=int, default=2, metavar="N", help="with --kernel: kernels kept ready"
+    )
+    kernel.add_argument(
+        "--token",
+        default=None,
+        metavar="TOKEN",
+        help="with --kernel: every request needs it (Authorization: token TOKEN); required "
+        "beyond loopback; $HERD_TOKEN keeps it out of the process list",
+    )
+    kernel.add_argument(
+        "--keep-session-dirs",
+        action="store_true",
+        help="with --kernel: keep a session's working directory when the session ends",
+    )
     serve.add_argument(
         "--loop",
         default="auto",
@@ -702,6 +728,25 @@ def _run(main: Coroutine[Any, Any, int], loop: str) -> int:
     return asyncio.run(main)
 
 
+def _kernel_gateway(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``herd serve --kernel``: herd_nb's kernel gateway (the only path of the core's
+    command that loads Jupyter, and only when asked for)."""
+    import importlib
+
+    try:
+        gateway = importlib.import_module("herd_nb.gateway")
+    except ImportError as exc:
+        log.error("--kernel needs herd_nb and Jupyter (pip install herd): %s", exc)
+        return 1
+    if args.warm < 0:
+        parser.error(f"--warm must be >= 0, not {args.warm}")
+    try:
+        code: int = gateway.main(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``herd`` command."""
     parser = build_parser()
@@ -709,6 +754,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = list(args.worker_command)
     if command and command[0] == "--":
         command = command[1:]
+    if args.kernel is not None:
+        if command:
+            parser.error("--kernel runs kernels: give no worker command after --")
+        return _kernel_gateway(parser, args)
     if not command:
         parser.error(
             "give the worker command after --, e.g. "
