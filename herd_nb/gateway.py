@@ -130,6 +130,7 @@ class _Session:
         self.lock = asyncio.Lock()  # one cell at a time
         self.client: Any = None
         self.pid: int | None = None  # the kernel process the session last ran in
+        self.lost = False  # its kernel died: the next execution says so
         self.last_activity = time.time()
         self.busy = False
 
@@ -204,9 +205,9 @@ class ReplSessions:
 
     def _kernel_pid(self, session: _Session) -> int | None:
         km: Any = self.manager.get_kernel(session.kernel_id)
-        provisioner = getattr(km, "provisioner", None)
-        pid = getattr(provisioner, "pid", None) or getattr(provisioner, "process", None)
-        return pid if isinstance(pid, int) else getattr(pid, "pid", None)
+        process = getattr(getattr(km, "provisioner", None), "process", None)
+        pid = getattr(process, "pid", None)
+        return pid if isinstance(pid, int) else None
 
     async def execute(
         self, session: _Session, code: str, timeout: float | None, emit: Callable[[Event], None]
@@ -225,25 +226,29 @@ class ReplSessions:
         self, session: _Session, code: str, timeout: float | None, emit: Callable[[Event], None]
     ) -> None:
         km: Any = self.manager.get_kernel(session.kernel_id)
+        started = time.perf_counter()
+        if session.client is not None and self._kernel_pid(session) != session.pid:
+            session.client.stop_channels()  # another process since: a new client
+            session.client = None
+        if session.client is None:
+            try:
+                session.client = await self._ready_client(km)
+            except RuntimeError as exc:
+                session.lost = True
+                emit(_error("KernelUnavailable", str(exc)))
+                emit(_done("dead", started))
+                return
         pid = self._kernel_pid(session)
-        if session.pid is not None and pid != session.pid:
-            if session.client is not None:
-                session.client.stop_channels()
-                session.client = None
+        if session.lost or (session.pid is not None and pid != session.pid):
             emit(
                 {
                     "type": "restarted",
-                    "message": "the session's kernel was restarted since its last "
-                    "execution: its variables are gone",
+                    "message": "the session's kernel died and was started afresh since "
+                    "its last execution: its variables are gone",
                 }
             )
+        session.lost = False
         session.pid = pid
-        if session.client is None:
-            client = km.client()
-            client.start_channels()
-            await client.wait_for_ready(timeout=60)
-            session.client = client
-        started = time.perf_counter()
 
         def passed(event: Event) -> None:
             if event.get("type") == "error":
@@ -262,7 +267,7 @@ class ReplSessions:
                 code,
                 on_event=passed,
                 interrupt=lambda: km.interrupt_kernel(),
-                alive=lambda: session.kernel_id in self.manager and _alive(km),
+                alive=_same_process(km),
             )
         )
         try:
@@ -273,24 +278,39 @@ class ReplSessions:
                     cell.cancel()  # run_cell interrupts the kernel and lets the cell end
             await cell
         except KernelDiedError as exc:
-            session.client = None
-            emit(
-                {
-                    "type": "error",
-                    "name": "KernelDied",
-                    "value": f"the kernel died: {exc}",
-                    "traceback": [],
-                    "traceback_text": [],
-                }
-            )
+            if session.client is not None:
+                session.client.stop_channels()
+                session.client = None
+            session.lost = True
+            emit(_error("KernelDied", f"the kernel died: {exc}"))
             emit(_done("dead", started))
         except InterruptIgnoredError as exc:
-            emit({"type": "error", "name": "InterruptIgnored", "value": str(exc)})
+            emit(_error("InterruptIgnored", str(exc)))
             emit(_done("error", started))
         except asyncio.CancelledError:
             if not cell.done():
                 cell.cancel()
             raise
+
+    async def _ready_client(self, km: Any, timeout: float = 60.0) -> Any:
+        """A client of ``km``'s kernel once it answers; waits out a restart under way
+        (a kernel that died is restarted in place by the kernel manager).
+
+        :raises RuntimeError: it did not answer within ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            client = km.client()
+            client.start_channels()
+            try:
+                await client.wait_for_ready(timeout=max(deadline - loop.time(), 1.0))
+                return client
+            except RuntimeError as exc:
+                client.stop_channels()
+                if loop.time() > deadline:
+                    raise RuntimeError(f"the kernel did not come back: {exc}") from exc
+                await asyncio.sleep(0.2)
 
     async def interrupt(self, session: _Session) -> None:
         manager: Any = self.manager
@@ -330,10 +350,21 @@ class ReplSessions:
             self._forget(session)
 
 
-def _alive(km: Any) -> bool:
-    provisioner = getattr(km, "provisioner", None)
-    process = getattr(provisioner, "process", None)
-    return process is None or process.poll() is None
+def _same_process(km: Any) -> Callable[[], bool]:
+    """Whether the kernel process of now still runs: a kernel that died and was
+    restarted in place (a new process) is not the one the cell ran in."""
+    process = getattr(getattr(km, "provisioner", None), "process", None)
+
+    def alive() -> bool:
+        now = getattr(getattr(km, "provisioner", None), "process", None)
+        return now is process and (process is None or process.poll() is None)
+
+    return alive
+
+
+def _error(name: str, value: str) -> Event:
+    """An error event of herd's own (not the kernel's)."""
+    return {"type": "error", "name": name, "value": value, "traceback": [], "traceback_text": []}
 
 
 def _done(status: str, started: float) -> Event:
@@ -473,10 +504,17 @@ class FilesHandler(_ReplHandler):
         self._file: Any = None
         self._written = 0
 
+    async def prepare(self) -> None:  # type: ignore[override]  # (as APIHandler.prepare)
+        # Before the body: authenticated, and the path checked, so that a refused
+        # upload is answered at once (never a byte of it written).
+        await super().prepare()
+        if self.request.method == "PUT":
+            if self.current_user is None:
+                raise web.HTTPError(403)
+            await self._open(*self.path_args)
+
     @web.authenticated
     async def put(self, session_id: str, relative: str) -> None:
-        if self._file is None:  # an empty body
-            await self._open(session_id, relative)
         self._file.close()
         os.replace(self._tmp, self._target)
         self.set_status(201)
@@ -490,14 +528,9 @@ class FilesHandler(_ReplHandler):
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
         self._file = os.fdopen(os.open(self._tmp, flags, 0o644), "wb")
 
-    async def data_received(self, chunk: bytes) -> None:
-        if self.request.method != "PUT":
+    def data_received(self, chunk: bytes) -> None:
+        if self._file is None:  # not an upload (or refused already)
             return
-        if self._file is None:
-            if self.current_user is None:
-                raise web.HTTPError(403)
-            args = self.path_args
-            await self._open(args[0], args[1])
         self._file.write(chunk)
         self._written += len(chunk)
 

@@ -1,0 +1,381 @@
+"""``herd serve --kernel python3``, a real process: the REPL API and the Kernel
+Gateway protocol on herd's warm kernels (issue 13)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.helpers import wait_until_sync
+from tests.helpers.ndjson import Stream
+from tests.test_cli import free_port
+
+TOKEN = "gateway-test-token"
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Gateway:
+    """A running ``herd serve --kernel python3``."""
+
+    def __init__(self, root: Path, *flags: str, token: str | None = TOKEN) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.root = root
+        self.token = token
+        argv = [sys.executable, "-m", "herd", "serve", "--kernel", "python3"]
+        argv += ["--port", str(self.port), "--warm", "1", "--cwd", str(root), *flags]
+        if token is not None:
+            argv += ["--token", token]
+        self.log_path = root / "gateway.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+
+    def wait_ready(self) -> None:
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(self.log())
+            try:
+                return self.request("GET", "/api/kernelspecs")[0] == 200
+            except OSError:
+                return False
+
+        wait_until_sync(up, timeout=60, what="the gateway to answer")
+
+    def request(
+        self, method: str, path: str, body: Any = None, *, token: str | None = "", **headers: str
+    ) -> tuple[int, bytes]:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, method=method, data=data)
+        token = self.token if token == "" else token
+        if token:
+            request.add_header("Authorization", f"token {token}")
+        for name, value in headers.items():
+            request.add_header(name.replace("_", "-"), value)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                return reply.status, reply.read()
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, error.read()
+
+    def run(self, session: str, code: str, **options: Any) -> list[dict[str, Any]]:
+        """Execute ``code`` (``?wait=1``); the events."""
+        status, body = self.request(
+            "POST", f"/sessions/{session}/execute?wait=1", {"code": code, **options}
+        )
+        assert status == 200, body
+        events: list[dict[str, Any]] = json.loads(body)["events"]
+        return events
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    running = Gateway(tmp_path)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+def result(events: list[dict[str, Any]]) -> Any:
+    """The text of the execute_result among ``events``."""
+    found = [e["data"]["text/plain"] for e in events if e["type"] == "execute_result"]
+    return found[0] if found else None
+
+
+def printed(events: list[dict[str, Any]]) -> str:
+    return "".join(e["text"] for e in events if e["type"] == "stream")
+
+
+# -- sessions ------------------------------------------------------------------------
+
+
+def test_state_persists_in_a_session_and_never_crosses_sessions(gateway: Gateway) -> None:
+    gateway.run("alice", "x = 'alice'; import os")
+    gateway.run("bob", "x = 'bob'")
+    assert result(gateway.run("alice", "x")) == "'alice'"
+    assert result(gateway.run("bob", "x")) == "'bob'"
+    alice_cwd = printed(gateway.run("alice", "print(os.getcwd())")).strip()
+    bob_cwd = printed(gateway.run("bob", "import os; print(os.getcwd())")).strip()
+    assert alice_cwd != bob_cwd
+    assert (
+        Path(alice_cwd).parent
+        == Path(bob_cwd).parent
+        == gateway.root / ".." / Path(alice_cwd).parent
+    )  # both under the gateway's sessions directory
+    assert "alice" not in alice_cwd  # the directory does not show the ID
+    status, body = gateway.request("GET", "/sessions")
+    assert status == 200
+    listed = {row["id"]: row for row in json.loads(body)}
+    assert set(listed) == {"alice", "bob"}
+    assert listed["alice"]["cwd"] == alice_cwd
+    assert listed["alice"]["kernel"] == "python3"
+    assert listed["alice"]["state"] in ("idle", "busy")
+    # Every session's kernel is a kernel of the Kernel Gateway protocol too.
+    status, body = gateway.request("GET", "/api/kernels")
+    assert {k["id"] for k in json.loads(body)} >= {listed["alice"]["kernel_id"]}
+    assert gateway.request("DELETE", "/sessions/alice")[0] == 204
+    assert not Path(alice_cwd).exists()
+    assert gateway.request("GET", "/sessions/alice")[0] == 404
+    assert result(gateway.run("alice", "'x' in dir()")) == "False"  # a new session
+
+
+def test_events_arrive_in_order_as_ndjson_sse_or_one_document(gateway: Gateway) -> None:
+    code = (
+        "import sys\nprint('one')\nprint('two', file=sys.stderr)\n"
+        "from IPython.display import display, HTML\ndisplay(HTML('<b>hi</b>'))\n40 + 2"
+    )
+
+    async def streamed(headers: dict[str, str]) -> tuple[str, bytes]:
+        stream = await Stream.open(
+            gateway.port, "/sessions/s/execute", {"code": code}, token=TOKEN, headers=headers
+        )
+        data = b""
+        while chunk := await stream._chunk():
+            data += chunk
+        stream.close()
+        return stream.headers["content-type"], data
+
+    kind, data = asyncio.run(streamed({}))
+    assert kind == "application/x-ndjson"
+    events = [json.loads(line) for line in data.splitlines()]
+    assert [(e["type"], e.get("name")) for e in events] == [
+        ("stream", "stdout"),
+        ("stream", "stderr"),
+        ("display_data", None),
+        ("execute_result", None),
+        ("done", None),
+    ]
+    assert events[2]["data"]["text/html"] == "<b>hi</b>"
+    assert result(events) == "42"
+    assert events[-1]["status"] == "ok"
+    assert events[-1]["execution_count"] == 1
+    assert events[-1]["duration"] > 0
+    kind, data = asyncio.run(streamed({"Accept": "text/event-stream"}))
+    assert kind == "text/event-stream"
+    blocks = [b for b in data.decode().split("\n\n") if b]
+    assert blocks[0].startswith("event: stream\ndata: {")
+    assert blocks[-1].startswith("event: done\n")
+    # An error: name, value, traceback with its colours and without.
+    (error,) = [e for e in gateway.run("s", "1 / 0") if e["type"] == "error"]
+    assert (error["name"], error["value"]) == ("ZeroDivisionError", "division by zero")
+    assert any("\x1b[" in line for line in error["traceback"])
+    assert not any("\x1b[" in line for line in error["traceback_text"])
+    assert "ZeroDivisionError" in "".join(error["traceback_text"])
+
+
+def test_a_long_cell_streams_while_it_runs_and_an_interrupt_keeps_the_session(
+    gateway: Gateway,
+) -> None:
+    gateway.run("long", "kept = 7")
+    code = "import time\nfor i in range(60):\n    print(i, flush=True)\n    time.sleep(1)"
+
+    async def run() -> tuple[float, list[dict[str, Any]]]:
+        stream = await Stream.open(
+            gateway.port, "/sessions/long/execute", {"code": code}, token=TOKEN
+        )
+        started = time.monotonic()
+        events: list[dict[str, Any]] = []
+        first = 0.0
+        async for stamp, event in stream.events(timeout=70):
+            events.append(event)
+            if event["type"] == "stream" and event["text"].startswith("1\n"):
+                first = stamp - started
+                status, _ = await asyncio.to_thread(
+                    gateway.request, "POST", "/sessions/long/interrupt"
+                )
+                assert status == 204
+        return first, events
+
+    first, events = asyncio.run(run())
+    assert 0 < first < 10  # the second line, a second in: streamed, not at the end
+    assert events[-1]["type"] == "done"
+    assert events[-1]["status"] == "error"
+    assert [e["name"] for e in events if e["type"] == "error"] == ["KeyboardInterrupt"]
+    assert result(gateway.run("long", "kept")) == "7"
+
+
+def test_a_timeout_interrupts_the_cell_and_keeps_the_session(gateway: Gateway) -> None:
+    gateway.run("t", "kept = 'yes'")
+    started = time.monotonic()
+    events = gateway.run("t", "import time; time.sleep(30)", timeout=1)
+    assert time.monotonic() - started < 10
+    kinds = [e["type"] for e in events]
+    assert "timeout" in kinds
+    assert kinds[-1] == "done"
+    assert [e["name"] for e in events if e["type"] == "error"] == ["KeyboardInterrupt"]
+    assert result(gateway.run("t", "kept")) == "'yes'"
+
+
+def test_a_kernel_killed_mid_execute_ends_the_stream_and_the_next_gets_a_fresh_one(
+    gateway: Gateway,
+) -> None:
+    gateway.run("k", "lost = 1")
+    events = gateway.run("k", "import os, time; time.sleep(0.5); os.kill(os.getpid(), 9)")
+    assert events[-1]["type"] == "done"
+    assert events[-1]["status"] in ("dead", "error")
+    assert any(e["type"] == "error" for e in events)
+    again = gateway.run("k", "'lost' in dir()")
+    assert again[0]["type"] == "restarted"  # the response says the state is gone
+    assert result(again) == "False"
+    assert result(gateway.run("k", "1 + 1")) == "2"
+
+
+def test_input_is_a_clear_error_not_a_hang(gateway: Gateway) -> None:
+    started = time.monotonic()
+    events = gateway.run("i", "input('name? ')")
+    assert time.monotonic() - started < 10
+    (error,) = [e for e in events if e["type"] == "error"]
+    assert error["name"] == "StdinNotImplementedError"
+
+
+# -- files --------------------------------------------------------------------------
+
+
+def test_files_round_trip_and_refuse_escapes(gateway: Gateway) -> None:
+    data = os.urandom(300_000)
+    status, body = gateway.request("PUT", "/sessions/f/files/data/in.bin", data)
+    assert status == 201, body
+    assert json.loads(body)["bytes"] == len(data)
+    assert result(gateway.run("f", "len(open('data/in.bin', 'rb').read())")) == str(len(data))
+    gateway.run("f", "open('out.txt', 'w').write('from the kernel')")
+    assert gateway.request("GET", "/sessions/f/files/out.txt") == (200, b"from the kernel")
+    assert gateway.request("GET", "/sessions/f/files/missing")[0] == 404
+    for bad in ("../gateway.log", "data/../../x", "%2e%2e/x"):
+        assert gateway.request("GET", f"/sessions/f/files/{bad}")[0] in (400, 404), bad
+        assert gateway.request("PUT", f"/sessions/f/files/{bad}", b"x")[0] in (400, 404), bad
+    # A symbolic link the kernel made, out of its directory, is not followed.
+    gateway.run("f", "import os; os.symlink('/etc', 'etc'); os.symlink('/etc/passwd', 'pw')")
+    assert gateway.request("GET", "/sessions/f/files/etc/passwd")[0] == 400
+    assert gateway.request("GET", "/sessions/f/files/pw")[0] == 400
+    assert gateway.request("PUT", "/sessions/f/files/etc/evil", b"x")[0] == 400
+    assert not Path("/etc/evil").exists()
+
+
+# -- bad input ----------------------------------------------------------------------
+
+
+def test_bad_requests_get_clear_4xx_in_json(gateway: Gateway) -> None:
+    cases = [
+        ("POST", "/sessions/s/execute", b"{not json", 400),
+        ("POST", "/sessions/s/execute", json.dumps({"code": 3}).encode(), 400),
+        ("POST", "/sessions/s/execute", json.dumps({"code": "1", "timeout": -1}).encode(), 400),
+        ("POST", "/sessions/s/execute", json.dumps({"code": "x" * (2 << 20)}).encode(), 413),
+        ("POST", "/sessions/nobody/interrupt", b"", 404),
+        ("POST", "/sessions/nobody/restart", b"", 404),
+        ("DELETE", "/sessions/nobody", b"", 404),
+        ("POST", "/sessions/bad%20id/execute", json.dumps({"code": "1"}).encode(), 400),
+    ]
+    for method, path, body, expected in cases:
+        status, answer = gateway.request(method, path, body)
+        assert status == expected, (method, path, status, answer[:200])
+        assert "message" in json.loads(answer)
+
+
+def test_restart_clears_the_session_and_keeps_it(gateway: Gateway) -> None:
+    gateway.run("r", "gone = 1")
+    status, body = gateway.request("POST", "/sessions/r/restart")
+    assert status == 200
+    assert json.loads(body)["id"] == "r"
+    assert result(gateway.run("r", "'gone' in dir()")) == "False"
+
+
+# -- authentication -----------------------------------------------------------------
+
+
+def test_every_route_needs_the_token_websockets_too(gateway: Gateway) -> None:
+    from tornado.httpclient import HTTPClientError, HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    for method, path in (
+        ("GET", "/sessions"),
+        ("POST", "/sessions/a/execute"),
+        ("GET", "/api/kernels"),
+        ("POST", "/api/kernels"),
+        ("GET", "/sessions/a/files/x"),
+    ):
+        assert gateway.request(method, path, b"{}", token=None)[0] == 403, path
+        assert gateway.request(method, path, b"{}", token="wrong")[0] == 403, path
+    gateway.run("w", "1")
+    kernel_id = json.loads(gateway.request("GET", "/sessions/w")[1])["kernel_id"]
+    url = f"ws://127.0.0.1:{gateway.port}/api/kernels/{kernel_id}/channels"
+
+    async def upgrade(headers: dict[str, str]) -> int:
+        try:
+            conn = await websocket_connect(HTTPRequest(url, headers=headers))
+        except HTTPClientError as exc:
+            return exc.code
+        conn.close()
+        return 101
+
+    good = {"Authorization": f"token {TOKEN}"}
+    assert asyncio.run(upgrade({})) == 403
+    assert asyncio.run(upgrade({"Authorization": "token wrong"})) == 403
+    assert asyncio.run(upgrade({**good, "Origin": "http://evil.example"})) in (403, 404)
+    assert asyncio.run(upgrade(good)) == 101
+
+
+def test_beyond_loopback_a_token_is_required(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "herd", "serve", "--kernel", "python3", "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "HERD_TOKEN"},
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "--token" in done.stderr
+
+
+# -- processes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_no_process_is_left_after_the_gateway_stops(tmp_path: Path, sig: signal.Signals) -> None:
+    gateway = Gateway(tmp_path)
+    try:
+        gateway.wait_ready()
+        gateway.run("p", "1")
+        kernels = [p.pid for p in psutil.Process(gateway.proc.pid).children(recursive=True)]
+        assert kernels
+    finally:
+        gateway.stop(sig)
+    wait_until_sync(
+        lambda: (
+            not [
+                pid
+                for pid in kernels
+                if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            ]
+        ),
+        timeout=15,
+        what="the kernels to go",
+    )
