@@ -50,6 +50,7 @@ from jupyter_server.auth.identity import IdentityProvider, User
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.serverapp import ServerApp
 from tornado import web
+from tornado.ioloop import PeriodicCallback
 from traitlets import Bool, List, Unicode
 from traitlets.config import Config
 
@@ -342,7 +343,13 @@ class ReplSessions:
             "last_activity": session.last_activity,
         }
 
+    def sweep(self) -> None:
+        """Forget the sessions whose kernels went."""
+        self.all()
+
     def all(self) -> list[_Session]:
+        """The live sessions (those whose kernel went are forgotten, their directories
+        removed)."""
         return [s for sid in list(self._sessions) if (s := self.get(sid)) is not None]
 
     async def aclose(self) -> None:
@@ -588,6 +595,11 @@ class GatewayApp(ServerApp):
             manager, Path(self.root_dir), self.kernel_name, keep_dirs=self.keep_session_dirs
         )
         self.web_app.settings["herd_repl"] = repl
+        self._repl = repl
+        # Sessions whose kernels went (culled after c.Herd.ttl idle, shut down
+        # through /api/kernels) lose their directories within half a minute.
+        self._sweeper = PeriodicCallback(repl.sweep, 30_000)
+        self._sweeper.start()
         self.web_app.settings["herd_origins"] = list(self.allow_origins)
         sid = r"([^/]+)"
         self.web_app.add_handlers(
@@ -601,6 +613,16 @@ class GatewayApp(ServerApp):
                 (rf"/sessions/{sid}/files/(.+)", FilesHandler),
             ],
         )
+
+
+    async def cleanup_extensions(self) -> None:
+        sweeper = getattr(self, "_sweeper", None)
+        if sweeper is not None:
+            sweeper.stop()
+        repl = getattr(self, "_repl", None)
+        if repl is not None:
+            await repl.aclose()  # the sessions' directories go with the gateway
+        await super().cleanup_extensions()
 
 
 def gateway_config(args: Any, token: str | None, root: str) -> Config:

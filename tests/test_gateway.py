@@ -379,3 +379,76 @@ def test_no_process_is_left_after_the_gateway_stops(tmp_path: Path, sig: signal.
         timeout=15,
         what="the kernels to go",
     )
+
+
+# -- the Kernel Gateway protocol ----------------------------------------------------
+
+
+def test_a_jupyter_server_with_gateway_url_runs_its_notebook_cells_here(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """A stock ``jupyter server --gateway-url`` (as ``jupyter lab --gateway-url``)
+    starts its kernel here and runs a cell over its own kernel WebSocket."""
+    from tests.helpers.jupyter import TOKEN as SERVER_TOKEN
+    from tests.helpers.jupyter import Server
+    from tests.helpers.kernel_ws import KernelWS
+
+    root = tmp_path / "lab"
+    root.mkdir()
+    (root / "nb.ipynb").write_text(
+        json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5})
+    )
+    argv = [f"--gateway-url={gateway.base}", f"--GatewayClient.auth_token={TOKEN}"]
+    server = Server(root, "", argv)
+    try:
+        server.wait_ready(lambda pools: True)
+        session = server.json(
+            "/api/sessions",
+            method="POST",
+            body={"path": "nb.ipynb", "type": "notebook", "kernel": {"name": "python3"}},
+        )
+        kernel_id = session["kernel"]["id"]
+        # The kernel is the gateway's.
+        status, body = gateway.request("GET", "/api/kernels")
+        assert kernel_id in {k["id"] for k in json.loads(body)}
+
+        async def cell() -> tuple[dict[str, Any], str]:
+            ws = await KernelWS.connect(server.base, kernel_id, SERVER_TOKEN)
+            try:
+                return await ws.execute("import os; print('pid', os.getpid()); 6 * 7", 60)
+            finally:
+                await ws.close()
+
+        reply, out = asyncio.run(cell())
+        assert reply["status"] == "ok"
+        assert out.startswith("pid ")
+        assert server.request(f"/api/sessions/{session['id']}", method="DELETE")[0] == 204
+        status, body = gateway.request("GET", "/api/kernels")
+        assert kernel_id not in {k["id"] for k in json.loads(body)}
+    finally:
+        server.stop()
+
+
+def test_a_kernel_gateway_client_talks_to_the_gateway_directly(gateway: Gateway) -> None:
+    """Kernel Gateway's own protocol, as its clients speak it: create a kernel with
+    ``POST /api/kernels`` and run code over ``/api/kernels/{id}/channels``."""
+    from tests.helpers.kernel_ws import KernelWS
+
+    status, body = gateway.request("GET", "/api/kernelspecs")
+    assert status == 200
+    assert "python3" in json.loads(body)["kernelspecs"]
+    status, body = gateway.request("POST", "/api/kernels", {"name": "python3"})
+    assert status == 201, body
+    kernel_id = json.loads(body)["id"]
+
+    async def cell() -> tuple[dict[str, Any], str]:
+        ws = await KernelWS.connect(gateway.base, kernel_id, TOKEN)
+        try:
+            return await ws.execute("print(sum(range(10)))", 60)
+        finally:
+            await ws.close()
+
+    reply, out = asyncio.run(cell())
+    assert (reply["status"], out) == ("ok", "45\n")
+    assert gateway.request("POST", f"/api/kernels/{kernel_id}/interrupt")[0] == 204
+    assert gateway.request("DELETE", f"/api/kernels/{kernel_id}")[0] == 204
