@@ -46,6 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jupyter_client.session import Session
 from jupyter_server.auth.identity import IdentityProvider, User
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.serverapp import ServerApp
@@ -301,17 +302,30 @@ class ReplSessions:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while True:
-            client = km.client()
-            client.start_channels()
-            try:
-                await client.wait_for_ready(timeout=max(deadline - loop.time(), 1.0))
-                return client
-            except RuntimeError as exc:
-                client.stop_channels()
-                if loop.time() > deadline:
-                    raise RuntimeError(f"the kernel did not come back: {exc}") from exc
-                await asyncio.sleep(0.2)
+        # A session of its own: with the manager's (as km.client() would), the
+        # client's shell socket would have the same ZMQ identity as any other
+        # client made so (herd's start-up probe among them), and the kernel's
+        # replies would go to one of them only.
+        session = Session(
+            key=km.session.key, signature_scheme=km.session.signature_scheme, username="herd"
+        )
+        client = km.client(session=session)
+        client.start_channels()
+        try:
+            while True:
+                try:
+                    # One client for every try: a kernel still starting is asked
+                    # again every 0.2 s, never flooded with new connections.
+                    await client.wait_for_ready(timeout=max(deadline - loop.time(), 1.0))
+                    return client
+                except RuntimeError as exc:
+                    if loop.time() > deadline or getattr(km, "execution_state", "") == "dead":
+                        why = getattr(km, "reason", "") or exc
+                        raise RuntimeError(f"the kernel did not come back: {why}") from exc
+                    await asyncio.sleep(0.2)
+        except BaseException:
+            client.stop_channels()
+            raise
 
     async def interrupt(self, session: _Session) -> None:
         manager: Any = self.manager

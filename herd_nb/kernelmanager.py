@@ -438,7 +438,16 @@ class HerdKernelManager(AsyncMappingKernelManager):
         return ready
 
     async def _acquire(self, pool: herd.Pool[Any], kernel_id: str, **options: Any) -> KernelWorker:
-        """Pin a kernel of ``pool`` to ``kernel_id``, with Jupyter's errors."""
+        """Pin a kernel of ``pool`` to ``kernel_id``, with Jupyter's errors.
+
+        The pool's ``acquire_timeout`` (5 s under a cap) is for waiting at the cap
+        for a kernel to free up; below the cap a start takes what it takes (many
+        at once on a busy machine take longer than 5 s): no 503 for a pool that
+        has room.
+        """
+        stats = pool.stats()
+        if stats.total_workers + stats.starting_workers < pool.config.max_workers:
+            options.setdefault("timeout", None)
         try:
             session = await pool.acquire(kernel_id, **options)
         except herd.PoolExhaustedError as exc:

@@ -4,6 +4,7 @@ Gateway protocol on herd's warm kernels (issue 13)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -333,6 +334,10 @@ def test_every_route_needs_the_token_websockets_too(gateway: Gateway) -> None:
         except HTTPClientError as exc:
             return exc.code
         conn.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                while await conn.read_message() is not None:
+                    pass
         return 101
 
     good = {"Authorization": f"token {TOKEN}"}
@@ -452,3 +457,15 @@ def test_a_kernel_gateway_client_talks_to_the_gateway_directly(gateway: Gateway)
     assert (reply["status"], out) == ("ok", "45\n")
     assert gateway.request("POST", f"/api/kernels/{kernel_id}/interrupt")[0] == 204
     assert gateway.request("DELETE", f"/api/kernels/{kernel_id}")[0] == 204
+
+
+def test_many_new_sessions_at_once_all_get_their_first_result(gateway: Gateway) -> None:
+    """More new sessions than warm spares, all at once: each gets a kernel (warm or
+    started for it) and its result. (Each client of a session has a ZMQ identity
+    of its own: with the kernel manager's, the kernel's replies went to herd's
+    start-up probe of a kernel started for it, and the session waited a minute.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(12) as threads:
+        answers = list(threads.map(lambda i: gateway.run(f"many-{i}", f"{i} * 2"), range(12)))
+    assert [result(events) for events in answers] == [str(i * 2) for i in range(12)]
