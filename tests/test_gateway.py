@@ -428,7 +428,7 @@ def test_a_jupyter_server_with_gateway_url_runs_its_notebook_cells_here(
         assert reply["status"] == "ok"
         assert out.startswith("pid ")
         assert server.request(f"/api/sessions/{session['id']}", method="DELETE")[0] == 204
-        status, body = gateway.request("GET", "/api/kernels")
+        _status, body = gateway.request("GET", "/api/kernels")
         assert kernel_id not in {k["id"] for k in json.loads(body)}
     finally:
         server.stop()
