@@ -320,9 +320,8 @@ def main() -> None:
     print(f"\nherd serve --kernel against Jupyter Kernel Gateway 3.0, {rounds} rounds")
     print("\n1. new session -> first result of 1 + 1 (median)")
     for name, values in first.items():
-        print(
-            f"   {name:<12} {ms(values):>10}   (all: {', '.join(f'{1000 * v:.0f}' for v in values)})"
-        )
+        every = ", ".join(f"{1000 * v:.0f}" for v in values)
+        print(f"   {name:<12} {ms(values):>10}   (all: {every})")
     herd_first = statistics.median(first["herd"])
     print(
         f"   herd is {statistics.median(first['kg']) / herd_first:.1f}x faster than kg "

@@ -628,7 +628,6 @@ class GatewayApp(ServerApp):
             ],
         )
 
-
     async def cleanup_extensions(self) -> None:
         sweeper = getattr(self, "_sweeper", None)
         if sweeper is not None:

@@ -414,7 +414,7 @@ def test_a_jupyter_server_with_gateway_url_runs_its_notebook_cells_here(
         )
         kernel_id = session["kernel"]["id"]
         # The kernel is the gateway's.
-        status, body = gateway.request("GET", "/api/kernels")
+        _, body = gateway.request("GET", "/api/kernels")
         assert kernel_id in {k["id"] for k in json.loads(body)}
 
         async def cell() -> tuple[dict[str, Any], str]:
