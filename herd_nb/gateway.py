@@ -46,6 +46,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import zmq
+import zmq.asyncio
 from jupyter_client.session import Session
 from jupyter_server.auth.identity import IdentityProvider, User
 from jupyter_server.base.handlers import APIHandler
@@ -55,7 +57,7 @@ from tornado.ioloop import PeriodicCallback
 from traitlets import Bool, List, Unicode
 from traitlets.config import Config
 
-from ._execute import Event, InterruptIgnoredError, KernelDiedError, run_cell
+from ._execute import Event, InterruptIgnoredError, KernelDiedError, _next, run_cell
 from .kernelmanager import HerdKernelManager
 
 __all__ = ["GatewayApp", "ReplSessions", "main"]
@@ -313,16 +315,13 @@ class ReplSessions:
         client.start_channels()
         try:
             while True:
-                try:
-                    # One client for every try: a kernel still starting is asked
-                    # again every 0.2 s, never flooded with new connections.
-                    await client.wait_for_ready(timeout=max(deadline - loop.time(), 1.0))
+                if await _answers(client, loop.time() + 0.5):
                     return client
-                except RuntimeError as exc:
-                    if loop.time() > deadline or getattr(km, "execution_state", "") == "dead":
-                        why = getattr(km, "reason", "") or exc
-                        raise RuntimeError(f"the kernel did not come back: {why}") from exc
-                    await asyncio.sleep(0.2)
+                if loop.time() > deadline or getattr(km, "execution_state", "") == "dead":
+                    why = getattr(km, "reason", "") or "no answer to kernel_info"
+                    raise RuntimeError(f"the kernel did not come back: {why}")
+                if not await km.is_alive():
+                    await asyncio.sleep(0.2)  # restarting in place: not yet running
         except BaseException:
             client.stop_channels()
             raise
@@ -369,6 +368,36 @@ class ReplSessions:
     async def aclose(self) -> None:
         for session in list(self._sessions.values()):
             self._forget(session)
+
+
+async def _answers(client: Any, until: float) -> bool:
+    """Whether the kernel answers ``client`` before the loop time ``until``: a
+    ``kernel_info`` reply on shell, and on IOPub a message of the same request,
+    so that IOPub is subscribed (what a ZMQ subscriber misses before it is
+    connected, the next cell's output, cannot be lost). jupyter_client's
+    ``wait_for_ready`` does the same, then waits 0.2 s more for IOPub to fall
+    silent: most of a warm session's first result."""
+    loop = asyncio.get_running_loop()
+    poller = zmq.asyncio.Poller()
+    channels = (client.shell_channel, client.iopub_channel)
+    for channel in channels:
+        poller.register(channel.socket, zmq.POLLIN)
+    while loop.time() < until:
+        msg_id = client.kernel_info()
+        seen: set[Any] = set()
+        again = min(loop.time() + 0.1, until)  # (a subscriber that joined late: ask again)
+        while loop.time() < again:
+            ready = dict(await poller.poll(max(int((again - loop.time()) * 1000), 1)))
+            for channel in channels:
+                if channel.socket in ready:
+                    while (msg := await _next(channel)) is not None:
+                        if msg["parent_header"].get("msg_id") == msg_id:
+                            seen.add(channel)
+            if len(seen) == 2:
+                # The reply's own idle status may still come: read on it in the
+                # cell (run_cell skips what is not its own).
+                return True
+    return False
 
 
 def _same_process(km: Any) -> Callable[[], bool]:
