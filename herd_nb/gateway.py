@@ -705,6 +705,12 @@ def _loopback(host: str) -> bool:
 
 def main(args: Any) -> int:
     """Run the gateway for ``herd serve --kernel`` until SIGINT or SIGTERM."""
+    if args.user is not None or args.env or args.network != "private":
+        raise ValueError(
+            "--user, --env and --network are for worker commands; kernels of --kernel run "
+            "as the gateway's user, with its environment (their sandbox and limits: "
+            "--no-sandbox, --cpu, --memory, --pids)"
+        )
     token = args.token or os.environ.get("HERD_TOKEN") or None
     if token is None and not _loopback(args.host):
         raise ValueError(

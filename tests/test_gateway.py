@@ -347,9 +347,20 @@ def test_every_route_needs_the_token_websockets_too(gateway: Gateway) -> None:
     assert asyncio.run(upgrade(good)) == 101
 
 
-def test_beyond_loopback_a_token_is_required(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--host", "0.0.0.0"], "give --token"),
+        (["--user", "nobody"], "--user, --env and --network are for worker commands"),
+        (["--warm", "-1"], "--warm must be >= 0"),
+        (["--", "python", "-m", "http.server"], "give no worker command"),
+    ],
+)
+def test_bad_gateway_flags_exit_2_with_a_message(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "herd", "serve", "--kernel", "python3", "--host", "0.0.0.0"],
+        [sys.executable, "-m", "herd", "serve", "--kernel", "python3", *flags],
         capture_output=True,
         text=True,
         timeout=60,
@@ -357,7 +368,7 @@ def test_beyond_loopback_a_token_is_required(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert done.returncode == 2
-    assert "--token" in done.stderr
+    assert message in done.stderr
 
 
 # -- processes ----------------------------------------------------------------------
