@@ -22,7 +22,9 @@ Measured, in rounds that alternate the order of the servers (medians):
    the background), and before each Kernel Gateway round for herd to be idle.
 2. **a trivial cell's round trip on a live session** (``pass``): herd's execute
    route, against a direct jupyter_client execute on a kernel of the bench's own
-   (the anchor: what no gateway can beat), and Kernel Gateway's WebSocket.
+   (the anchor: what no gateway can beat), and Kernel Gateway's WebSocket, in 10
+   batches that alternate their order. herd's client keeps its HTTP connection
+   alive, as a program's client (requests.Session, httpx.Client) does.
 3. **N sessions at once**: N new sessions each run ``1 + 1``, all started
    together; the time until the last result.
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import shutil
@@ -172,42 +175,59 @@ def herd_first_result(base: str) -> float:
     return took
 
 
-def direct_round_trips(times: int) -> list[float]:
-    """A kernel of the bench's own, through jupyter_client: the anchor."""
+def round_trips(herd: str, kg: str, times: int, batches: int) -> dict[str, list[float]]:
+    """``pass`` on a live session, in batches that alternate their order: a kernel
+    of the bench's own through jupyter_client (the anchor), herd's execute route,
+    and Kernel Gateway's WebSocket."""
     from jupyter_client.manager import start_new_kernel
 
     manager, client = start_new_kernel(kernel_name="python3")
-    try:
-        took = []
-        for _ in range(times):
+    session = uuid.uuid4().hex
+    call(herd, "POST", f"/sessions/{session}/execute?wait=1", {"code": "1"})
+    kernel_id = call(kg, "POST", "/api/kernels", {})["id"]
+    asyncio.run(ws_execute(kg, kernel_id, "1"))
+    took: dict[str, list[float]] = {"direct": [], "herd": [], "kg": []}
+
+    def direct(count: int) -> list[float]:
+        values = []
+        for _ in range(count):
             started = time.perf_counter()
             client.execute_interactive("pass", timeout=60, output_hook=lambda msg: None)
-            took.append(time.perf_counter() - started)
-        return took
+            values.append(time.perf_counter() - started)
+        return values
+
+    # One kept-alive connection, as a program's HTTP client (requests.Session,
+    # httpx.Client) keeps one: the kernel gateway's WebSocket is one connection too.
+    conn = http.client.HTTPConnection("127.0.0.1", int(herd.rsplit(":", 1)[1]), timeout=60)
+    body = json.dumps({"code": "pass"})
+    headers = {"Authorization": f"token {TOKEN}", "Content-Type": "application/json"}
+
+    def via_herd(count: int) -> list[float]:
+        values = []
+        for _ in range(count):
+            started = time.perf_counter()
+            conn.request("POST", f"/sessions/{session}/execute?wait=1", body, headers)
+            answer = conn.getresponse().read()
+            values.append(time.perf_counter() - started)
+            assert b'"ok"' in answer, answer
+        return values
+
+    def via_kg(count: int) -> list[float]:
+        return asyncio.run(ws_execute(kg, kernel_id, "pass", times=count))
+
+    steps = {"direct": direct, "herd": via_herd, "kg": via_kg}
+    try:
+        for batch in range(batches):
+            names = list(steps) if batch % 2 == 0 else list(steps)[::-1]
+            for name in names:
+                took[name] += steps[name](times // batches)
     finally:
+        conn.close()
         client.stop_channels()
         manager.shutdown_kernel(now=True)
-
-
-def herd_round_trips(base: str, times: int) -> list[float]:
-    session = uuid.uuid4().hex
-    call(base, "POST", f"/sessions/{session}/execute?wait=1", {"code": "1"})
-    took = []
-    for _ in range(times):
-        started = time.perf_counter()
-        call(base, "POST", f"/sessions/{session}/execute?wait=1", {"code": "pass"})
-        took.append(time.perf_counter() - started)
-    call(base, "DELETE", f"/sessions/{session}")
+        call(herd, "DELETE", f"/sessions/{session}")
+        call(kg, "DELETE", f"/api/kernels/{kernel_id}")
     return took
-
-
-async def kg_round_trips(base: str, times: int) -> list[float]:
-    kernel_id = (await asyncio.to_thread(call, base, "POST", "/api/kernels", {}))["id"]
-    try:
-        await ws_execute(base, kernel_id, "1")
-        return await ws_execute(base, kernel_id, "pass", times=times)
-    finally:
-        await asyncio.to_thread(call, base, "DELETE", f"/api/kernels/{kernel_id}")
 
 
 async def herd_many(base: str, count: int) -> float:
@@ -301,10 +321,8 @@ def main() -> None:
         results["first_result_s"] = first
 
         wait_for(lambda: herd_spares(herd) >= 2, 120)
-        trip: dict[str, list[float]] = {}
-        trip["direct"] = direct_round_trips(trips)
-        trip["herd"] = herd_round_trips(herd, trips)
-        trip["kg"] = asyncio.run(kg_round_trips(kg, trips))
+        time.sleep(2)
+        trip = round_trips(herd, kg, trips, batches=10)
         results["round_trip_s"] = trip
         print("round trips done", file=sys.stderr)
 
