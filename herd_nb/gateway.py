@@ -57,6 +57,8 @@ from tornado.ioloop import PeriodicCallback
 from traitlets import Bool, List, Unicode
 from traitlets.config import Config
 
+import herd
+
 from ._execute import Event, InterruptIgnoredError, KernelDiedError, _next, run_cell
 from .kernelmanager import HerdKernelManager
 
@@ -65,6 +67,7 @@ __all__ = ["GatewayApp", "ReplSessions", "main"]
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _KERNEL_IDS = uuid.UUID("6f0c1d1e-8a53-4c4e-9e0b-2f7d1b0b4d11")  # session ID -> kernel ID
 _CHUNK = 64 * 1024
+_DIR_KEY = os.urandom(16)  # sessions' directory names (see ReplSessions._dir)
 
 
 def kernel_id_of(session_id: str) -> str:
@@ -87,7 +90,7 @@ class TokenIdentityProvider(IdentityProvider):
     local (a DNS-rebound name).
     """
 
-    async def _get_user(self, handler: web.RequestHandler) -> User | None:
+    async def get_user(self, handler: web.RequestHandler) -> User | None:
         request = handler.request
         origin = request.headers.get("Origin")
         if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None:
@@ -100,7 +103,8 @@ class TokenIdentityProvider(IdentityProvider):
         if not self.token:
             handler._token_authenticated = True  # type: ignore[attr-defined]  # (no XSRF)
             return self.generate_anonymous_user(handler)
-        return await super()._get_user(handler)
+        user = super().get_user(handler)
+        return await user if inspect.isawaitable(user) else user
 
     async def get_user_token(self, handler: web.RequestHandler) -> User | None:
         token: str = self.token
@@ -159,8 +163,10 @@ class ReplSessions:
         self._starting: dict[str, asyncio.Future[_Session]] = {}
 
     def _dir(self, session_id: str) -> Path:
-        # Hashed: a session ID is a secret, and a directory name is easy to list.
-        name = hashlib.blake2b(session_id.encode(), digest_size=12).hexdigest()
+        # Hashed with this process's key: a session ID is a secret, a directory
+        # name is easy to list, and an ID that is easy to guess must not be
+        # confirmed by hashing the guess.
+        name = hashlib.blake2b(session_id.encode(), key=_DIR_KEY, digest_size=12).hexdigest()
         return self.root / "sessions" / name
 
     def get(self, session_id: str) -> _Session | None:
@@ -192,9 +198,14 @@ class ReplSessions:
     async def _start(self, session_id: str) -> _Session:
         cwd, path = self._make_dir(session_id)
         session = _Session(session_id, cwd)
-        await self.manager.start_kernel(
-            kernel_id=session.kernel_id, path=path, kernel_name=self.kernel_name
-        )
+        try:
+            await self.manager.start_kernel(
+                kernel_id=session.kernel_id, path=path, kernel_name=self.kernel_name
+            )
+        except BaseException:
+            if not self.keep_dirs:
+                shutil.rmtree(cwd, ignore_errors=True)
+            raise
         self._sessions[session_id] = session
         return session
 
@@ -429,9 +440,6 @@ def _done(status: str, started: float) -> Event:
 # -- the REPL routes ----------------------------------------------------------------------
 
 
-_SESSION_ID = re.compile(r"[A-Za-z0-9_.~:@+=-]{1,256}")
-
-
 class _ReplHandler(APIHandler):
     @property
     def repl(self) -> ReplSessions:
@@ -439,9 +447,10 @@ class _ReplHandler(APIHandler):
         return sessions
 
     def check_session_id(self, session_id: str) -> str:
-        if not _SESSION_ID.fullmatch(session_id) or session_id in (".", ".."):
-            raise web.HTTPError(400, f"invalid session ID {session_id[:40]!r}")
-        return session_id
+        try:
+            return herd.validate_session_id(session_id)
+        except herd.InvalidSessionIdError as exc:
+            raise web.HTTPError(400, str(exc)) from None
 
     def existing(self, session_id: str) -> _Session:
         session = self.repl.get(self.check_session_id(session_id))

@@ -480,3 +480,22 @@ def test_many_new_sessions_at_once_all_get_their_first_result(gateway: Gateway) 
     with ThreadPoolExecutor(12) as threads:
         answers = list(threads.map(lambda i: gateway.run(f"many-{i}", f"{i} * 2"), range(12)))
     assert [result(events) for events in answers] == [str(i * 2) for i in range(12)]
+
+
+def test_without_a_token_on_loopback_no_other_site_can_run_code(tmp_path: Path) -> None:
+    """No token (loopback only): a program may run code, but a page of another
+    site may not (a cross-site POST is a "simple request", no preflight), nor
+    one reached through a DNS-rebound name."""
+    gateway = Gateway(tmp_path, token=None)
+    try:
+        gateway.wait_ready()
+        assert result(gateway.run("open", "1 + 1")) == "2"
+        code = json.dumps({"code": "open('pwned', 'w')"}).encode()
+        path = "/sessions/open/execute?wait=1"
+        status, _ = gateway.request("POST", path, code, Origin="http://evil.example")
+        assert status in (403, 404)
+        status, _ = gateway.request("POST", path, code, Host=f"evil.example:{gateway.port}")
+        assert status == 403
+        assert result(gateway.run("open", "import os; os.path.exists('pwned')")) == "False"
+    finally:
+        gateway.stop()
