@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.helpers import wait_until_sync
+from tests.helpers import stop_process, wait_until_sync
 from tests.helpers.ndjson import Stream
 from tests.test_cli import free_port
 
@@ -86,13 +86,7 @@ class Gateway:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig, 30)
 
 
 @pytest.fixture

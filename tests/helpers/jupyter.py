@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import wait_until_sync
+from tests.helpers import stop_process, wait_until_sync
 from tests.test_cli import free_port
 
 TOKEN = "herd-test-token"
@@ -150,10 +150,4 @@ class Server:
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         """Stop the server (``sig``; SIGKILL after 20 s)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig, 20)
