@@ -738,8 +738,9 @@ def _kernel_gateway(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     except ImportError as exc:
         log.error("--kernel needs herd_nb and Jupyter (pip install herd): %s", exc)
         return 1
-    if args.warm < 0:
-        parser.error(f"--warm must be >= 0, not {args.warm}")
+    if args.warm < 1:
+        # herd_nb leaves kernels to Jupyter with no warm spares: none here.
+        parser.error(f"--warm must be >= 1 (kernels kept ready), not {args.warm}")
     try:
         code: int = gateway.main(args)
     except ValueError as exc:

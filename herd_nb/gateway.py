@@ -686,6 +686,9 @@ def gateway_config(args: Any, token: str | None, root: str) -> Config:
     server.open_browser = False
     server.root_dir = root
     server.kernel_manager_class = "herd_nb.kernelmanager.HerdKernelManager"
+    # Untrusted code: every kernel in herd's pool (sandbox, limits, cap), none the
+    # stock way (as a notebook server falls back to while its pool starts).
+    config.HerdKernelManager.herd_only = True
     server.identity_provider_class = "herd_nb.gateway.TokenIdentityProvider"
     server.allow_root = True
     config.GatewayApp.allow_origins = list(args.allow_origin)

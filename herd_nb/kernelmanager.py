@@ -65,6 +65,7 @@ from jupyter_server._tz import utcnow
 from jupyter_server.prometheus.metrics import KERNEL_CURRENTLY_RUNNING_TOTAL
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 from tornado import web
+from traitlets import Bool
 from traitlets.utils.importstring import import_item
 
 import herd
@@ -178,6 +179,15 @@ class HerdKernelManager(AsyncMappingKernelManager):
     stock manager.
     """
 
+    herd_only = Bool(
+        False,
+        config=True,
+        help="Start every kernel in herd's pools (its sandbox, limits and cap), never "
+        "the stock way: a start while the pool is still starting waits for it, one it "
+        "cannot serve is refused. For a gateway of untrusted code (herd serve --kernel); "
+        "False (the default): such starts are stock, as a notebook user expects.",
+    )
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.herd_pools: dict[str, herd.Pool[Any]] = {}  # kernelspec name -> its pool
@@ -186,6 +196,7 @@ class HerdKernelManager(AsyncMappingKernelManager):
         self._herd_options: dict[str, Any] | None = None
         self._herd_registry: dict[str, herd.Pool[Any]] = {}
         self._new_pool_lock = asyncio.Lock()
+        self._herd_acquiring: dict[herd.Pool[Any], int] = {}  # starts under way, per pool
         self._movable_specs: dict[str, bool] = {}
         # Why spares were passed over, as logged: each reason once per kernelspec,
         # not once per kernel (a drifted environment would make it every start).
@@ -352,6 +363,8 @@ class HerdKernelManager(AsyncMappingKernelManager):
         if self._encryption_refused(name):
             extra.add("transport_encryption")  # stock refuses it, with its own error
         pool = None if extra else await self._pool_for(name)
+        if self.herd_only:
+            pool = await self._herd_pool_ready(pool, name, extra)
         if pool is None or pool.state is not herd.PoolState.READY:
             return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
         kernel_id = kernel_id or self.new_kernel_id()
@@ -381,6 +394,28 @@ class HerdKernelManager(AsyncMappingKernelManager):
         if not self._initialized_culler:
             self.initialize_culler()
         return kernel_id
+
+    async def _herd_pool_ready(
+        self, pool: herd.Pool[Any] | None, name: str, extra: set[str]
+    ) -> herd.Pool[Any]:
+        """With :attr:`herd_only`: the pool, once it serves; never a stock start.
+
+        :raises tornado.web.HTTPError: 409 (options herd does not handle, no pool
+            for the kernelspec), 503 (the pool did not come up within a minute).
+        """
+        if extra:
+            raise web.HTTPError(
+                409, f"herd: kernels start only in herd's pool here, not with {sorted(extra)}"
+            )
+        if pool is None:
+            raise web.HTTPError(409, f"herd: no kernel pool for {name!r} here")
+        deadline = time.monotonic() + 60
+        # The pool's state has no event to wait on; its start takes a kernel's start.
+        while pool.state is herd.PoolState.STARTING and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if pool.state is not herd.PoolState.READY:
+            raise web.HTTPError(503, f"herd: the {name} kernel pool is {pool.state.value}")
+        return pool
 
     def _start_cold(
         self, kernel_id: str, pool: herd.Pool[Any], cwd: str | None, env: dict[str, str]
@@ -441,13 +476,15 @@ class HerdKernelManager(AsyncMappingKernelManager):
         """Pin a kernel of ``pool`` to ``kernel_id``, with Jupyter's errors.
 
         The pool's ``acquire_timeout`` (5 s under a cap) is for waiting at the cap
-        for a kernel to free up; below the cap a start takes what it takes (many
-        at once on a busy machine take longer than 5 s): no 503 for a pool that
-        has room.
+        for a kernel to free up. A start with room below the cap (counting the
+        starts under way here) may take up to the kernel's ``startup_timeout``:
+        many at once on a busy machine take longer than 5 s, and are no 503.
         """
-        stats = pool.stats()
-        if stats.total_workers + stats.starting_workers < pool.config.max_workers:
-            options.setdefault("timeout", None)
+        acquiring = self._herd_acquiring.get(pool, 0)
+        if len(pool.workers()) + acquiring < pool.config.max_workers:
+            factory = pool.factory
+            options.setdefault("timeout", getattr(factory, "startup_timeout", None))
+        self._herd_acquiring[pool] = acquiring + 1
         try:
             session = await pool.acquire(kernel_id, **options)
         except herd.PoolExhaustedError as exc:
@@ -458,6 +495,8 @@ class HerdKernelManager(AsyncMappingKernelManager):
             raise web.HTTPError(400, f"herd: kernel ID {kernel_id!r}: {exc}") from exc
         except herd.HerdError as exc:
             raise web.HTTPError(500, f"herd: cannot start a kernel: {exc}") from exc
+        finally:
+            self._herd_acquiring[pool] -= 1
         worker = session.worker
         assert isinstance(worker, KernelWorker)
         await session.close()  # the pin stays; the kernel manager owns it from here

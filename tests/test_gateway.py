@@ -346,7 +346,7 @@ def test_every_route_needs_the_token_websockets_too(gateway: Gateway) -> None:
     [
         (["--host", "0.0.0.0"], "give --token"),
         (["--user", "nobody"], "--user, --env and --network are for worker commands"),
-        (["--warm", "-1"], "--warm must be >= 0"),
+        (["--warm", "0"], "--warm must be >= 1"),
         (["--", "python", "-m", "http.server"], "give no worker command"),
     ],
 )
@@ -471,9 +471,9 @@ def test_many_new_sessions_at_once_all_get_their_first_result(gateway: Gateway) 
     start-up probe of a kernel started for it, and the session waited a minute.)"""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(12) as threads:
-        answers = list(threads.map(lambda i: gateway.run(f"many-{i}", f"{i} * 2"), range(12)))
-    assert [result(events) for events in answers] == [str(i * 2) for i in range(12)]
+    with ThreadPoolExecutor(8) as threads:  # (8 sessions and a spare: within --max 10)
+        answers = list(threads.map(lambda i: gateway.run(f"many-{i}", f"{i} * 2"), range(8)))
+    assert [result(events) for events in answers] == [str(i * 2) for i in range(8)]
 
 
 def test_without_a_token_on_loopback_no_other_site_can_run_code(tmp_path: Path) -> None:
@@ -491,5 +491,37 @@ def test_without_a_token_on_loopback_no_other_site_can_run_code(tmp_path: Path) 
         status, _ = gateway.request("POST", path, code, Host=f"evil.example:{gateway.port}")
         assert status == 403
         assert result(gateway.run("open", "import os; os.path.exists('pwned')")) == "False"
+    finally:
+        gateway.stop()
+
+
+def test_sessions_opened_while_the_pool_starts_are_sandboxed_and_capped(
+    tmp_path: Path,
+) -> None:
+    """Requests that arrive as soon as the gateway answers, before its kernel pool
+    is ready, still get kernels of herd's pool: sandboxed (in a PID namespace of
+    their own), and within --max (a notebook server would start those the stock
+    way, outside the pool)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gateway = Gateway(tmp_path, "--max", "3")
+    try:
+        gateway.wait_ready()  # the server answers; its pool may still be starting
+
+        def run(i: int) -> tuple[int, Any]:
+            status, body = gateway.request(
+                "POST", f"/sessions/early-{i}/execute?wait=1", {"code": "import os; os.getpid()"}
+            )
+            return status, json.loads(body)
+
+        with ThreadPoolExecutor(5) as threads:
+            answers = list(threads.map(run, range(5)))
+        served = [body for status, body in answers if status == 200]
+        assert sorted(status for status, _ in answers) == [200, 200, 200, 503, 503]
+        stats = json.loads(gateway.request("GET", "/herd/api/stats")[1])["pools"]
+        pool = stats["kernels:python3"]
+        assert (pool["total_workers"], pool["active_sessions"]) == (3, 3)
+        if pool["sandbox"] == "full":  # a PID namespace: the kernel is a low PID in it
+            assert all(int(result(body["events"])) < 100 for body in served)
     finally:
         gateway.stop()
