@@ -165,6 +165,10 @@ class ProxyHandler(RequestHandler):
         settings = self.settings_
         pool = settings.pool
         self._node = None
+        session = pool.try_acquire(route.session_id)
+        if session is not None:  # pinned here: the per-request path looks no further
+            self.session = session
+            return
         if not ask and FORWARDED_HOPS not in self.request.headers:
             owner = pool.remote_owner(route.session_id)
             if owner is not None:
