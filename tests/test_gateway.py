@@ -120,11 +120,8 @@ def test_state_persists_in_a_session_and_never_crosses_sessions(gateway: Gateway
     alice_cwd = printed(gateway.run("alice", "print(os.getcwd())")).strip()
     bob_cwd = printed(gateway.run("bob", "import os; print(os.getcwd())")).strip()
     assert alice_cwd != bob_cwd
-    assert (
-        Path(alice_cwd).parent
-        == Path(bob_cwd).parent
-        == gateway.root / ".." / Path(alice_cwd).parent
-    )  # both under the gateway's sessions directory
+    sessions = (gateway.root / "sessions").resolve()  # both under the gateway's --cwd
+    assert Path(alice_cwd).resolve().parent == Path(bob_cwd).resolve().parent == sessions
     assert "alice" not in alice_cwd  # the directory does not show the ID
     status, body = gateway.request("GET", "/sessions")
     assert status == 200
