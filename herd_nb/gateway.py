@@ -499,12 +499,20 @@ class ExecuteHandler(_ReplHandler):
         self.set_header("Cache-Control", "no-cache")
 
         def emit(event: Event) -> None:
+            if self._gone:  # the cell runs on (its session keeps it); nobody reads it
+                return
             line = json.dumps(event, default=str)
             self.write(f"event: {event['type']}\ndata: {line}\n\n" if sse else line + "\n")
             self.flush()
 
         await self.repl.execute(session, code, timeout, emit)
-        self.finish()
+        if not self._gone:
+            self.finish()
+
+    _gone = False  # the client closed the connection
+
+    def on_connection_close(self) -> None:
+        self._gone = True
 
 
 class InterruptHandler(_ReplHandler):
