@@ -119,7 +119,8 @@ class Target:
     name: str
     base: str  # http://host:port/prefix (no trailing slash)
     headers: dict[str, str]
-    pid: int | None  # the proxy process, for RSS (None: direct)
+    pid: int | None  # the proxy process, for RSS and CPU (None: direct)
+    forks: bool = False  # it relays in a child per connection (socat): their CPU counts
 
     @property
     def ws(self) -> str:
@@ -214,7 +215,12 @@ async def python_load(target: Target, connections: int, seconds: float) -> Load:
 # -- WebSocket --------------------------------------------------------------------------
 
 
-async def ws_round_trips(target: Target, size: int, seconds: float) -> float:
+async def ws_round_trips(
+    target: Target, size: int, seconds: float, cpu: dict[str, float] | None = None
+) -> float:
+    """Echo round trips per second; with ``cpu``, also the proxy process's CPU
+    (with its children: socat forks one per connection) per frame it relayed, in
+    µs, user and system apart (``ws_user_us``, ``ws_sys_us``)."""
     from tornado.httpclient import HTTPRequest
     from tornado.websocket import websocket_connect
 
@@ -223,6 +229,7 @@ async def ws_round_trips(target: Target, size: int, seconds: float) -> float:
     )
     payload = os.urandom(size)
     count = 0
+    before = _cpu_times(target)
     stop_at = time.monotonic() + seconds
     while time.monotonic() < stop_at:
         await ws.write_message(payload, binary=True)
@@ -230,8 +237,28 @@ async def ws_round_trips(target: Target, size: int, seconds: float) -> float:
         assert reply is not None
         assert len(reply) == size
         count += 1
+    after = _cpu_times(target)
     ws.close()
+    if cpu is not None and before is not None and after is not None:
+        frames = 2 * count  # each round trip: one frame each way
+        cpu["ws_user_us"] = (after[0] - before[0]) / frames * 1e6
+        cpu["ws_sys_us"] = (after[1] - before[1]) / frames * 1e6
     return count / seconds
+
+
+def _cpu_times(target: Target) -> tuple[float, float] | None:
+    """User and system CPU seconds of the proxy (and of its live children, if it
+    forks: not herd serve's, which are workers)."""
+    if target.pid is None:
+        return None
+    try:
+        procs = [psutil.Process(target.pid)]
+        if target.forks:
+            procs += procs[0].children(recursive=True)
+        times = [proc.cpu_times() for proc in procs]
+    except psutil.Error:
+        return None
+    return sum(t.user for t in times), sum(t.system for t in times)
 
 
 # -- big transfers ----------------------------------------------------------------------
@@ -427,7 +454,7 @@ def compare_all(
         if shutil.which("socat"):
             # The floor of any proxy: a C relay, one more hop and nothing else.
             socat_port = free_port()
-            stack.enter_context(
+            socat = stack.enter_context(
                 running(
                     [
                         "socat",
@@ -436,7 +463,8 @@ def compare_all(
                     ]
                 )
             )
-            targets.append(Target("socat", f"http://127.0.0.1:{socat_port}", {}, None))
+            socat_base = f"http://127.0.0.1:{socat_port}"
+            targets.append(Target("socat", socat_base, {}, socat.pid, forks=True))
         if jsp_version() != "not installed":
             # With a token (as users run it), and with authentication off (its
             # fastest); the first also serves herd_nb's process pool route.
@@ -510,6 +538,11 @@ METRICS = {
     "p99_c100": ("HTTP p99 ms, 100 conn", "{:.1f}"),
     "ws_64B": ("WebSocket echo round trips/s 64B", "{:.0f}"),
 }
+# The proxy's CPU per 64 B frame it relays during the echoes, in µs (not for direct).
+CPU_METRICS = {
+    "ws_user_us": "  proxy CPU per frame: user us",
+    "ws_sys_us": "  proxy CPU per frame: system us",
+}
 
 
 def load_of(target: Target, connections: int, seconds: float, use_wrk: bool) -> Load:
@@ -521,13 +554,15 @@ def load_of(target: Target, connections: int, seconds: float, use_wrk: bool) -> 
 
 def one_round(target: Target, seconds: float, use_wrk: bool) -> dict[str, float]:
     row: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # the proxy's CPU per frame (none for direct)
     for connections in (1, 10, 100):
         load = load_of(target, connections, seconds, use_wrk)
         assert load.errors == 0, (target.name, load)
         row[f"rps_c{connections}"] = load.rps
         row[f"p50_c{connections}"] = load.p50_ms
         row[f"p99_c{connections}"] = load.p99_ms
-    row["ws_64B"] = asyncio.run(ws_round_trips(target, 64, seconds))
+    row["ws_64B"] = asyncio.run(ws_round_trips(target, 64, seconds, cpu))
+    row.update(cpu)
     return row
 
 
@@ -597,6 +632,8 @@ def print_pair(
         spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
         cells = [form.format(m) for m in medians] + [f"{medians[0] / medians[1]:.2f}", spread]
         print(f"{label:34}" + "".join(f"{c:>16}" for c in cells))
+    for key, label in CPU_METRICS.items():
+        print(f"{label:34}" + "".join(f"{_cpu_cell(rows, key):>16}" for rows in (first, second)))
     print(
         f"\n(per round: the lowest and highest {a}/{b} ratio of one round, "
         "both measured back to back)"
@@ -631,6 +668,8 @@ def print_all(
     line("", names)
     for key, (label, form) in METRICS.items():
         line(label, [form.format(median[name][key]) for name in names])
+    for key, label in CPU_METRICS.items():
+        line(label, [_cpu_cell(samples[name], key) for name in names])
     line("WebSocket echo round trips/s 1MB", [_cell(once, n, "ws_1MB") for n in names])
     failures = []
     for kind in ("upload", "download"):
@@ -695,6 +734,11 @@ def print_all(
         shown = "-" if value is None else f"{value:.2f}"
         verdict = "" if met is None else "ok" if met else "MISS"
         print(f"  {label:46} {shown:>8}  {target:>8}  {verdict}")
+
+
+def _cpu_cell(rows: list[dict[str, float]], key: str) -> str:
+    values = [row[key] for row in rows if key in row]
+    return f"{statistics.median(values):.1f}" if values else "-"
 
 
 def _cell(once: dict[str, dict[str, object]], name: str, key: str) -> str:
