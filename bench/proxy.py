@@ -218,9 +218,9 @@ async def python_load(target: Target, connections: int, seconds: float) -> Load:
 async def ws_round_trips(
     target: Target, size: int, seconds: float, cpu: dict[str, float] | None = None
 ) -> float:
-    """Echo round trips per second; with ``cpu``, also the proxy process's CPU
-    (with its children: socat forks one per connection) per frame it relayed, in
-    µs, user and system apart (``ws_user_us``, ``ws_sys_us``)."""
+    """Echo round trips per second; with ``cpu``, also the proxy's CPU per frame it
+    relayed (see :func:`_cpu_times`), in µs, user and system apart (``ws_user_us``,
+    ``ws_sys_us``)."""
     from tornado.httpclient import HTTPRequest
     from tornado.websocket import websocket_connect
 
