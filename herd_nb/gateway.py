@@ -471,6 +471,8 @@ class _ReplHandler(APIHandler):
 class ExecuteHandler(_ReplHandler):
     """``POST /sessions/{id}/execute``: run code, the events streamed as they happen."""
 
+    _gone = False  # the client closed the connection: the cell runs on, unread
+
     @web.authenticated
     async def post(self, session_id: str) -> None:
         self.check_session_id(session_id)
@@ -508,8 +510,6 @@ class ExecuteHandler(_ReplHandler):
         await self.repl.execute(session, code, timeout, emit)
         if not self._gone:
             self.finish()
-
-    _gone = False  # the client closed the connection
 
     def on_connection_close(self) -> None:
         self._gone = True

@@ -214,6 +214,30 @@ def test_a_long_cell_streams_while_it_runs_and_an_interrupt_keeps_the_session(
     assert result(gateway.run("long", "kept")) == "7"
 
 
+def test_a_client_that_leaves_mid_cell_leaves_the_cell_and_the_session_running(
+    gateway: Gateway,
+) -> None:
+    code = (
+        "import time\nfor i in range(15):\n    print(i, flush=True)\n    time.sleep(0.1)\nran = i"
+    )
+
+    async def leave_after_the_first_line() -> None:
+        stream = await Stream.open(
+            gateway.port, "/sessions/left/execute", {"code": code}, token=TOKEN
+        )
+        async for _, event in stream.events(timeout=30):
+            if event["type"] == "stream":
+                break
+        stream.close()
+
+    asyncio.run(leave_after_the_first_line())
+    # The cell runs to its end in the session's kernel; the next one waits for it.
+    assert result(gateway.run("left", "ran")) == "14"
+    log = gateway.log()
+    assert "Traceback" not in log, log
+    assert "StreamClosedError" not in log, log
+
+
 def test_a_timeout_interrupts_the_cell_and_keeps_the_session(gateway: Gateway) -> None:
     gateway.run("t", "kept = 'yes'")
     started = time.monotonic()
