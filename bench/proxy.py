@@ -229,7 +229,7 @@ async def ws_round_trips(
     )
     payload = os.urandom(size)
     count = 0
-    before = _cpu_times(target)
+    before = _cpu_times(target) if cpu is not None else None
     stop_at = time.monotonic() + seconds
     while time.monotonic() < stop_at:
         await ws.write_message(payload, binary=True)
@@ -237,7 +237,7 @@ async def ws_round_trips(
         assert reply is not None
         assert len(reply) == size
         count += 1
-    after = _cpu_times(target)
+    after = _cpu_times(target) if before is not None else None
     ws.close()
     if cpu is not None and before is not None and after is not None:
         frames = 2 * count  # each round trip: one frame each way
