@@ -33,6 +33,16 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 # Browser problems this test accepts, each with the reason it may.
 IGNORED: dict[str, str] = {}
 
+# ... and those a kernel crash may bring as well, on stock Jupyter as with herd_nb.
+CRASH_IGNORED: dict[str, str] = {
+    **IGNORED,
+    r"Could not restore the debugger state: Canceled future for debug_request": (
+        "JupyterLab's debugger asks the restarting kernel for its state (debugInfo) and "
+        "logs console.error when the lost connection cancels that request: a race in "
+        "JupyterLab's own debugger handler, seen in CI on a stock server"
+    ),
+}
+
 # The dashboard as a reader sees it: the title line, the totals table (a dict per
 # pool, by column), the worker rows (a dict per worker, by column, with its button).
 _READ_DASHBOARD = """dash => {
@@ -330,7 +340,7 @@ def test_kernel_crash_in_jupyterlab(
     else:
         assert stderr == [], context  # stock says nothing in the notebook
 
-    tab.assert_no_errors(IGNORED)
+    tab.assert_no_errors(CRASH_IGNORED)
 
     server.stop(signal.SIGTERM)
     log = server.log()
