@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import gc
 import hashlib
+import http.client
 import json
 import os
 import signal
@@ -72,6 +75,7 @@ async def make_gateway(request: pytest.FixtureRequest) -> AsyncIterator[Callable
         pool_options: dict[str, Any] | None = None,
         factory: herd.ProcessFactory | None = None,
         server_options: dict[str, Any] | None = None,
+        handler: type[proxy.ProxyHandler] = proxy.ProxyHandler,
         **settings: Any,
     ) -> Gateway:
         options = {"min_workers": 1, "max_workers": 3, "health_interval": None}
@@ -82,7 +86,7 @@ async def make_gateway(request: pytest.FixtureRequest) -> AsyncIterator[Callable
             pool=pool, key=key or proxy.from_header(), prefix=prefix, **settings
         )
         served = await proxies.serve(
-            engine, config, (prefix or "") + r"(/.*)?", **(server_options or {})
+            engine, config, (prefix or "") + r"(/.*)?", handler, **(server_options or {})
         )
         stack.append((pool, served))
         port = served.port
@@ -299,6 +303,70 @@ async def test_server_sent_events_arrive_as_they_are_produced(make_gateway: Any)
 
 
 # -- errors ---------------------------------------------------------------------------
+
+
+_HANDLER: contextvars.ContextVar[Any] = contextvars.ContextVar("handler")
+
+
+class _NamedInContext(proxy.ProxyHandler):
+    """Names itself in a context variable, as Jupyter's handlers do (``JUPYTER_HANDLER``):
+    every task and timer started while it runs then holds it through its context."""
+
+    async def prepare(self) -> None:
+        _HANDLER.set(self)
+        await super().prepare()
+
+
+async def test_requests_leave_no_reference_cycles(make_gateway: Any) -> None:
+    """A proxied request, and a client's connection, are freed by reference counting
+    once they are over.
+
+    Garbage in cycles is left to the collector's full collections, and each one
+    pauses the whole server: in a Jupyter server under proxied load they took
+    100-300 ms every few seconds while each request left 40 objects in a cycle.
+    """
+    # A short upstream timeout: its timers (cancelled, still scheduled until they
+    # are due) hold the handlers through their context until then.
+    gw = await make_gateway(handler=_NamedInContext, upstream_timeout=0.3)
+    port = gw.port
+
+    def client() -> None:  # (http.client in a thread: a client that leaves no cycles)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            for method, path, data in [
+                ("GET", "/state", None),
+                ("POST", "/upload", b"x" * 100_000),
+                ("GET", "/download/300000", None),
+                ("GET", "/status/404", None),
+                ("GET", "/redirect?to=/state", None),
+            ] * 4:
+                conn.request(method, path, body=data, headers={"X-Session-ID": "s1"})
+                response = conn.getresponse()
+                response.read()
+                assert response.status < 500, (method, path, response.status)
+        finally:
+            conn.close()
+
+    await asyncio.to_thread(client)  # the session, the worker's kept connection
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds stays in gc.garbage
+    try:
+        await asyncio.to_thread(client)
+        await asyncio.sleep(0.5)  # the timers are due, the connection's close is seen
+        gc.collect()
+        found = list(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    # asyncio's own selector transports hold a bound method of their own (uvloop's,
+    # which herd serve runs on, do not): what counts is nothing of herd's or Tornado's.
+    ours = {type(o).__qualname__ for o in found if type(o).__module__.startswith(_OURS)}
+    assert ours == set(), f"{len(found)} objects in cycles"
+
+
+_OURS = ("herd", "tornado", "httptools")
 
 
 async def test_pool_exhausted_is_503_with_retry_after(make_gateway: Any) -> None:

@@ -39,6 +39,14 @@ _OnHead = Callable[[httputil.ResponseStartLine, httputil.HTTPHeaders], None]
 _OnChunk = Callable[[bytes], "Awaitable[None] | None"]
 
 
+def _no_head(start_line: httputil.ResponseStartLine, headers: httputil.HTTPHeaders) -> None:
+    """A released :class:`_Response`'s ``on_head``: the client has its answer, or left."""
+
+
+def _no_chunk(chunk: bytes) -> None:
+    """A released :class:`_Response`'s ``on_chunk``."""
+
+
 class _Response(httputil.HTTPMessageDelegate):
     """Streams the worker's response to the client: the head to ``on_head``, each
     piece of the body to ``on_chunk`` (whose awaitable, if any, paces the read)."""
@@ -83,6 +91,16 @@ class _Response(httputil.HTTPMessageDelegate):
     def on_connection_close(self) -> None:
         if not self.head.done():
             self.head.set_exception(iostream.StreamClosedError())
+
+    def release(self) -> None:
+        """Let go of the handler's callbacks, once nothing more is to go to the client.
+
+        They are its bound methods, and the handler holds this delegate through its
+        exchange: a reference cycle per request, which only the garbage collector's
+        full collections free, each one a pause of the whole server.
+        """
+        self.on_head = _no_head
+        self.on_chunk = _no_chunk
 
     def reading_done(self, reading: asyncio.Task[bool]) -> None:
         """The read ended; if no head came (the worker died first), say so.

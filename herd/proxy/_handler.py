@@ -531,7 +531,15 @@ class ProxyHandler(RequestHandler):
 
     def on_finish(self) -> None:
         self._close_use()
+        # The answer is out: let go of the exchange. It holds this handler through
+        # its read task's context (a host application's context variables may name
+        # the handler, as Jupyter's do) and through its callbacks: a reference cycle
+        # per request otherwise, which only the garbage collector's full
+        # collections free, each one a pause of the whole server.
+        self._exchange = None
 
     def _close_use(self) -> None:
         if self.session is not None:
             self.session.close_nowait()
+        if self._exchange is not None:  # nothing more goes to this client
+            self._exchange.response.release()  # (see on_finish)

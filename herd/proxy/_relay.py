@@ -326,6 +326,10 @@ _REFUSED = _canned_error(
 )
 
 
+#: A closed client's parser: it is fed nothing, and has no callbacks to call.
+_NO_PARSER = httptools.HttpRequestParser(None)
+
+
 class _Client(asyncio.Protocol):
     """One client connection: parses its requests and answers them in order."""
 
@@ -424,6 +428,11 @@ class _Client(asyncio.Protocol):
         for request in dict.fromkeys(requests):
             if request is not None:
                 request.client_gone()
+        # Let go of what refers back to this protocol (the last request, the parser's
+        # callbacks): freed by reference counting, not left to the garbage
+        # collector's full collections, which pause the whole server.
+        self._last = None
+        self.parser = _NO_PARSER
 
     def pause_writing(self) -> None:
         self.write_paused = True

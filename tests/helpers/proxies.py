@@ -26,10 +26,15 @@ class Served:
 
 
 async def serve(
-    engine: str, config: proxy.ProxySettings, route: str = r"(/.*)?", **server_options: Any
+    engine: str,
+    config: proxy.ProxySettings,
+    route: str = r"(/.*)?",
+    handler: type[proxy.ProxyHandler] = proxy.ProxyHandler,
+    **server_options: Any,
 ) -> Served:
     """Serve ``config`` on a new loopback port with ``engine``; ``server_options`` are
-    the server's (``max_header_size``, ``max_connections``, ``idle_connection_timeout``)."""
+    the server's (``max_header_size``, ``max_connections``, ``idle_connection_timeout``);
+    ``handler``: the ``tornado`` engine's handler class."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
@@ -46,7 +51,7 @@ async def serve(
         return Served(port, relay.upstreams, stop_relay)
     assert engine == "tornado", engine
     app = tornado.web.Application(
-        [(route, proxy.ProxyHandler, {"settings": config})],
+        [(route, handler, {"settings": config})],
         websocket_max_message_size=config.max_message_size,
     )
     server = proxy.ProxyServer(app, max_body_size=2**62, **server_options)
