@@ -9,6 +9,7 @@ import gc
 import hashlib
 import http.client
 import json
+import logging
 import os
 import signal
 import sys
@@ -429,6 +430,30 @@ async def test_client_disconnect_cancels_upstream_and_frees_the_use(make_gateway
         timeout=2,
         what="use freed after the client left",
     )
+
+
+@pytest.mark.parametrize("path", ["/download/50000000", "/sse/50"])
+async def test_a_client_that_leaves_mid_answer_leaves_nothing_in_the_log(
+    make_gateway: Any, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A big download or an event stream that the client stops reading (a tab closed,
+    a page left) is the client's choice, not an error: no traceback in the log, the
+    use freed, the worker still serving."""
+    gw = await make_gateway()
+    await gw.fetch("/echo")
+    caplog.set_level(logging.INFO)
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Session-ID: s1\r\n\r\n".encode())
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read(1000)  # some of the body: the answer is streaming
+        writer.close()
+        await wait_until(
+            lambda: gw.pool.stats().workers[0].open_uses == 0, timeout=5, what="use freed"
+        )
+    await asyncio.sleep(0.3)  # (what the worker still sends meets a closed client)
+    assert (await gw.fetch("/echo")).code == 200
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_body_limit_by_content_length_and_while_streaming(make_gateway: Any) -> None:

@@ -222,9 +222,13 @@ class _Exchange:
             self.discard()
 
     def discard(self) -> None:
-        """Stop reading the response and close the connection."""
-        if self.reading is not None and not self.reading.done():
-            self.reading.cancel()
+        """Close the connection: the response's read, if it is still on, ends with
+        :class:`~tornado.iostream.StreamClosedError` at its next read.
+
+        Not by cancelling it: the read may be waiting for a piece of the body to be
+        written to the client, and Tornado logs any error raised there, a
+        cancellation too, as an uncaught exception.
+        """
         if self._upstream is not None:
             self._upstream.close()
         if self._stream is not None:

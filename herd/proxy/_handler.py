@@ -5,6 +5,7 @@ an :class:`~herd.proxy._exchange._Exchange` (HTTP) or a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -326,10 +327,6 @@ class ProxyHandler(RequestHandler):
         assert exchange is not None
         try:
             open_after = await exchange.end()
-        except asyncio.CancelledError:
-            if self._client_gone and exchange.reading is not None and exchange.reading.cancelled():
-                return  # on_connection_close stopped the read: nobody to answer
-            raise
         except TimeoutError:
             exchange.discard()
             raise _Failure(
@@ -416,7 +413,7 @@ class ProxyHandler(RequestHandler):
         if self._done() or self.request.method == "HEAD":
             return None
         self.write(chunk)
-        return self.flush()
+        return _unless_gone(self.flush())
 
     def clear(self) -> None:
         """Reset the answer: no headers but :meth:`set_default_headers`'s.
@@ -543,3 +540,12 @@ class ProxyHandler(RequestHandler):
             self.session.close_nowait()
         if self._exchange is not None:  # nothing more goes to this client
             self._exchange.response.release()  # (see on_finish)
+
+
+async def _unless_gone(flushed: Awaitable[None]) -> None:
+    """Wait for a piece of the answer to be written, as the read of the worker's
+    answer does (back-pressure), but take a client that left for what it is: the
+    client's choice, which :meth:`ProxyHandler.on_connection_close` handles. (Tornado
+    would log the error of a delegate's write as an uncaught exception.)"""
+    with contextlib.suppress(iostream.StreamClosedError):
+        await flushed
