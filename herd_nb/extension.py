@@ -18,6 +18,7 @@ authentication.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import signal
 import threading
@@ -158,6 +159,16 @@ class Herd(ExtensionApp):
         "{base_url}herd/proxy/; empty: no process pool.",
     )
     health_path = Unicode("/", config=True, help="GET path a process worker must answer with 2xx.")
+    freeze_startup = Bool(
+        True,
+        config=True,
+        help="Once the server has started, keep what its start-up made (some 200,000 "
+        "objects in a JupyterLab server: modules, classes, configuration) out of the "
+        "garbage collector's full collections (gc.freeze). Each full collection scans "
+        "them all and pauses the whole server, every request and kernel message, for "
+        "100-300 ms; frozen, it scans only what came after. False: Python's default, "
+        "as on stock Jupyter.",
+    )
     registry_url = Unicode(
         "",
         config=True,
@@ -372,6 +383,14 @@ class Herd(ExtensionApp):
                 self.log.info("herd: %s pool ready (sandbox %s)", name, pool.stats().sandbox)
         if self._warm_names is not None:
             self.log.info("%s", self._kernel_changes(self._warm_names))
+        if self.freeze_startup:
+            gc.collect()
+            gc.freeze()
+            self.log.info(
+                "herd_nb: %d objects of the server's start-up kept out of the garbage "
+                "collector's full collections (c.Herd.freeze_startup)",
+                gc.get_freeze_count(),
+            )
 
     def _kernel_changes(self, names: list[str]) -> str:
         """What herd changes about the server's kernels compared with stock Jupyter, in
