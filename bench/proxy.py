@@ -5,6 +5,7 @@
     python bench/proxy.py --json out.json
     python bench/proxy.py --isolation     # herd serve: tenant against process isolation
     python bench/proxy.py --against TREE  # herd serve: this checkout against another one
+    python bench/proxy.py --against TREE --herd-nb  # the same for herd_nb's route in Jupyter
 
 Needs jupyter_server and jupyter-server-proxy 4.x (``pip install -e '.[bench]'``)
 and uses wrk for HTTP load when it is installed (Debian: ``apt-get install wrk``),
@@ -32,7 +33,9 @@ medians over the rounds and their ratios.
 ``--against TREE`` does the same for two versions of herd: ``herd serve`` of
 this checkout against ``herd serve`` of the checkout at ``TREE`` (a ``git
 worktree add TREE <commit>``, run with ``PYTHONPATH=TREE``), both with
-``--isolation process``: "no slower than before" measured in one run.
+``--isolation process``: "no slower than before" measured in one run. With
+``--herd-nb``, the two are ``jupyter server``s with herd_nb, measured on their
+``/herd/proxy/`` route (a token header, the backend as the process pool's worker).
 
 Loopback only; every run is bounded in time and every process is stopped.
 """
@@ -378,6 +381,11 @@ def main() -> None:
         help="herd serve of this checkout against that of another checkout instead",
     )
     parser.add_argument(
+        "--herd-nb",
+        action="store_true",
+        help="with --against: herd_nb's /herd/proxy/ route in jupyter server, not herd serve",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=None,
@@ -405,10 +413,16 @@ def main() -> None:
     if args.against:
         other = os.path.abspath(args.against)
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if args.herd_nb:
+            config = herd_nb_config(workdir, backend_py)
+            argv = [*jupyter_server(0, workdir, TOKEN, "{'herd_nb': True}"), f"--config={config}"]
+            path, headers = "/herd/proxy", {"Authorization": f"token {TOKEN}"}
+        else:
+            argv, path, headers = herd_serve(0, backend_py, "process"), "", {}
         variants = [
             (
                 name,
-                herd_serve(0, backend_py, "process"),
+                argv,
                 {**os.environ, "PYTHONPATH": tree},
                 # In the tree: ``python -m`` puts its working directory first on
                 # sys.path, before PYTHONPATH (from this checkout, both would run it).
@@ -416,15 +430,32 @@ def main() -> None:
             )
             for name, tree in (("this", here), (os.path.basename(other) or "that", other))
         ]
-        compare_gateways(variants, seconds, rounds, args.json)
+        compare_gateways(variants, seconds, rounds, args.json, path=path, headers=headers)
         return
+    if args.herd_nb:
+        parser.error("--herd-nb goes with --against")
     compare_all(workdir, backend_py, seconds, size, rounds, args.json)
+
+
+def herd_nb_config(workdir: str, backend_py: str) -> str:
+    """A ``jupyter_server_config.py`` whose herd_nb runs the backend as the process
+    pool's worker (no warm kernels); its path."""
+    config = os.path.join(workdir, "herd_nb_config.py")
+    with open(config, "w") as f:
+        f.write(
+            f"c.Herd.command = [{sys.executable!r}, {backend_py!r}, '{{port}}']\n"
+            "c.Herd.health_path = '/health'\n"
+            "c.Herd.isolation = 'process'\n"
+            "c.Herd.min_workers = 1\n"
+            "c.Herd.warm_kernels = 0\n"
+        )
+    return config
 
 
 def jupyter_server(port: int, workdir: str, token: str, extensions: str) -> list[str]:
     argv = [
         *(sys.executable, "-m", "jupyter_server", "--no-browser", "--ip=127.0.0.1"),
-        f"--port={port}",
+        f"--port={port or '{gateway_port}'}",  # (0: as herd_serve's)
         f"--IdentityProvider.token={token}",
         f"--ServerApp.jpserver_extensions={extensions}",
         f"--ServerApp.root_dir={workdir}",
@@ -470,15 +501,7 @@ def compare_all(
             # fastest); the first also serves herd_nb's process pool route.
             token_port, open_port = free_port(), free_port()
             extensions = "{'jupyter_server_proxy': True, 'herd_nb': True}"
-            config = os.path.join(workdir, "herd_nb_config.py")
-            with open(config, "w") as f:
-                f.write(
-                    f"c.Herd.command = [{sys.executable!r}, {backend_py!r}, '{{port}}']\n"
-                    "c.Herd.health_path = '/health'\n"
-                    "c.Herd.isolation = 'process'\n"
-                    "c.Herd.min_workers = 1\n"
-                    "c.Herd.warm_kernels = 0\n"
-                )
+            config = herd_nb_config(workdir, backend_py)
             argv = jupyter_server(token_port, workdir, TOKEN, extensions)
             argv.append(f"--config={config}")
             token_proc = stack.enter_context(running(argv, cwd=workdir))
@@ -571,9 +594,16 @@ Variant = tuple[str, list[str], dict[str, str] | None, str | None]
 
 
 def compare_gateways(
-    variants: list[Variant], seconds: float, rounds: int, json_path: str | None
+    variants: list[Variant],
+    seconds: float,
+    rounds: int,
+    json_path: str | None,
+    *,
+    path: str = "",
+    headers: dict[str, str] | None = None,
 ) -> None:
-    """Alternating rounds against two ``herd serve`` that differ in one thing."""
+    """Alternating rounds against two gateways that differ in one thing, at ``path``
+    with ``headers`` (and a session ID)."""
     use_wrk = shutil.which("wrk") is not None
     samples: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in variants}
     load = os.getloadavg()[0]
@@ -592,8 +622,9 @@ def compare_gateways(
             port = free_port()
             argv = [part.replace("{gateway_port}", str(port)) for part in argv]
             proc = stack.enter_context(running(argv, env=env, cwd=cwd))
-            headers = {"X-Session-ID": "bench"}
-            targets.append(Target(name, f"http://127.0.0.1:{port}", headers, proc.pid))
+            target_headers = {**(headers or {}), "X-Session-ID": "bench"}
+            base = f"http://127.0.0.1:{port}{path}"
+            targets.append(Target(name, base, target_headers, proc.pid))
         for target in targets:
             wait_http(target.base + "/", target.headers)
             one_round(target, 1.0, use_wrk)  # warm up: the session's worker, connections
@@ -603,7 +634,7 @@ def compare_gateways(
             for target in targets if n % 2 == 0 else targets[::-1]:
                 samples[target.name].append(one_round(target, seconds, use_wrk))
             print(f"  round {n + 1}/{rounds}", file=sys.stderr, flush=True)
-    print_pair(samples, rounds, seconds, use_wrk, load)
+    print_pair(samples, rounds, seconds, use_wrk, load, "herd_nb's route" if path else "herd serve")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(samples, f, indent=2)
@@ -615,11 +646,12 @@ def print_pair(
     seconds: float,
     use_wrk: bool,
     load: float,
+    what: str = "herd serve",
 ) -> None:
     tool = "wrk" if use_wrk else "python load generator"
     a, b = samples
     print(
-        f"herd serve: {a} against {b} ({tool}; {rounds} alternating rounds "
+        f"{what}: {a} against {b} ({tool}; {rounds} alternating rounds "
         f"of {seconds:g} s; medians; {os.cpu_count()} cores)"
     )
     print(f"load average at the start: {load:.2f}, at the end: {os.getloadavg()[0]:.2f}")
