@@ -25,6 +25,7 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 import herd
 from herd import proxy
+from herd.proxy import _relay
 from herd.testing import FakeClock
 from tests.helpers import proxies, wait_until
 
@@ -327,9 +328,15 @@ async def test_requests_leave_no_reference_cycles(make_gateway: Any) -> None:
     pauses the whole server: in a Jupyter server under proxied load they took
     100-300 ms every few seconds while each request left 40 objects in a cycle.
     """
-    # A short upstream timeout: its timers (cancelled, still scheduled until they
-    # are due) hold the handlers through their context until then.
-    gw = await make_gateway(handler=_NamedInContext, upstream_timeout=0.3)
+    # Short timeouts: their timers (cancelled, still scheduled until they are due)
+    # hold the handlers through their context until then.
+    gw = await make_gateway(
+        handler=_NamedInContext,
+        upstream_timeout=1.0,
+        connect_timeout=1.0,
+        acquire_timeout=1.0,
+        server_options={"idle_connection_timeout": 1.0},
+    )
     port = gw.port
 
     def client() -> None:  # (http.client in a thread: a client that leaves no cycles)
@@ -349,14 +356,29 @@ async def test_requests_leave_no_reference_cycles(make_gateway: Any) -> None:
         finally:
             conn.close()
 
+    def settled() -> bool:
+        """Every request's handler and every client connection is either freed or
+        garbage: none is still held (by a timer not yet due, a close not yet seen),
+        where it would be neither, and the check could not fail."""
+        gc.collect()
+        garbage = {id(o) for o in gc.garbage}
+        return all(
+            id(o) in garbage
+            for o in gc.get_objects()
+            if isinstance(o, (proxy.ProxyHandler, _relay._Client))
+        )
+
     await asyncio.to_thread(client)  # the session, the worker's kept connection
     gc.collect()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds stays in gc.garbage
     try:
         await asyncio.to_thread(client)
-        await asyncio.sleep(0.5)  # the timers are due, the connection's close is seen
-        gc.collect()
+        # The connections kept to the worker stay registered with the loop in the
+        # context of the last request that used each: one handler apiece, held
+        # until the connection is used again or closed.
+        gw.upstreams.close()
+        await wait_until(settled, what="the requests and the connection to be over")
         found = list(gc.garbage)
     finally:
         gc.set_debug(0)
@@ -451,7 +473,17 @@ async def test_a_client_that_leaves_mid_answer_leaves_nothing_in_the_log(
         await wait_until(
             lambda: gw.pool.stats().workers[0].open_uses == 0, timeout=5, what="use freed"
         )
-    await asyncio.sleep(0.3)  # (what the worker still sends meets a closed client)
+    # Until the reads of the worker's answers have ended (the Tornado engine's:
+    # what the worker still sends would meet a closed client there).
+    await wait_until(
+        lambda: (
+            not any(
+                task.get_coro().__qualname__ == "HTTP1Connection._read_message"  # type: ignore[union-attr]
+                for task in asyncio.all_tasks()
+            )
+        ),
+        what="the reads of the answers to end",
+    )
     assert (await gw.fetch("/echo")).code == 200
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
