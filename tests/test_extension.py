@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import wait_until_sync
 from tests.helpers.jupyter import TOKEN, Server
 from tests.test_cli import free_port
 
@@ -49,6 +50,8 @@ def test_the_start_up_is_kept_out_of_full_collections_unless_turned_off(
     """gc.freeze once started (what start-up made, the 200,000 objects of a
     JupyterLab server, is scanned by no full collection), said in the log;
     ``c.Herd.freeze_startup = False`` keeps Python's default, as stock."""
+    # (Said once the pools have started: the fixture waits for a worker only.)
+    wait_until_sync(lambda: FROZEN.search(server.log()), timeout=30, what="the freeze")
     frozen = FROZEN.findall(server.log())
     assert len(frozen) == 1, server.log()[-3000:]
     assert int(frozen[0]) > 50_000  # jupyter_server's own import makes ~165,000
@@ -56,6 +59,10 @@ def test_the_start_up_is_kept_out_of_full_collections_unless_turned_off(
     stock_gc = Server(tmp_path / "off", CONFIG + "c.Herd.freeze_startup = False\n")
     try:
         stock_gc.wait_ready(lambda pools: pools["process"]["total_workers"] >= 1)
+        # The freeze would come in the same step as this line; an answer after it
+        # means the server's loop has gone past that step.
+        wait_until_sync(lambda: "herd: process pool ready" in stock_gc.log(), timeout=30)
+        assert stock_gc.request("/api/status")[0] == 200
         assert FROZEN.findall(stock_gc.log()) == []
     finally:
         stock_gc.stop()
